@@ -1,0 +1,75 @@
+"""The environment protocol every env follows (built-in, third-party adapters, plug-ins).
+
+    env = SomeEnv()
+    obs = env.reset(Task(env="household", split="eval", index=3))
+    result = env.step("open fridge 1")      # -> StepResult(observation, reward, done, info)
+    env.admissible_actions()               # actions valid now
+    env.expert_action()                    # the scripted expert's next action
+
+An invalid or unparseable action is a step: it returns helpful feedback in the observation,
+info["valid"] = False, and never raises. Rewards are sparse (given when done); info carries
+"won" (bool) and "score" (float in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+SPLITS = ("train", "eval", "unseen")
+
+
+@dataclass(frozen=True)
+class Task:
+    env: str
+    split: str
+    index: int
+
+    @property
+    def seed(self) -> int:
+        """Deterministic seed, disjoint across splits (the split name is hashed in)."""
+        h = hashlib.sha256(f"{self.env}/{self.split}/{self.index}".encode()).digest()
+        return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+    @property
+    def task_id(self) -> str:
+        return f"{self.env}/{self.split}/{self.index}"
+
+
+@dataclass
+class StepResult:
+    observation: str
+    reward: float
+    done: bool
+    info: dict[str, Any] = field(default_factory=dict)  # valid, won, score, admissible, feedback
+
+
+class Env:
+    """Base class for environments. Subclasses set `name`, `max_turns` and implement the methods."""
+
+    name: ClassVar[str] = "env"
+    max_turns: ClassVar[int] = 30
+    description: ClassVar[str] = ""
+    #: instructions shown to the agent in the system prompt (action syntax, goal)
+    instructions: ClassVar[str] = ""
+
+    def reset(self, task: Task) -> str:
+        raise NotImplementedError
+
+    def step(self, action: str) -> StepResult:
+        raise NotImplementedError
+
+    def admissible_actions(self) -> list[str]:
+        raise NotImplementedError
+
+    def expert_action(self) -> str:
+        raise NotImplementedError
+
+    def tasks(self, split: str, n: int, start: int = 0) -> list[Task]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split '{split}' (allowed: {', '.join(SPLITS)})")
+        return [Task(self.name, split, i) for i in range(start, start + n)]
+
+
+REQUIRED_METHODS = ("reset", "step", "admissible_actions", "expert_action", "tasks")

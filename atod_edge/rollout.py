@@ -1,0 +1,162 @@
+"""The batched rollout engine: many episodes at once, one generation call per turn.
+
+B tasks x G rollouts (each group shares its task, hence its reset) step forward together: every
+turn, the prompts of all live episodes go to the policy in one batched call; episodes leave as
+they finish. Prompt and response token ids and the rollout log-probs are recorded per turn, so the
+teacher later scores exactly the sampled tokens (decoded text is never re-tokenized).
+
+An environment that raises ends only its own episode (recorded in `meta["error"]`); a model that
+emits garbage produces invalid actions, which the env answers with feedback.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from atod_edge.envs import Env, Task, env_class
+from atod_edge.episode import Episode, Turn
+from atod_edge.policy import Policy, SamplingParams
+from atod_edge.prompts import build_messages, encode_prompt, parse_action
+
+
+@dataclass
+class _Live:
+    """One episode in flight."""
+
+    env: Env
+    episode: Episode
+    task_observation: str
+    observation: str
+    history: list[tuple[str, str]]
+    admissible: list[str]
+    done: bool = False
+
+
+def _start(env_cls: Callable[[], Env], task: Task, policy_name: str, group: int | None) -> _Live:
+    env = env_cls()
+    episode = Episode(env=env.name, task_id=task.task_id, seed=task.seed, split=task.split,
+                      policy=policy_name, group=group)
+    try:
+        obs = env.reset(task)
+        admissible = list(env.admissible_actions())
+    except Exception as e:  # an env that raises ends only this episode
+        episode.meta["error"] = f"env reset failed: {type(e).__name__}: {e}"
+        return _Live(env, episode, "", "", [], [], done=True)
+    return _Live(env, episode, obs, obs, [], admissible)
+
+
+def _apply(live: _Live, turn: Turn, action_text: str, max_turns: int) -> None:
+    """Step the env with one action and record the outcome on the turn and the episode."""
+    try:
+        result = live.env.step(action_text)
+    except Exception as e:
+        live.episode.meta["error"] = f"env step failed: {type(e).__name__}: {e}"
+        live.episode.turns.append(turn)
+        live.done = True
+        return
+    info = result.info or {}
+    turn.valid = turn.valid and bool(info.get("valid", True))
+    turn.feedback = (turn.feedback or str(info.get("feedback", ""))) if not turn.valid else ""
+    turn.reward = float(result.reward)
+    turn.done = bool(result.done) or len(live.episode.turns) + 1 >= max_turns
+    live.episode.turns.append(turn)
+    live.history.append((action_text if action_text else "(invalid)", result.observation))
+    live.observation = result.observation
+    live.admissible = list(info.get("admissible") or [])
+    if turn.done:
+        live.done = True
+        live.episode.reward = float(result.reward)
+        live.episode.score = float(info.get("score", result.reward))
+        live.episode.success = bool(info.get("won", False))
+        live.episode.final_observation = result.observation
+    elif not live.admissible:
+        try:
+            live.admissible = list(live.env.admissible_actions())
+        except Exception:
+            live.admissible = []
+
+
+def _messages(live: _Live, instructions: str, history_turns: int) -> list[dict]:
+    first = not live.history
+    return build_messages(instructions, live.task_observation, live.history,
+                          None if first else live.observation, live.admissible, history_turns)
+
+
+def run_episodes(policy: Policy, env: str | Callable[[], Env], tasks: Sequence[Task],
+                 group_size: int = 1, sampling: SamplingParams | None = None, seed: int = 0,
+                 history_turns: int = 2, max_turns: int | None = None, step: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> list[Episode]:
+    """Roll out `group_size` episodes for every task with a token-level policy.
+
+    Episodes come back grouped: tasks[0]'s G rollouts first (group index 0), then tasks[1]'s...
+    """
+    sampling = sampling or SamplingParams()
+    env_cls = env_class(env) if isinstance(env, str) else env
+    instructions = getattr(env_cls, "instructions", "")
+    turn_limit = max_turns or getattr(env_cls, "max_turns", 30)
+    lives = [_start(env_cls, task, policy.name, g) for g, task in enumerate(tasks)
+             for _ in range(group_size)]
+    for live in lives:
+        live.episode.step = step
+    tokenizer = policy.tokenizer
+    turn_index = 0
+    while True:
+        active = [lv for lv in lives if not lv.done]
+        if not active:
+            break
+        prompts = [encode_prompt(tokenizer, _messages(lv, instructions, history_turns)) for lv in active]
+        generations = policy.generate(prompts, sampling, seed=seed * 1_000_003 + turn_index)
+        for live, prompt_ids, gen in zip(active, prompts, generations):
+            parsed = parse_action(gen.text)
+            turn = Turn(observation=live.observation, response=gen.text, action=parsed.action,
+                        valid=parsed.action is not None, feedback=parsed.reason,
+                        admissible=live.admissible or None, prompt_ids=list(prompt_ids),
+                        response_ids=list(gen.token_ids), student_logprobs=list(gen.logprobs))
+            _apply(live, turn, parsed.action or "", turn_limit)
+        turn_index += 1
+        if progress:
+            progress(sum(lv.done for lv in lives), len(lives))
+    return [lv.episode for lv in lives]
+
+
+def run_scripted(kind: str, env: str | Callable[[], Env], tasks: Sequence[Task], seed: int = 0,
+                 noise: float = 0.0, max_turns: int | None = None) -> list[Episode]:
+    """Episodes from an action-level policy: "expert", "random" (admissible), or "noisy"
+    (the expert, but with probability `noise` a random admissible action: imperfect demos)."""
+    if kind not in ("expert", "random", "noisy"):
+        raise ValueError(f"unknown scripted policy '{kind}'")
+    env_cls = env_class(env) if isinstance(env, str) else env
+    turn_limit = max_turns or getattr(env_cls, "max_turns", 30)
+    episodes = []
+    for i, task in enumerate(tasks):
+        rng = random.Random(seed * 1_000_003 + i)
+        live = _start(env_cls, task, kind, i)
+        while not live.done:
+            if kind == "random" or (kind == "noisy" and rng.random() < noise):
+                action = rng.choice(live.admissible) if live.admissible else "look"
+            else:
+                try:
+                    action = live.env.expert_action()
+                except Exception as e:
+                    live.episode.meta["error"] = f"expert failed: {type(e).__name__}: {e}"
+                    break
+            turn = Turn(observation=live.observation, response=f"<action>{action}</action>",
+                        action=action, admissible=live.admissible or None)
+            _apply(live, turn, action, turn_limit)
+        episodes.append(live.episode)
+    return episodes
+
+
+def act(policy: Policy, instructions: str, task_observation: str, history: list[tuple[str, str]],
+        observation: str, admissible: list[str], sampling: SamplingParams | None = None,
+        history_turns: int = 2, seed: int = 0) -> tuple[str, str | None, str]:
+    """One agent turn outside the batch engine (the TUI's live screen).
+    Returns (response text, parsed action or None, reason when invalid)."""
+    live = _Live(env=None, episode=None, task_observation=task_observation,  # type: ignore[arg-type]
+                 observation=observation, history=list(history), admissible=list(admissible))
+    prompt = encode_prompt(policy.tokenizer, _messages(live, instructions, history_turns))
+    gen = policy.generate([prompt], sampling or SamplingParams(), seed=seed)[0]
+    parsed = parse_action(gen.text)
+    return gen.text, parsed.action, parsed.reason
