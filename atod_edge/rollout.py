@@ -84,6 +84,17 @@ def _messages(live: _Live, instructions: str, history_turns: int) -> list[dict]:
                           None if first else live.observation, live.admissible, history_turns)
 
 
+def episode_messages(episode: Episode, k: int, instructions: str, history_turns: int = 2) -> list[dict]:
+    """The prompt messages of turn k of a recorded episode, exactly as the engine built them
+    (SFT on demonstrations trains on the same prompts the agent later sees)."""
+    turns = episode.turns
+    observations_after = [t.observation for t in turns[1:]] + [episode.final_observation]
+    history = [(t.action or "(invalid)", observations_after[j]) for j, t in enumerate(turns[:k])]
+    return build_messages(instructions, turns[0].observation, history,
+                          None if k == 0 else turns[k].observation, turns[k].admissible or [],
+                          history_turns)
+
+
 def run_episodes(policy: Policy, env: str | Callable[[], Env], tasks: Sequence[Task],
                  group_size: int = 1, sampling: SamplingParams | None = None, seed: int = 0,
                  history_turns: int = 2, max_turns: int | None = None, step: int | None = None,

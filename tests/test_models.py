@@ -1,0 +1,210 @@
+"""Tests for atod_edge/models.py on the tiny presets (built once per module into a temp cache)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from atod_edge import models
+from atod_edge.errors import UserError
+
+ENV_NAMES = ("household", "shop", "searchqa")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private preset cache; the tiny presets are built into it once for the whole module."""
+    path = tmp_path_factory.mktemp("atod-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATOD_EDGE_CACHE", str(path))
+        models.resolve_model("tiny-student")
+        models.resolve_model("tiny-teacher")
+        yield path
+
+
+@pytest.fixture(scope="module")
+def student(cache):
+    return models.load_model("tiny-student")
+
+
+@pytest.fixture(scope="module")
+def teacher_tokenizer(cache):
+    return models.load_tokenizer("tiny-teacher")
+
+
+def _env_or_skip(name: str):
+    from atod_edge.envs import BUILTIN, make_env
+
+    module_name = BUILTIN[name].split(":")[0]
+    try:
+        importlib.import_module(module_name)
+    except ImportError:
+        pytest.skip(f"env module {module_name} not written yet")
+    return make_env(name)
+
+
+def test_cache_dir_follows_env_var(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATOD_EDGE_CACHE", str(tmp_path / "c"))
+    assert models.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("ATOD_EDGE_CACHE")
+    assert models.cache_dir() == Path.home() / ".cache" / "atod-edge"
+
+
+def test_presets_build_and_load(cache, student):
+    model, tokenizer = student
+    assert models.resolve_model("tiny-student") == cache / "models" / "tiny-student"
+    card = json.loads((cache / "models" / "tiny-student" / "atod_edge.json").read_text())
+    assert card["preset"] == "tiny-student"
+    assert model.config.model_type == "llama"
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # Widths GGUF K-quants can handle, head_dim 64.
+    for name in ("tiny-student", "tiny-teacher"):
+        info = models.model_info(name)
+        assert info["hidden"] % 256 == 0
+        assert info["chat_template"] is True
+        assert "BPE" in info["tokenizer"]
+    teacher_info, student_info = models.model_info("tiny-teacher"), models.model_info("tiny-student")
+    assert 2e6 < student_info["params"] < 6e6
+    assert teacher_info["params"] > 3 * student_info["params"]
+    ids = tokenizer("look around", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tokenizer))
+    rows = {row["name"]: row for row in models.list_models()}
+    assert rows["tiny-student"]["where"] == str(cache / "models" / "tiny-student")
+    assert set(rows) == {"tiny-teacher", "tiny-student", "smollm2-135m"}
+
+
+def test_second_resolve_does_not_rebuild(cache):
+    weights = cache / "models" / "tiny-student" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    models.resolve_model("tiny-student")
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_teacher_and_student_tokenizers_identical(student, teacher_tokenizer):
+    _, student_tokenizer = student
+    models.check_same_tokenizer(teacher_tokenizer, student_tokenizer)
+    assert teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
+    assert teacher_tokenizer.chat_template == student_tokenizer.chat_template
+
+
+@pytest.mark.parametrize("env_name", ENV_NAMES)
+def test_tokenizer_round_trips_env_text(student, env_name):
+    _, tokenizer = student
+    env = _env_or_skip(env_name)
+    texts = [env.instructions]
+    # Eval split: text the tokenizer was not trained on.
+    for task in env.tasks("eval", 3):
+        texts.append(env.reset(task))
+        for _ in range(5):
+            texts.append(" | ".join(env.admissible_actions()))
+            result = env.step(env.expert_action())
+            texts.append(result.observation)
+            if result.done:
+                break
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+    # A corpus built from the envs compresses their text well below one token per 2 bytes.
+    joined = "\n".join(texts)
+    assert len(tokenizer(joined)["input_ids"]) < len(joined.encode()) / 2
+
+
+def test_tokenizer_round_trips_arbitrary_text(student):
+    _, tokenizer = student
+    text = "  Ünïcödé ✓ 数字 42\n\ttabs\r\n  <action>open fridge 1</action>  "
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_chat_template_chatml(student):
+    _, tokenizer = student
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "go"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\ngo<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+
+
+def test_mismatched_tokenizers_refused(student):
+    _, tokenizer = student
+    retrained = models.train_tiny_tokenizer(["a completely different corpus of words"] * 10,
+                                            vocab_size=300)
+    with pytest.raises(UserError, match=r"teacher and student tokenizers differ: vocab size"):
+        models.check_same_tokenizer(retrained, tokenizer)
+
+    other_eos = models.load_tokenizer("tiny-student")
+    other_eos.eos_token = "<|endoftext|>"
+    with pytest.raises(UserError, match=r"eos_token"):
+        models.check_same_tokenizer(tokenizer, other_eos, "teacher", "student")
+
+    other_template = models.load_tokenizer("tiny-student")
+    other_template.chat_template = "{{ messages[0].content }}"
+    with pytest.raises(UserError, match=r"chat template"):
+        models.check_same_tokenizer(tokenizer, other_template)
+
+
+def test_parse_keep_layers():
+    assert models.parse_keep_layers("0,2,4", 6) == [0, 2, 4]
+    assert models.parse_keep_layers("every:3", 8) == [0, 3, 6, 7]
+    assert models.parse_keep_layers("every:3", 7) == [0, 3, 6]
+    assert models.parse_keep_layers("every:1", 3) == [0, 1, 2]
+    for bad in ("0,9", "every:0", "every:x", "a,b", "", "2,1", "1,1"):
+        with pytest.raises(UserError):
+            models.parse_keep_layers(bad, 6)
+
+
+def test_shrink_keeps_chosen_layers(cache, tmp_path):
+    out = models.shrink_model("tiny-teacher", "0,3,5", tmp_path / "shrunk")
+    teacher, tokenizer = models.load_model("tiny-teacher")
+    shrunk, shrunk_tokenizer = models.load_model(out)
+    assert shrunk.config.num_hidden_layers == 3 and len(shrunk.model.layers) == 3
+    for new_index, old_index in enumerate([0, 3, 5]):
+        assert torch.equal(shrunk.model.layers[new_index].mlp.down_proj.weight,
+                           teacher.model.layers[old_index].mlp.down_proj.weight)
+        assert shrunk.model.layers[new_index].self_attn.layer_idx == new_index
+    assert not torch.equal(shrunk.model.layers[1].mlp.down_proj.weight,
+                           teacher.model.layers[1].mlp.down_proj.weight)
+    assert torch.equal(shrunk.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
+    models.check_same_tokenizer(tokenizer, shrunk_tokenizer)
+    ids = shrunk_tokenizer("open fridge 1", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        generated = shrunk.generate(ids, max_new_tokens=4, do_sample=False,
+                                    pad_token_id=shrunk_tokenizer.pad_token_id)
+    assert generated.shape[1] > ids.shape[1]
+    assert models.model_info(out)["layers"] == 3
+
+
+def test_resolve_model_errors(tmp_path, cache):
+    with pytest.raises(UserError, match="not found"):
+        models.resolve_model(tmp_path / "nope")
+    with pytest.raises(UserError, match="no config.json"):
+        models.resolve_model(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="no tokenizer files"):
+        models.resolve_model(tmp_path)
+    with pytest.raises(UserError, match="unknown preset"):
+        models.build_preset("tiny-giant")
+
+
+def test_build_is_atomic(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATOD_EDGE_CACHE", str(tmp_path))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated crash mid-build")
+
+    # The tokenizer is built; the crash comes while the weights are being made.
+    monkeypatch.setattr(models, "_init_llama", fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        models.resolve_model("tiny-student")
+    models_dir = tmp_path / "models"
+    assert not (models_dir / "tiny-student").exists()
+    assert [p.name for p in models_dir.iterdir()] == []
+    assert models.list_models()[1]["where"].startswith("not built")

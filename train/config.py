@@ -1,0 +1,86 @@
+"""The training config: one typed dataclass, filled from YAML recipes and --set overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from atod_edge.config import nested, opt
+from atod_edge.errors import ConfigError
+
+
+@dataclass
+class ScheduleOptions:
+    anneal: bool = opt(True, "anneal kappa/rho (false: constant kappa_init/rho_init, the no-annealing ablation)")
+    anneal_steps: int = opt(80, "T: steps over which kappa decays and rho rises (paper: 80 of 150)", min=0)
+    kappa_init: float = opt(1.0, "OPD coefficient at step 0", min=0.0)
+    kappa_min: float = opt(0.1, "OPD coefficient floor", min=0.0)
+    rho_init: float = opt(1.0, "GRPO coefficient at step 0", min=0.0)
+    rho_max: float = opt(2.0, "GRPO coefficient after T steps", min=0.0)
+    shape: str = opt("linear", "annealing shape", choices=["linear", "cosine"])
+
+
+@dataclass
+class BootstrapOptions:
+    """How the default job makes its teacher and cold-start student when none is given."""
+
+    teacher_preset: str = opt("tiny-teacher", "preset the teacher is fine-tuned from")
+    teacher_demos: str = opt("noisy", "teacher demonstrations: expert | noisy | FILE.jsonl")
+    teacher_noise: float = opt(0.3, "noisy demos: chance of a random admissible action", min=0.0, max=1.0)
+    teacher_episodes: int = opt(300, "teacher demonstration episodes", min=1)
+    teacher_epochs: int = opt(2, "teacher SFT epochs", min=1)
+    teacher_lr: float = opt(1e-3, "teacher SFT learning rate", min=0.0)
+    student_preset: str = opt("tiny-student", "preset the cold-start student is fine-tuned from")
+    student_demos: str = opt("noisy", "cold-start demonstrations: expert | noisy | FILE.jsonl")
+    student_noise: float = opt(0.3, "noisy demos for the cold start", min=0.0, max=1.0)
+    student_episodes: int = opt(30, "cold-start demonstration episodes (few: a weak start)", min=1)
+    student_epochs: int = opt(1, "cold-start SFT epochs", min=1)
+    student_lr: float = opt(1e-3, "cold-start SFT learning rate", min=0.0)
+
+
+@dataclass
+class TrainConfig:
+    algo: str = opt("atod", "atod | opd (kappa=1, rho=0, w=1) | grpo (kappa=0, rho=1)",
+                    choices=["atod", "opd", "grpo"])
+    env: str = opt("household", "environment name or pkg.module:Class")
+    teacher: str = opt("auto", "teacher checkpoint dir or preset; auto = bootstrap by SFT (cached)")
+    student: str = opt("auto", "student checkpoint dir or preset; auto = cold-start by SFT (cached)")
+    device: str = opt("cpu", "student device: cpu, cuda, cuda:0 (bf16 autocast on CUDA)")
+    teacher_device: str = opt("", "teacher device (empty: same as the student)")
+    steps: int = opt(150, "training steps (one optimizer round over one batch of rollouts)", min=1)
+    tasks_per_step: int = opt(16, "B: tasks per step", min=1)
+    group_size: int = opt(8, "G: rollouts per task (a GRPO group)", min=1)
+    lr: float = opt(1e-6, "AdamW learning rate", min=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
+    warmup_steps: int = opt(0, "linear learning-rate warmup steps", min=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)", min=0.0)
+    ppo_epochs: int = opt(1, "passes over each batch (1: ratio = 1, plain policy gradient)", min=1)
+    micro_batch: int = opt(16, "turns per forward/backward pass (gradient accumulation)", min=1)
+    eps_clip: float = opt(0.2, "PPO clip range", min=0.0)
+    weights: str = opt("tdur", "OPD weights: tdur (turn-level soft OR) | uniform | token (token-level) | "
+                       "disagreement | uncertainty",
+                       choices=["tdur", "uniform", "token", "disagreement", "uncertainty"])
+    invalid_penalty: float = opt(0.1, "reward penalty per invalid action", min=0.0)
+    temperature: float = opt(1.0, "rollout temperature", min=0.0)
+    top_p: float = opt(1.0, "rollout nucleus threshold", min=0.0, max=1.0)
+    max_new_tokens: int = opt(48, "max response tokens per turn (paper: 512)", min=1)
+    history_turns: int = opt(2, "past turns shown in the prompt", min=0)
+    max_turns: int = opt(0, "turn limit per episode (0: the env's default)", min=0)
+    eval_every: int = opt(0, "evaluate every N steps (0: only at the end)", min=0)
+    eval_episodes: int = opt(100, "episodes per evaluation (eval split, temperature eval_temperature)", min=0)
+    eval_temperature: float = opt(0.4, "evaluation temperature (paper: 0.4)", min=0.0)
+    checkpoint_every: int = opt(10, "checkpoint every N steps (and at the end)", min=1)
+    keep_checkpoints: int = opt(2, "how many step checkpoints to keep", min=1)
+    sample_episodes: int = opt(8, "episodes with token-level fields saved per step for the TUI", min=0)
+    gradient_checkpointing: bool = opt(False, "trade compute for memory in the student's update")
+    seed: int = opt(0, "seed for rollouts and initialisation")
+    schedule: ScheduleOptions = nested(ScheduleOptions, "the annealed kappa/rho schedule")
+    bootstrap: BootstrapOptions = nested(BootstrapOptions, "teacher bootstrap and cold start")
+    compare: bool = opt(True, "at the end, evaluate the cold-start student and the teacher too and print a table")
+
+    def validate(self) -> None:
+        if self.schedule.kappa_min > self.schedule.kappa_init:
+            raise ConfigError(f"config key 'schedule.kappa_min': got {self.schedule.kappa_min}, "
+                              f"must be <= schedule.kappa_init ({self.schedule.kappa_init})")
+        if self.algo != "opd" and self.group_size < 2:
+            raise ConfigError(f"config key 'group_size': got {self.group_size}, GRPO needs >= 2 rollouts "
+                              f"per task (algo={self.algo})")

@@ -1,0 +1,140 @@
+"""`atod-edge train`: the whole job. Bootstraps the teacher and the cold-start student when they
+are not given (SFT on demonstrations, cached by their settings), trains the student, evaluates
+cold start, teacher and trained student the same way, and prints the comparison table."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from atod_edge.config import dump_yaml, load_config
+from atod_edge.errors import UserError
+from atod_edge.io import atomic_write_json, atomic_write_text
+from atod_edge.train.config import TrainConfig
+
+DEFAULT_RECIPE = "household"
+
+
+def _bootstrap_dir(cfg: TrainConfig, role: str) -> Path:
+    from atod_edge.models import cache_dir
+
+    b = cfg.bootstrap
+    keys = {k: v for k, v in asdict(b).items() if k.startswith(role)}
+    keys.update(env=cfg.env, seed=cfg.seed, version=1)
+    digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:10]
+    name = cfg.env.replace(":", "_").replace(".", "_")
+    return cache_dir() / "bootstrap" / f"{name}-{role}-{digest}"
+
+
+def ensure_model(cfg: TrainConfig, role: str, log=print) -> str:
+    """The teacher or student to use: as given, or bootstrapped by SFT (once, then cached)."""
+    given = cfg.teacher if role == "teacher" else cfg.student
+    if given != "auto":
+        return given
+    out = _bootstrap_dir(cfg, role)
+    if (out / "config.json").is_file():
+        log(f"{role}: cached {out}")
+        return str(out)
+    from atod_edge.train.sft import SFTConfig, train_sft
+
+    b = cfg.bootstrap
+    prefix = "teacher" if role == "teacher" else "student"
+    sft = SFTConfig(env=cfg.env, model=getattr(b, f"{prefix}_preset"), demos=getattr(b, f"{prefix}_demos"),
+                    noise=getattr(b, f"{prefix}_noise"), episodes=getattr(b, f"{prefix}_episodes"),
+                    epochs=getattr(b, f"{prefix}_epochs"), lr=getattr(b, f"{prefix}_lr"),
+                    history_turns=cfg.history_turns, seed=cfg.seed, device=cfg.device, out=str(out),
+                    eval_episodes=0)
+    log(f"{role}: bootstrapping by SFT ({sft.demos} demos x{sft.episodes}) -> {out}")
+    train_sft(sft, log=log)
+    return str(out)
+
+
+def evaluate_model(path: str, cfg: TrainConfig, cache: Path | None = None) -> dict:
+    """Success/score/turns on the eval split at the eval temperature (cached per model dir)."""
+    from atod_edge.evaluate import EvalConfig, evaluate
+    from atod_edge.policy import TorchPolicy
+
+    ecfg = EvalConfig(env=cfg.env, split="eval", episodes=cfg.eval_episodes, temperature=cfg.eval_temperature,
+                      seed=cfg.seed, history_turns=cfg.history_turns, max_new_tokens=cfg.max_new_tokens,
+                      device=cfg.device)
+    key = json.dumps(asdict(ecfg), sort_keys=True)
+    cache_file = (cache / "eval_cache.json") if cache else None
+    if cache_file and cache_file.is_file():
+        stored = json.loads(cache_file.read_text())
+        if stored.get("key") == key:
+            return stored["summary"]
+    summary, _ = evaluate(TorchPolicy.load(path, device=cfg.device), ecfg)
+    if cache_file:
+        atomic_write_json(cache_file, {"key": key, "summary": summary})
+    return summary
+
+
+def comparison_table(rows: list[tuple[str, dict]]) -> str:
+    lines = ["| model | success | 95% CI | score | turns | invalid |", "|---|---|---|---|---|---|"]
+    for name, s in rows:
+        low, high = s["success_ci95"]
+        lines.append(f"| {name} | {s['success']:.1%} | [{low:.1%}, {high:.1%}] | {s['score']:.3f} | "
+                     f"{s['turns']:.1f} | {s['invalid_rate']:.1%} |")
+    return "\n".join(lines)
+
+
+def train_command(recipe: str | None, overrides: list[str], out: str | None = None,
+                  resume: str | None = None) -> int:
+    from atod_edge.train.trainer import init_distributed, train
+
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume {resume}: not a run directory (no config.yaml)")
+        cfg = load_config(TrainConfig, str(run_dir / "config.yaml"), overrides)
+        meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+        teacher, student = meta.get("teacher"), meta.get("student")
+        if not student:
+            raise UserError(f"--resume {resume}: run.json is missing; cannot tell which student it started from")
+    else:
+        cfg = load_config(TrainConfig, recipe or DEFAULT_RECIPE, overrides)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(out) if out else Path("runs") / f"{Path(recipe or DEFAULT_RECIPE).stem}-{cfg.algo}-{stamp}"
+        if (run_dir / "metrics.jsonl").exists():
+            raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+        info = init_distributed(cfg.device)
+        teacher = ensure_model(cfg, "teacher") if cfg.algo != "grpo" or cfg.compare else None
+        student = ensure_model(cfg, "student")
+        if info.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+            atomic_write_json(run_dir / "run.json", {"teacher": teacher, "student": student,
+                                                     "recipe": recipe or DEFAULT_RECIPE})
+    print(f"training {cfg.algo} on {cfg.env}: {cfg.steps} steps x {cfg.tasks_per_step} tasks x "
+          f"{cfg.group_size} rollouts -> {run_dir}")
+    final = train(cfg, run_dir, student, teacher, resume=bool(resume))
+    info = init_distributed(cfg.device)
+    if not info.main:
+        return 0
+    report = {"run_dir": str(run_dir), "final_checkpoint": str(final), "config": asdict(cfg)}
+    if cfg.eval_episodes:
+        rows = []
+        if cfg.compare:
+            rows.append(("cold-start student", evaluate_model(student, cfg, Path(student) if Path(student).is_dir() else None)))
+            if teacher:
+                rows.append(("teacher", evaluate_model(teacher, cfg, Path(teacher) if Path(teacher).is_dir() else None)))
+        rows.append((f"{cfg.algo.upper()} student", evaluate_model(str(final), cfg)))
+        table = comparison_table(rows)
+        report["eval"] = {name: s for name, s in rows}
+        report["table"] = table
+        atomic_write_text(run_dir / "report.md", f"# {run_dir.name}\n\n{cfg.env}, eval split, "
+                          f"{cfg.eval_episodes} episodes, temperature {cfg.eval_temperature}\n\n{table}\n")
+        print(f"\n{cfg.env}, eval split, {cfg.eval_episodes} episodes, temperature {cfg.eval_temperature}:")
+        print(table)
+    try:
+        from atod_edge.train.plots import plot_run
+
+        plot_run(run_dir)
+    except ImportError:
+        pass
+    atomic_write_json(run_dir / "report.json", report)
+    print(f"\nrun saved in {run_dir}/ (final checkpoint: {final})")
+    return 0

@@ -1,0 +1,406 @@
+"""The ATOD training loop. It reads top to bottom: roll out, score with the teacher, compute
+advantages, update, log, checkpoint. The arithmetic lives in schedule.py, tdur.py,
+advantages.py and loss.py; this module only moves data between them.
+
+Distributed: under torchrun each rank rolls out its share of the step's tasks (whole GRPO groups),
+and gradients are summed across ranks before the optimizer step (the loss is already divided by
+the global token count, so the sum is the token mean over the whole batch).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from atod_edge.config import dump_yaml
+from atod_edge.episode import Episode, write_episodes
+from atod_edge.io import append_line, atomic_path, read_jsonl
+from atod_edge.train.advantages import broadcast_to_tokens, combine, grpo_advantages, opd_advantages
+from atod_edge.train.config import TrainConfig
+from atod_edge.train.loss import clipped_surrogate
+from atod_edge.train.schedule import ScheduleConfig, coefficients
+from atod_edge.train.tdur import token_weights, turn_statistics
+
+CHECKPOINT_RE = re.compile(r"^step_(\d{6})$")
+
+
+# --- distributed helpers ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size())
+
+
+def _all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# --- batch: advantages for every response token --------------------------------------------
+
+@dataclass
+class TokenBatch:
+    """The step's trainable turns and their tokens, flattened."""
+
+    prompts: list[list[int]]          # per turn
+    responses: list[list[int]]        # per turn
+    token_offsets: list[int]          # per turn: start of its tokens in the flat tensors
+    old_logprobs: torch.Tensor        # [tokens] lp_S
+    advantages: torch.Tensor          # [tokens] A_t
+    stats: dict[str, float]
+
+
+def episode_rewards(episodes: list[Episode], invalid_penalty: float) -> torch.Tensor:
+    """r_i: the env's episode reward minus the invalid-action penalty per invalid turn."""
+    return torch.tensor([ep.reward - invalid_penalty * ep.num_invalid for ep in episodes],
+                        dtype=torch.float32)
+
+
+def build_batch(episodes: list[Episode], cfg: TrainConfig, step: int) -> TokenBatch:
+    """Advantages for every response token (ATOD.md sections 1-4), and T-DUR values written
+    back onto the turns (for the records and the TUI)."""
+    kappa, rho = coefficients(step, cfg.algo, _schedule(cfg))
+    prompts, responses, offsets, where = [], [], [], []
+    student_lp, teacher_lp, token_turn, turn_traj = [], [], [], []
+    n_tokens = 0
+    for e, ep in enumerate(episodes):
+        for t, turn in enumerate(ep.turns):
+            if not turn.response_ids:
+                continue
+            k = len(prompts)
+            prompts.append(turn.prompt_ids)
+            responses.append(turn.response_ids)
+            offsets.append(n_tokens)
+            where.append((e, t))
+            turn_traj.append(e)
+            student_lp += turn.student_logprobs
+            teacher_lp += turn.teacher_logprobs if turn.teacher_logprobs is not None else turn.student_logprobs
+            token_turn += [k] * len(turn.response_ids)
+            n_tokens += len(turn.response_ids)
+    lp_s = torch.tensor(student_lp, dtype=torch.float32)
+    lp_t = torch.tensor(teacher_lp, dtype=torch.float32)
+    turn_index = torch.tensor(token_turn, dtype=torch.long)
+    traj_of_turn = torch.tensor(turn_traj, dtype=torch.long)
+
+    weight_mode = "uniform" if cfg.algo == "opd" else cfg.weights
+    level = "token" if weight_mode == "token" else "turn"
+    mode = "tdur" if weight_mode == "token" else weight_mode
+    weights = token_weights(lp_s, lp_t, turn_index, traj_of_turn, mode=mode, level=level)
+    opd = opd_advantages(lp_t, lp_s, weights) if kappa != 0 else None
+    grpo = None
+    if rho != 0:
+        rewards = episode_rewards(episodes, cfg.invalid_penalty)
+        groups = torch.tensor([ep.group if ep.group is not None else i for i, ep in enumerate(episodes)])
+        grpo = broadcast_to_tokens(grpo_advantages(rewards, groups), traj_of_turn[turn_index])
+    advantages = combine(opd, grpo, kappa, rho)
+
+    # T-DUR quantities per turn, for the records
+    stats_per_turn = turn_statistics(lp_s, lp_t, turn_index, num_turns=len(prompts))
+    for k, (e, t) in enumerate(where):
+        turn = episodes[e].turns[t]
+        turn.disagreement = float(stats_per_turn.disagreement[k])
+        turn.uncertainty = float(stats_per_turn.uncertainty[k])
+        turn.weight = float(weights[offsets[k]]) if level == "turn" else None
+    stats = {
+        "kappa": kappa, "rho": rho, "tokens": n_tokens,
+        "mean_turn_weight": float(weights.mean()) if n_tokens else 0.0,
+        "mean_abs_log_ratio": float((lp_t - lp_s).abs().mean()) if n_tokens else 0.0,
+    }
+    return TokenBatch(prompts, responses, offsets, lp_s, advantages, stats)
+
+
+def _schedule(cfg: TrainConfig) -> ScheduleConfig:
+    s = cfg.schedule
+    return ScheduleConfig(anneal_steps=s.anneal_steps, kappa_init=s.kappa_init, kappa_min=s.kappa_min,
+                          rho_init=s.rho_init, rho_max=s.rho_max, shape=s.shape, anneal=s.anneal)
+
+
+# --- the update ------------------------------------------------------------------------------
+
+def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistInfo, pad_id: int) -> dict:
+    """ppo_epochs passes of the clipped surrogate over the batch in micro-batches, then one
+    optimizer step. Losses stay on the device until the end (no host sync per micro-batch)."""
+    from atod_edge.scoring import response_logprobs
+
+    device = next(student.parameters()).device
+    total_tokens = _all_reduce_sum(torch.tensor(float(len(batch.old_logprobs)), device=device), info)
+    old = batch.old_logprobs.to(device)
+    adv = batch.advantages.to(device)
+    order = sorted(range(len(batch.prompts)), key=lambda k: len(batch.prompts[k]) + len(batch.responses[k]))
+    student.train()
+    loss_sum = torch.zeros((), device=device)
+    grad_norm = torch.zeros((), device=device)
+    ratio_sum = torch.zeros((), device=device)
+    clipped_sum = torch.zeros((), device=device)
+    for _epoch in range(cfg.ppo_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        for m in range(0, len(order), cfg.micro_batch):
+            turns = order[m:m + cfg.micro_batch]
+            new_lp = response_logprobs(student, [batch.prompts[k] for k in turns],
+                                       [batch.responses[k] for k in turns], pad_id=pad_id,
+                                       micro_batch=cfg.micro_batch)
+            index = torch.cat([torch.arange(batch.token_offsets[k], batch.token_offsets[k] + len(batch.responses[k]))
+                               for k in turns]).to(device)
+            new = torch.cat(new_lp)
+            loss, _ = clipped_surrogate(new, old[index], adv[index], torch.ones_like(new),
+                                        eps_clip=cfg.eps_clip, num_tokens=total_tokens)
+            loss.backward()
+            with torch.no_grad():
+                ratio = torch.exp(new.detach() - old[index])
+                loss_sum += loss.detach()
+                ratio_sum += ratio.sum()
+                clipped_sum += ((ratio < 1 - cfg.eps_clip) | (ratio > 1 + cfg.eps_clip)).sum()
+        if info.world > 1:
+            for p in student.parameters():
+                if p.grad is not None:
+                    _all_reduce_sum(p.grad, info)
+        if cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+    student.eval()
+    n = float(total_tokens) * cfg.ppo_epochs / info.world if len(batch.old_logprobs) else 1.0
+    local_tokens = max(1, len(batch.old_logprobs) * cfg.ppo_epochs)
+    return {"loss": float(loss_sum) / cfg.ppo_epochs, "grad_norm": float(grad_norm),
+            "mean_ratio": float(ratio_sum) / local_tokens, "clip_fraction": float(clipped_sum) / local_tokens,
+            "global_tokens": n}
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    """The newest complete checkpoint (temporary dirs of a killed write start with a dot)."""
+    found = []
+    for p in (run_dir / "checkpoints").glob("step_*"):
+        m = CHECKPOINT_RE.match(p.name)
+        if m and (p / "trainer_state.pt").is_file():
+            found.append((int(m.group(1)), p))
+    return max(found) if found else None
+
+
+def save_checkpoint(run_dir: Path, done_steps: int, student, tokenizer, optimizer, scheduler,
+                    keep: int) -> Path:
+    path = run_dir / "checkpoints" / f"step_{done_steps:06d}"
+    with atomic_path(path) as tmp:
+        student.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": done_steps, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
+                   tmp / "trainer_state.pt")
+    old = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if CHECKPOINT_RE.match(p.name))
+    for stale in old[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
+    for tmp_dir in (run_dir / "checkpoints").glob(".step_*"):   # left by a killed write
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def _truncate_metrics(path: Path, done_steps: int) -> None:
+    """Drop metric lines of steps after the checkpoint being resumed (they will be redone)."""
+    if not path.exists():
+        return
+    records, _ = read_jsonl(path)
+    kept = [r for r in records if int(r.get("step", 0)) < done_steps]
+    from atod_edge.io import atomic_write_text
+    import json
+
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: str | None,
+          resume: bool = False, log=print) -> Path:
+    """Train the student; returns the final checkpoint dir. Writes into run_dir:
+    config.yaml, metrics.jsonl, samples/step_XXXXXX.jsonl, checkpoints/step_XXXXXX/."""
+    from atod_edge.envs import env_class
+    from atod_edge.evaluate import EvalConfig, evaluate
+    from atod_edge.models import check_same_tokenizer, load_model
+    from atod_edge.policy import SamplingParams, TorchPolicy
+    from atod_edge.rollout import run_episodes
+    from atod_edge.scoring import score_episodes
+
+    run_dir = Path(run_dir)
+    info = init_distributed(cfg.device)
+    device = cfg.device
+    if device.startswith("cuda") and info.world > 1:
+        device = f"cuda:{info.rank}"
+    torch.manual_seed(cfg.seed)
+    done_steps, start_path = 0, student_src
+    if resume:
+        found = latest_checkpoint(run_dir)
+        if found:
+            done_steps, start_path = found[0], str(found[1])
+    student, tokenizer = load_model(start_path, device=device)
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    student.eval()
+    teacher = None
+    if cfg.algo != "grpo":
+        if not teacher_src:
+            raise ValueError("a teacher is needed for algo " + cfg.algo)
+        teacher, teacher_tokenizer = load_model(teacher_src, device=cfg.teacher_device or device)
+        teacher.eval().requires_grad_(False)
+        check_same_tokenizer(teacher_tokenizer, tokenizer, "teacher", "student")
+    pad_id = tokenizer.pad_token_id or 0
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    if done_steps:
+        state = torch.load(Path(start_path) / "trainer_state.pt", weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        log(f"resuming {run_dir} after step {done_steps}")
+    metrics_path = run_dir / "metrics.jsonl"
+    if info.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, done_steps)
+        if not (run_dir / "config.yaml").exists():
+            from atod_edge.io import atomic_write_text
+
+            atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    tb = _tensorboard(run_dir) if info.main else None
+
+    env_cls = env_class(cfg.env)
+    policy = TorchPolicy(student, tokenizer, name=f"student@{run_dir.name}")
+    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+    train_tasks = env_cls().tasks("train", cfg.tasks_per_step * cfg.steps)
+    started = time.perf_counter()
+    for step in range(done_steps, cfg.steps):
+        t0 = time.perf_counter()
+        step_tasks = train_tasks[step * cfg.tasks_per_step:(step + 1) * cfg.tasks_per_step]
+        episodes = run_episodes(policy, env_cls, step_tasks[info.rank::info.world], group_size=cfg.group_size,
+                                sampling=sampling, seed=cfg.seed * 100_003 + step * info.world + info.rank,
+                                history_turns=cfg.history_turns, max_turns=cfg.max_turns or None, step=step)
+        t1 = time.perf_counter()
+        if teacher is not None:
+            score_episodes(teacher, episodes, pad_id=pad_id, micro_batch=cfg.micro_batch)
+        _sync(device)
+        t2 = time.perf_counter()
+        batch = build_batch(episodes, cfg, step)
+        update_stats = update(student, optimizer, batch, cfg, info, pad_id)
+        scheduler.step()
+        _sync(device)
+        t3 = time.perf_counter()
+
+        n = len(episodes)
+        row = {
+            "step": step,
+            "success": sum(ep.success for ep in episodes) / n,
+            "reward": sum(ep.reward for ep in episodes) / n,
+            "score": sum(ep.score for ep in episodes) / n,
+            "episode_len": sum(ep.num_turns for ep in episodes) / n,
+            "invalid_rate": sum(ep.num_invalid for ep in episodes) / max(1, sum(ep.num_turns for ep in episodes)),
+            **batch.stats, **update_stats,
+            "lr": scheduler.get_last_lr()[0],
+            "time_rollout": t1 - t0, "time_teacher": t2 - t1, "time_update": t3 - t2,
+        }
+        done = step + 1
+        if info.main and cfg.sample_episodes:
+            (run_dir / "samples").mkdir(exist_ok=True)
+            sample_path = run_dir / "samples" / f"step_{step:06d}.jsonl"
+            sample_path.unlink(missing_ok=True)
+            write_episodes(sample_path, episodes[:cfg.sample_episodes])
+        if info.main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            t4 = time.perf_counter()
+            save_checkpoint(run_dir, done, student, tokenizer, optimizer, scheduler, cfg.keep_checkpoints)
+            row["time_checkpoint"] = time.perf_counter() - t4
+        _barrier(info)
+        if info.main:
+            append_line(metrics_path, _json(row))
+            if tb:
+                for key, value in row.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        tb.add_scalar(key, value, step)
+        if info.main and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and cfg.eval_episodes:
+            t5 = time.perf_counter()
+            summary, _ = evaluate(policy, EvalConfig(env=cfg.env, episodes=cfg.eval_episodes,
+                                                     temperature=cfg.eval_temperature, seed=cfg.seed,
+                                                     history_turns=cfg.history_turns,
+                                                     max_new_tokens=cfg.max_new_tokens))
+            append_line(metrics_path, _json({"step": step, "eval_success": summary["success"],
+                                             "eval_score": summary["score"], "eval_turns": summary["turns"],
+                                             "time_eval": time.perf_counter() - t5}))
+        if info.main:
+            _progress(step + 1, cfg.steps, done_steps, row, started)
+    if info.main:
+        print(file=sys.stderr)
+    if tb:
+        tb.close()
+    final = latest_checkpoint(run_dir)
+    return final[1] if final else run_dir
+
+
+def _json(row: dict) -> str:
+    import json
+
+    return json.dumps(row, sort_keys=True)
+
+
+def _sync(device: str) -> None:
+    # Phase timings need the GPU's queue drained; once per phase, never inside the loops.
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _progress(done: int, total: int, first: int, row: dict, started: float) -> None:
+    elapsed = time.perf_counter() - started
+    per_step = elapsed / max(1, done - first)
+    eta = per_step * (total - done)
+    eps = (row["time_rollout"] and 1.0 / row["time_rollout"]) or 0.0
+    print(f"\rstep {done}/{total} | success {row['success']:.2f} | reward {row['reward']:.2f} | "
+          f"kappa {row['kappa']:.2f} rho {row['rho']:.2f} | w {row['mean_turn_weight']:.2f} | "
+          f"{per_step:.1f}s/step | ETA {_fmt_time(eta)}   ", end="" if done < total else "\n",
+          file=sys.stderr, flush=True)
+    del eps
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
