@@ -63,7 +63,9 @@ def load_config(cls: type[T], recipe: str | None = None, overrides: list[str] | 
     path = resolve_recipe(recipe)
     if path is not None:
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"recipe {path}: cannot read it ({type(e).__name__})") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark else ""
@@ -149,9 +151,10 @@ def _coerce(key: str, hint: Any, value: Any, meta: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
     elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = _as_float(value)
+        if number is None:
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-        value = float(value)
+        value = number
     elif hint is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
@@ -161,11 +164,28 @@ def _coerce(key: str, hint: Any, value: Any, meta: Any) -> Any:
         raise ConfigError(f"config key '{key}': got {value!r}, allowed: {', '.join(map(str, choices))}")
     lo = meta.get("min") if meta else None
     hi = meta.get("max") if meta else None
+    if (lo is not None or hi is not None) and value != value:  # NaN passes every comparison
+        raise ConfigError(f"config key '{key}': got {value!r}, must be a number within its bounds")
     if lo is not None and value < lo:
         raise ConfigError(f"config key '{key}': got {value!r}, must be >= {lo}")
     if hi is not None and value > hi:
         raise ConfigError(f"config key '{key}': got {value!r}, must be <= {hi}")
     return value
+
+
+def _as_float(value: Any) -> float | None:
+    """A number as float, or None. Text such as "1e-4" counts: YAML 1.1 reads an exponent
+    without a dot as a string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value.strip():
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _deep_update(dst: dict, src: dict) -> None:

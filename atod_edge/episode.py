@@ -77,9 +77,13 @@ class Episode:
         """Tolerant of older/newer schema versions: unknown keys are dropped, missing get defaults."""
         turn_names = {f.name for f in dataclasses.fields(Turn)}
         ep_names = {f.name for f in dataclasses.fields(cls)}
+        raw_turns = d.get("turns") or []
+        if not isinstance(raw_turns, list):
+            raise ValueError(f"turns: expected a list, got {type(raw_turns).__name__}")
         turns = [Turn(**{k: v for k, v in t.items() if k in turn_names})
-                 for t in d.get("turns", []) if isinstance(t, dict) and "observation" in t]
-        kwargs = {k: v for k, v in d.items() if k in ep_names and k != "turns"}
+                 for t in raw_turns if isinstance(t, dict) and "observation" in t]
+        # a null field gets its default (e.g. meta: null -> {}), so readers need no None checks
+        kwargs = {k: v for k, v in d.items() if k in ep_names and k != "turns" and v is not None}
         for required in ("env", "task_id", "seed", "split"):
             kwargs.setdefault(required, "" if required != "seed" else -1)
         return cls(turns=turns, **kwargs)

@@ -54,8 +54,12 @@ def append_line(path: str | os.PathLike, line: str) -> None:
     from this process short of a crash mid-syscall; readers tolerate a torn last line anyway)."""
     data = (line.rstrip("\n") + "\n").encode("utf-8")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        # After a crash mid-write the file ends in a torn line: start a fresh line so this
+        # record is not glued onto it (the reader skips the torn one alone).
+        if _ends_mid_line(fd):
+            data = b"\n" + data
         os.write(fd, data)
     finally:
         os.close(fd)
@@ -79,6 +83,14 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[dict], int]:
             else:
                 skipped += 1
     return records, skipped
+
+
+def _ends_mid_line(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return False
+    os.lseek(fd, size - 1, os.SEEK_SET)
+    return os.read(fd, 1) != b"\n"
 
 
 def _fsync_dir(path: Path) -> None:

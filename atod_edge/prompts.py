@@ -16,7 +16,8 @@ RESPONSE_FORMAT = ("Think briefly if you need to, then reply with exactly one ac
                    "<action>...</action>.")
 MAX_ACTION_CHARS = 200
 MAX_ADMISSIBLE_SHOWN = 40
-_ACTION_RE = re.compile(r"<action>(.*?)</action>", re.DOTALL | re.IGNORECASE)
+_OPEN_TAG = re.compile(r"<action>", re.IGNORECASE)
+_CLOSE_TAG = re.compile(r"</action>", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,17 @@ def parse_action(text: str) -> ParsedAction:
     """Extract the first <action>...</action>. Never raises, whatever the text."""
     if not isinstance(text, str):
         return ParsedAction(None, "response is not text")
-    match = _ACTION_RE.search(text)
-    if match is None:
-        if "<action>" in text.lower():
-            return ParsedAction(None, "unterminated <action> tag")
+    # Plain tag searches rather than one lazy regex: linear time on any text (a lazy
+    # "<action>(.*?)</action>" rescans the tail from every opening tag), and the innermost
+    # opening tag before the first closing one wins, so "<action><action>x</action>" gives "x".
+    opening = _OPEN_TAG.search(text)
+    if opening is None:
         return ParsedAction(None, "no <action>...</action> in the response")
-    action = " ".join(match.group(1).split())
+    closing = _CLOSE_TAG.search(text, opening.end())
+    if closing is None:
+        return ParsedAction(None, "unterminated <action> tag")
+    opening = list(_OPEN_TAG.finditer(text, opening.start(), closing.start()))[-1]
+    action = " ".join(text[opening.end():closing.start()].split())
     if not action:
         return ParsedAction(None, "empty action")
     if len(action) > MAX_ACTION_CHARS:

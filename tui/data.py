@@ -114,7 +114,7 @@ def metric_series(rows: list[dict], key: str) -> list[tuple[int, float]]:
 def is_run_dir(path: Path) -> bool:
     """A training run directory: metrics.jsonl, or the trainer's other outputs while it starts."""
     return path.is_dir() and any((path / name).exists()
-                                 for name in ("metrics.jsonl", "config.yaml", "samples"))
+                                 for name in ("metrics.jsonl", "config.yaml", "run.json", "samples"))
 
 
 class RunDir:
@@ -179,6 +179,12 @@ def load_episodes(path: str | Path) -> tuple[list[Episode], str | None]:
     notices = []
     if skipped:
         notices.append(f"skipped {skipped} torn or corrupt line(s)")
+    repaired = 0
+    for i, ep in enumerate(episodes):
+        episodes[i], changed = clean_episode(ep)
+        repaired += changed
+    if repaired:
+        notices.append(f"{repaired} episode(s) had fields of the wrong type (shown blank)")
     from atod_edge.episode import SCHEMA_VERSION
 
     newer = sum(1 for ep in episodes if isinstance(ep.schema_version, int)
@@ -189,6 +195,59 @@ def load_episodes(path: str | Path) -> tuple[list[Episode], str | None]:
     if not episodes and not skipped:
         notices.append("the file holds no episodes")
     return episodes, ("; ".join(notices) or None)
+
+
+def _number(value: Any, default: float | None) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return default
+    return value
+
+
+def _int(value: Any, default: int | None) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else "" if value is None else str(value)
+
+
+def _numbers(values: Any, kind: type) -> list | None:
+    if not isinstance(values, list):
+        return None
+    if kind is int:
+        return values if all(isinstance(v, int) and not isinstance(v, bool) for v in values) else None
+    return [_number(v, None) for v in values]
+
+
+def clean_episode(ep: Episode) -> tuple[Episode, bool]:
+    """Coerce every field the screens read to its declared type (a file written by other tools
+    or a damaged one can hold anything). Returns (episode, whether anything had to change)."""
+    before = repr(ep)
+    ep.env, ep.task_id, ep.split = _text(ep.env), _text(ep.task_id), _text(ep.split)
+    ep.policy, ep.final_observation = _text(ep.policy), _text(ep.final_observation)
+    ep.seed = _int(ep.seed, -1)
+    ep.step, ep.group = _int(ep.step, None), _int(ep.group, None)
+    ep.reward, ep.score = _number(ep.reward, 0.0), _number(ep.score, 0.0)
+    ep.success = ep.success if isinstance(ep.success, bool) else False
+    ep.schema_version = _int(ep.schema_version, 0)
+    if not isinstance(ep.meta, dict):
+        ep.meta = {}
+    for t in ep.turns:
+        t.observation, t.response, t.feedback = _text(t.observation), _text(t.response), _text(t.feedback)
+        t.action = None if t.action is None else _text(t.action)
+        t.valid = t.valid if isinstance(t.valid, bool) else False
+        t.done = t.done if isinstance(t.done, bool) else False
+        t.reward = _number(t.reward, 0.0)
+        if t.admissible is not None:
+            t.admissible = [_text(a) for a in t.admissible] if isinstance(t.admissible, list) else None
+        t.prompt_ids = _numbers(t.prompt_ids, int)
+        t.response_ids = _numbers(t.response_ids, int)
+        t.student_logprobs = _numbers(t.student_logprobs, float)
+        t.teacher_logprobs = _numbers(t.teacher_logprobs, float)
+        t.disagreement = _number(t.disagreement, None)
+        t.uncertainty = _number(t.uncertainty, None)
+        t.weight = _number(t.weight, None)
+    return ep, repr(ep) != before
 
 
 OUTCOMES = ("all", "success", "failure")
@@ -203,7 +262,8 @@ class EpisodeFilter:
     step: str = ""                # "120", or a range "100-200"
     text: str = ""                # case-insensitive search in task id, policy, text of turns
 
-    def matches(self, ep: Episode) -> bool:
+    def matches(self, ep: Episode, search_text: str | None = None) -> bool:
+        """`search_text` is episode_search_text(ep) if the caller has it cached."""
         if self.env and ep.env != self.env:
             return False
         if self.outcome == "success" and not ep.success:
@@ -214,13 +274,15 @@ class EpisodeFilter:
             return False
         if self.text.strip():
             needle = self.text.strip().lower()
-            if needle not in episode_search_text(ep):
+            if needle not in (search_text if search_text is not None else episode_search_text(ep)):
                 return False
         return True
 
-    def apply(self, episodes: list[Episode]) -> list[int]:
+    def apply(self, episodes: list[Episode], search_texts: list[str] | None = None) -> list[int]:
         """Indices of the matching episodes, in file order."""
-        return [i for i, ep in enumerate(episodes) if self.matches(ep)]
+        if search_texts is None:
+            return [i for i, ep in enumerate(episodes) if self.matches(ep)]
+        return [i for i, ep in enumerate(episodes) if self.matches(ep, search_texts[i])]
 
 
 def _step_matches(step: int | None, spec: str) -> bool:
@@ -408,6 +470,8 @@ def classify_path(path: str | Path | None) -> str:
         return "live"
     p = Path(path)
     if not p.exists():
+        if _is_preset(str(path)):
+            return "live"   # a built-in model preset, e.g. tiny-student
         raise UserError(f"path not found: {p}")
     if p.is_dir():
         if (p / "metrics.jsonl").exists() or is_run_dir(p):
@@ -422,3 +486,11 @@ def classify_path(path: str | Path | None) -> str:
     if suffix in (".onnx", ".gguf"):
         return "live"
     raise UserError(f"{p}: cannot open this file (expected an episodes .jsonl, an .onnx or a .gguf)")
+
+
+def _is_preset(name: str) -> bool:
+    try:
+        from atod_edge.models import PRESETS
+    except ImportError:
+        return False
+    return name in PRESETS

@@ -19,8 +19,9 @@ from atod_edge.errors import UserError
 class Agent(Protocol):
     name: str
 
-    def respond(self, session: "LiveSession") -> tuple[str, str | None]:
-        """Return (response text, parsed action or None) for the session's current observation."""
+    def respond(self, session: "LiveSession") -> tuple[str, str | None, str]:
+        """Return (response text, parsed action or None, why it could not be parsed) for the
+        session's current observation."""
 
 
 class ExpertAgent:
@@ -28,9 +29,9 @@ class ExpertAgent:
 
     name = "expert"
 
-    def respond(self, session: "LiveSession") -> tuple[str, str | None]:
+    def respond(self, session: "LiveSession") -> tuple[str, str | None, str]:
         action = session.env.expert_action()
-        return action, action
+        return f"<action>{action}</action>", action, ""
 
 
 class HumanAgent:
@@ -38,7 +39,7 @@ class HumanAgent:
 
     name = "human"
 
-    def respond(self, session: "LiveSession") -> tuple[str, str | None]:
+    def respond(self, session: "LiveSession") -> tuple[str, str | None, str]:
         raise UserError("the human agent acts only by typing an action")
 
 
@@ -48,11 +49,11 @@ class ModelAgent:
     The policy is loaded on first use, inside the worker thread, so the UI stays responsive.
     """
 
-    def __init__(self, path: str, device: str = "cpu", sampling: dict | None = None):
+    def __init__(self, path: str, device: str = "cpu", temperature: float = 0.0):
         self.path = path
         self.device = device
         # greedy by default: a live demo should be reproducible turn by turn
-        self.sampling = sampling if sampling is not None else {"temperature": 0.0}
+        self.temperature = temperature
         self.name = f"model:{Path(path).name}"
         self._policy = None
 
@@ -65,14 +66,19 @@ class ModelAgent:
             self._policy = load_policy(self.path, device=self.device)
         return self._policy
 
-    def respond(self, session: "LiveSession") -> tuple[str, str | None]:
+    def respond(self, session: "LiveSession") -> tuple[str, str | None, str]:
         policy = self.load()
         try:
+            from atod_edge.policy import SamplingParams
             from atod_edge.rollout import act
         except ImportError as e:
             raise UserError(f"model agents need atod_edge.rollout, which is not available: {e}") from None
-        return act(policy, session.env_name, session.env.instructions, session.turns,
-                   session.observation, session.admissible, self.sampling)
+        instructions = getattr(session.env, "instructions", "")
+        response, action, reason = act(policy, instructions, session.task_observation, session.history,
+                                       session.observation, session.admissible,
+                                       SamplingParams(temperature=self.temperature),
+                                       seed=len(session.turns))
+        return response, action, reason
 
 
 def make_agent(kind: str, model_path: str | None = None) -> Agent:
@@ -83,6 +89,10 @@ def make_agent(kind: str, model_path: str | None = None) -> Agent:
     if kind == "model":
         if not model_path:
             raise UserError("choose a model path (a checkpoint directory, an .onnx or a .gguf file)")
+        from atod_edge.tui.data import classify_path
+
+        if classify_path(model_path) != "live":   # raises "path not found" early, before any import
+            raise UserError(f"{model_path} is not a model (a checkpoint directory, an .onnx or a .gguf file)")
         return ModelAgent(model_path)
     raise UserError(f"unknown agent '{kind}' (allowed: expert, human, model)")
 
@@ -110,6 +120,8 @@ class LiveSession:
         self.env = make_env(env_name)
         self.task = Task(getattr(self.env, "name", env_name), split, index)
         self.turns: list[Turn] = []
+        self.task_observation = ""       # the first observation: it states the task
+        self.history: list[tuple[str, str]] = []   # (action, observation after), as rollout builds it
         self.observation = ""
         self.admissible: list[str] = []
         self.done = False
@@ -119,7 +131,8 @@ class LiveSession:
 
     def reset(self) -> str:
         self.turns, self.done, self.won, self.score, self.total_reward = [], False, False, 0.0, 0.0
-        self.observation = self.env.reset(self.task)
+        self.history = []
+        self.observation = self.task_observation = self.env.reset(self.task)
         self.admissible = list(self.env.admissible_actions())
         return self.observation
 
@@ -127,22 +140,25 @@ class LiveSession:
     def max_turns(self) -> int:
         return int(getattr(self.env, "max_turns", 30))
 
-    def decide(self, agent: Agent) -> tuple[str, str | None]:
+    def decide(self, agent: Agent) -> tuple[str, str | None, str]:
         return agent.respond(self)
 
-    def apply(self, action: str | None, response: str | None = None) -> StepOutcome:
-        """Step the env with `action` (None: the response could not be parsed) and record the turn."""
+    def apply(self, action: str | None, response: str | None = None, reason: str = "") -> StepOutcome:
+        """Step the env with `action` and record the turn. None means the response could not be
+        parsed (`reason` says why): like the rollout engine, the turn is spent on an empty action
+        and the env's feedback explains what is valid."""
         if self.done:
             raise UserError("the episode is over: restart or go to the next task")
         observation_before, admissible_before = self.observation, list(self.admissible)
-        # an unparsable response still costs a turn: the env explains the syntax in its feedback
-        result = self.env.step(action if action is not None else (response or ""))
+        result = self.env.step(action or "")
         info = result.info or {}
         valid = bool(info.get("valid", True)) and action is not None
+        feedback = reason if action is None else ("" if valid else str(info.get("feedback", "") or ""))
         turn = Turn(observation=observation_before, response=response if response is not None else (action or ""),
                     action=action, valid=valid, reward=float(result.reward), done=bool(result.done),
-                    feedback=str(info.get("feedback", "") or ""), admissible=admissible_before)
+                    feedback=feedback, admissible=admissible_before)
         self.turns.append(turn)
+        self.history.append((action if action else "(invalid)", result.observation))
         self.observation = result.observation
         self.total_reward += float(result.reward)
         self.won = bool(info.get("won", self.won))

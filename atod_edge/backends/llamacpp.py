@@ -34,8 +34,10 @@ def find_tokenizer_dir(gguf_path: Path) -> Path:
 
 def trained_context(file: Path) -> int:
     """The context length the GGUF file declares ({arch}.context_length)."""
-    import gguf
-
+    try:
+        import gguf
+    except ImportError:     # llama-cpp-python does not need the gguf package: assume a usual size
+        return 4096
     reader = gguf.GGUFReader(str(file))
     for name, field in reader.fields.items():
         if name.endswith(".context_length"):
@@ -71,9 +73,12 @@ class LlamaCppPolicy(Policy):
         cache_type = GGML_TYPE_F32 if f32_cache else None
         kwargs = dict(type_k=cache_type, type_v=cache_type) if f32_cache else {}
         n_ctx = int(n_ctx or min(trained_context(file), 4096))
-        llm = llama_cpp.Llama(model_path=str(file), n_ctx=n_ctx,
-                              n_threads=int(n_threads or os.cpu_count() or 1),
-                              logits_all=logits_all, flash_attn=False, verbose=False, **kwargs)
+        try:
+            llm = llama_cpp.Llama(model_path=str(file), n_ctx=n_ctx,
+                                  n_threads=int(n_threads or os.cpu_count() or 1),
+                                  logits_all=logits_all, flash_attn=False, verbose=False, **kwargs)
+        except ValueError as e:   # llama-cpp-python's "Failed to load model from file"
+            raise UserError(f"llama.cpp cannot load {file}: {e}") from None
         if llm.n_vocab() < len(tokenizer):
             raise UserError(f"{file}: the GGUF vocabulary ({llm.n_vocab()}) is smaller than the "
                             f"tokenizer beside it ({len(tokenizer)}): they do not belong together")

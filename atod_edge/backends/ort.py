@@ -65,10 +65,16 @@ class OrtPolicy(Policy):
         from transformers import AutoTokenizer
 
         file = onnx_file(path)
-        ort.set_default_logger_severity(3)    # a missing CUDA is reported via get_providers, not logs
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(n_threads or os.cpu_count() or 1)
-        session = ort.InferenceSession(str(file), sess_options=options, providers=providers_for(device))
+        # an unusable CUDA logs an error and falls back to CPU: we report get_providers() instead
+        ort.set_default_logger_severity(4)
+        try:
+            session = ort.InferenceSession(str(file), sess_options=options, providers=providers_for(device))
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
+            raise UserError(f"cannot load ONNX model {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        finally:
+            ort.set_default_logger_severity(3)
         try:
             tokenizer = AutoTokenizer.from_pretrained(file.parent)
         except (OSError, ValueError) as e:

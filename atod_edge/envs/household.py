@@ -171,16 +171,10 @@ class HouseholdEnv(Env):
     name: ClassVar[str] = "household"
     max_turns: ClassVar[int] = 30
     description: ClassVar[str] = "ALFWorld-style household tasks in a procedurally generated room"
+    # Short on purpose: it is in every prompt, and the admissible actions are listed anyway.
     instructions: ClassVar[str] = (
-        "You are in a household room and must complete the task given after 'Your task is to:'. "
-        "Reply with exactly one action per turn, using these forms (X is a receptacle like "
-        "'fridge 1', O an object like 'apple 1'):\n"
-        "  go to X | open X | close X | take O from X | put O in X (or put O on X)\n"
-        "  clean O with sinkbasin 1 | heat O with microwave 1 | cool O with fridge 1\n"
-        "  use desklamp 1 (or use floorlamp 1) | examine X | examine O | look | inventory\n"
-        "You can hold one object at a time. Closed receptacles must be opened before you see, "
-        "take or put things inside. To examine an object in light, hold it where the lamp is "
-        "and use the lamp. An action that cannot be done answers 'Nothing happens.'"
+        "Household task: do what follows 'Your task is to:'. Actions: go to X, open X, take O "
+        "from X, put O in/on X, clean/heat/cool O with X, use X. Hold one object at a time."
     )
 
     def __init__(self) -> None:

@@ -1,0 +1,1 @@
+"""One module per screen: live, inspector, dashboard, and the help / open / text dialogs."""

@@ -19,6 +19,7 @@ from atod_edge.tui.widgets.curve_plot import CurvePlot, format_value
 class DashboardScreen(Screen):
     """Curves of success, reward, kappa/rho, turn weights, |log-ratio|, loss and episode length."""
 
+    HELP_TITLE = "training dashboard"
     BINDINGS = [
         Binding("r", "reload", "reload"),
         Binding("space", "toggle_follow", "pause/follow"),
@@ -73,7 +74,6 @@ class DashboardScreen(Screen):
         else:
             last = rows[-1] if rows else {}
             out.append(f"  step {last.get('step', '–')}")
-            out.append(f"  {len(rows)} rows")
             tokens = sum(r.get("tokens", 0) for r in rows if isinstance(r.get("tokens"), (int, float)))
             if tokens:
                 out.append(f"  {format_value(tokens)} tokens")

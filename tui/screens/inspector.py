@@ -15,8 +15,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Select, Static
 
 from atod_edge.episode import Episode, Turn
-from atod_edge.tui.data import (OUTCOMES, EpisodeFilter, TokenDecoder, TokenInfo, episode_stats,
-                                load_episodes, step_filter_valid, turn_tokens)
+from atod_edge.tui.data import (OUTCOMES, EpisodeFilter, TokenDecoder, TokenInfo, episode_search_text,
+                                episode_stats, load_episodes, step_filter_valid, turn_tokens)
 from atod_edge.tui.widgets.token_view import TokenView, legend
 
 
@@ -24,6 +24,10 @@ def fmt(value: float | None, digits: int = 2) -> str:
     if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
         return "–"
     return f"{value:.{digits}f}"
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def short_task(ep: Episode) -> str:
@@ -35,16 +39,18 @@ def short_task(ep: Episode) -> str:
 class InspectorScreen(Screen):
     """Browse episodes from a JSONL file (eval output, training samples or a saved live run)."""
 
+    HELP_TITLE = "episode inspector"
+    HELP_EXTRA = [("token view (t focuses it)", TokenView.BINDINGS)]
     BINDINGS = [
         Binding("n", "next_episode", "next ep"),
-        Binding("p", "prev_episode", "prev ep"),
+        Binding("p", "prev_episode", "prev ep", show=False),
         Binding("right_square_bracket", "next_turn", "next turn"),
-        Binding("left_square_bracket", "prev_turn", "prev turn"),
+        Binding("left_square_bracket", "prev_turn", "prev turn", show=False),
         Binding("t", "focus_tokens", "tokens"),
         Binding("slash", "focus_search", "search"),
         Binding("o", "cycle_outcome", "outcome"),
         Binding("e", "cycle_env", "env"),
-        Binding("escape", "clear_filters", "clear filters"),
+        Binding("escape", "clear_filters", "clear/back"),
     ]
 
     def __init__(self, path: str | Path | None = None, *, episodes: list[Episode] | None = None,
@@ -60,11 +66,12 @@ class InspectorScreen(Screen):
         self.episodes = episodes
         self.decoder = decoder or TokenDecoder()
         self.source_title = title or (self.path.name if self.path else "episodes")
-        self.filter = EpisodeFilter()
-        self.visible: list[int] = list(range(len(episodes)))
+        self.episode_filter = EpisodeFilter()
+        self.shown: list[int] = list(range(len(episodes)))
         self.current_episode: int | None = None
         self.current_turn: int | None = None
         self.envs = sorted({ep.env for ep in episodes if ep.env})
+        self._search_texts: list[str] | None = None
 
     # ------------------------------------------------------------------ layout
 
@@ -86,10 +93,10 @@ class InspectorScreen(Screen):
                 yield DataTable(id="turns", cursor_type="row")
                 with Horizontal(id="turn-detail"):
                     with VerticalScroll(id="turn-text"):
-                        yield Static(id="observation")
-                        yield Static("response tokens", classes="section-title")
+                        yield Static(id="action-line")
                         yield TokenView(id="tokens")
                         yield Static(legend(), id="legend")
+                        yield Static(id="observation")
                     yield Static(id="token-panel")
         yield Footer()
 
@@ -98,7 +105,7 @@ class InspectorScreen(Screen):
         table = self.query_one("#episodes", DataTable)
         table.add_columns("#", "env", "task", "step", "ok", "turns", "score")
         turns = self.query_one("#turns", DataTable)
-        turns.add_columns("#", "action", "valid", "reward", "d", "h", "w", "tokens")
+        turns.add_columns("#", "action", "valid", "reward", "d", "h", "w", "tok")
         self.refresh_list()
         if self.notice:
             self.notify(self.notice, title="episodes", severity="warning")
@@ -108,43 +115,46 @@ class InspectorScreen(Screen):
 
     def refresh_list(self, keep: int | None = None) -> None:
         """Re-apply the filter; keep the episode `keep` selected if it is still listed."""
-        self.visible = self.filter.apply(self.episodes)
+        if self.episode_filter.text.strip() and self._search_texts is None:
+            # built once, on the first text search: typing then filters without re-joining texts
+            self._search_texts = [episode_search_text(ep) for ep in self.episodes]
+        self.shown = self.episode_filter.apply(self.episodes, self._search_texts)
         table = self.query_one("#episodes", DataTable)
         table.clear()
-        for i in self.visible:
+        for i in self.shown:
             ep = self.episodes[i]
             ok = Text("✓", style="green") if ep.success else Text("✗", style="red")
             table.add_row(str(i), ep.env, short_task(ep), "" if ep.step is None else str(ep.step), ok,
                           str(ep.num_turns), fmt(ep.score), key=str(i))
-        status = f"{len(self.visible)} of {len(self.episodes)} episodes"
-        if not step_filter_valid(self.filter.step):
+        status = f"{len(self.shown)} of {len(self.episodes)} episodes"
+        if not step_filter_valid(self.episode_filter.step):
             status += "  ·  step filter: use N or A-B"
         self.query_one("#list-status", Static).update(status)
-        if not self.visible:
+        if not self.shown:
             self.show_episode(None)
             return
-        target = keep if keep in self.visible else self.visible[0]
-        table.move_cursor(row=self.visible.index(target))
+        target = keep if keep in self.shown else self.shown[0]
+        table.move_cursor(row=self.shown.index(target))
         self.show_episode(target)
 
     @on(Input.Changed, "#search")
     def _search_changed(self, event: Input.Changed) -> None:
-        self.filter.text = event.value
+        self.episode_filter.text = event.value
         self.refresh_list(keep=self.current_episode)
 
     @on(Input.Changed, "#step-filter")
     def _step_changed(self, event: Input.Changed) -> None:
-        self.filter.step = event.value
+        self.episode_filter.step = event.value
         self.refresh_list(keep=self.current_episode)
 
     @on(Select.Changed, "#env-filter")
     def _env_changed(self, event: Select.Changed) -> None:
-        self.filter.env = None if event.value is Select.NULL else str(event.value)
+        self.episode_filter.env = None if event.value is Select.NULL else str(event.value)
         self.refresh_list(keep=self.current_episode)
 
     @on(Select.Changed, "#outcome-filter")
     def _outcome_changed(self, event: Select.Changed) -> None:
-        self.filter.outcome = "all" if event.value is Select.NULL else str(event.value)
+        self.episode_filter.outcome = "all" if event.value is Select.NULL else str(event.value)
         self.refresh_list(keep=self.current_episode)
 
     @on(DataTable.RowHighlighted, "#episodes")
@@ -175,7 +185,7 @@ class InspectorScreen(Screen):
         summary.update(self.summary_text(ep))
         for k, turn in enumerate(ep.turns):
             valid = Text("yes", style="green") if turn.valid else Text("no", style="red")
-            turns.add_row(str(k + 1), (turn.action or "∅")[:40], valid, fmt(turn.reward),
+            turns.add_row(str(k + 1), _clip(turn.action or "∅", 30), valid, fmt(turn.reward),
                           fmt(turn.disagreement), fmt(turn.uncertainty), fmt(turn.weight),
                           str(len(turn.response_ids or [])), key=str(k))
         if ep.turns:
@@ -188,7 +198,7 @@ class InspectorScreen(Screen):
         stats = episode_stats(ep)
         out = Text()
         out.append(f"{ep.env}", style="bold")
-        out.append(f" · {short_task(ep)} · seed {ep.seed}")
+        out.append(f" · {short_task(ep)}")
         if ep.policy:
             out.append(f" · {ep.policy}")
         if ep.step is not None:
@@ -200,13 +210,15 @@ class InspectorScreen(Screen):
         out.append(f"  score {fmt(ep.score)}  reward {fmt(ep.reward)}  {stats.turns} turns")
         if stats.invalid:
             out.append(f" ({stats.invalid} invalid)", style="yellow")
-        out.append(f"  {stats.tokens} tokens")
+        out.append(f"  {stats.tokens} tokens\n")
+        if stats.mean_disagreement is not None:
+            out.append(f"mean d {fmt(stats.mean_disagreement)}  ")
         if stats.mean_weight is not None:
-            out.append(f"  mean w {fmt(stats.mean_weight)}")
+            out.append(f"mean w {fmt(stats.mean_weight)}  ")
         if stats.mean_abs_log_ratio is not None:
-            out.append(f"  mean |Δ| {fmt(stats.mean_abs_log_ratio)}")
+            out.append(f"mean |Δ| {fmt(stats.mean_abs_log_ratio)}")
         if not stats.has_teacher:
-            out.append("  (no teacher scores)", style="dim")
+            out.append("no teacher scores in this episode", style="dim")
         return out
 
     def current_turn_record(self) -> Turn | None:
@@ -219,20 +231,24 @@ class InspectorScreen(Screen):
         self.current_turn = k
         turn = self.current_turn_record()
         observation = self.query_one("#observation", Static)
+        action_line = self.query_one("#action-line", Static)
         tokens = self.query_one("#tokens", TokenView)
         if turn is None:
             observation.update("")
+            action_line.update("")
             tokens.set_tokens([], "")
             return
-        text = Text("observation\n", style="bold")
-        text.append(turn.observation.rstrip() or "(empty)")
-        if turn.feedback:
-            text.append(f"\nfeedback: {turn.feedback}", style="yellow")
+        line = Text("action ", style="bold")
         if turn.action is not None:
-            text.append("\naction: ", style="bold")
-            text.append(turn.action, style="green" if turn.valid else "red")
+            line.append(turn.action, style="green" if turn.valid else "red")
         else:
-            text.append("\naction: none (unparsable response)", style="red")
+            line.append("none (unparsable response)", style="red")
+        if turn.feedback:
+            line.append(f"  {turn.feedback}", style="yellow")
+        action_line.update(line)
+        text = Text()
+        text.append("observation before this turn\n", style="bold")
+        text.append(turn.observation.rstrip() or "(empty)")
         observation.update(text)
         tokens.set_tokens(turn_tokens(turn, self.decoder), turn.response)
 
@@ -270,12 +286,12 @@ class InspectorScreen(Screen):
     # ------------------------------------------------------------------ actions
 
     def _move_episode(self, step: int) -> None:
-        if not self.visible:
+        if not self.shown:
             return
-        pos = self.visible.index(self.current_episode) if self.current_episode in self.visible else -1
-        pos = max(0, min(len(self.visible) - 1, pos + step))
+        pos = self.shown.index(self.current_episode) if self.current_episode in self.shown else -1
+        pos = max(0, min(len(self.shown) - 1, pos + step))
         self.query_one("#episodes", DataTable).move_cursor(row=pos)
-        self.show_episode(self.visible[pos])
+        self.show_episode(self.shown[pos])
 
     def action_next_episode(self) -> None:
         self._move_episode(1)
@@ -305,13 +321,13 @@ class InspectorScreen(Screen):
 
     def action_cycle_outcome(self) -> None:
         select = self.query_one("#outcome-filter", Select)
-        current = self.filter.outcome if self.filter.outcome in OUTCOMES else "all"
+        current = self.episode_filter.outcome if self.episode_filter.outcome in OUTCOMES else "all"
         select.value = OUTCOMES[(OUTCOMES.index(current) + 1) % len(OUTCOMES)]
 
     def action_cycle_env(self) -> None:
         select = self.query_one("#env-filter", Select)
         options: list = [None, *self.envs]
-        current = self.filter.env if self.filter.env in self.envs else None
+        current = self.episode_filter.env if self.episode_filter.env in self.envs else None
         nxt = options[(options.index(current) + 1) % len(options)]
         if nxt is None:
             select.clear()
@@ -320,13 +336,13 @@ class InspectorScreen(Screen):
 
     def action_clear_filters(self) -> None:
         """Clear the filters; with none set, go back to the screen beneath (if any)."""
-        if self.filter == EpisodeFilter() and not self.query_one("#search", Input).value:
+        if self.episode_filter == EpisodeFilter() and not self.query_one("#search", Input).value:
             self.app.action_back()
             return
         self.query_one("#search", Input).value = ""
         self.query_one("#step-filter", Input).value = ""
         self.query_one("#env-filter", Select).clear()
         self.query_one("#outcome-filter", Select).value = "all"
-        self.filter = EpisodeFilter()
+        self.episode_filter = EpisodeFilter()
         self.refresh_list(keep=self.current_episode)
         self.query_one("#episodes", DataTable).focus()

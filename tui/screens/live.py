@@ -28,6 +28,7 @@ SPEEDS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)   # autoplay seconds per turn
 class LiveRunScreen(Screen):
     """Run one episode live with the scripted expert, a human or a model."""
 
+    HELP_TITLE = "live run"
     BINDINGS = [
         Binding("s", "step", "step"),
         Binding("a", "autoplay", "autoplay"),
@@ -35,8 +36,8 @@ class LiveRunScreen(Screen):
         Binding("minus", "slower", "slower"),
         Binding("r", "restart", "restart"),
         Binding("t", "next_task", "next task"),
-        Binding("i", "take_over", "type action"),
-        Binding("x", "inspect", "inspect episode"),
+        Binding("i", "take_over", "type"),
+        Binding("x", "inspect", "inspect"),
     ]
 
     def __init__(self, *, env: str | None = None, split: str = "eval", index: int = 0,
@@ -74,7 +75,7 @@ class LiveRunScreen(Screen):
                         id="model-path", compact=True)
             yield Button("start", id="start", compact=True, variant="primary")
         with Horizontal(id="live-body"):
-            yield RichLog(id="transcript", wrap=True, markup=False, auto_scroll=True)
+            yield RichLog(id="transcript", wrap=True, markup=False, auto_scroll=True, min_width=20)
             with Vertical(id="live-side"):
                 yield Static(id="live-status")
                 yield Static("admissible actions", classes="section-title")
@@ -179,11 +180,11 @@ class LiveRunScreen(Screen):
                      generation: int) -> None:
         try:
             if typed_action is None:
-                response, action = session.decide(agent)
+                response, action, reason = session.decide(agent)
                 who = agent.name
             else:
-                response, action, who = typed_action, typed_action, "human"
-            outcome = session.apply(action, response)
+                response, action, reason, who = typed_action, typed_action, "", "human"
+            outcome = session.apply(action, response, reason)
         except Exception as e:
             self.app.call_from_thread(self._failed, e, generation)
             return
@@ -195,14 +196,16 @@ class LiveRunScreen(Screen):
         self.busy = False
         turn = outcome.turn
         log = self.query_one("#transcript", RichLog)
-        log.write(Rule(f"turn {len(self.session.turns)} · {who}", style="dim"))
-        if turn.response and turn.response != turn.action:
+        log.write(Rule(f"turn {len(self.session.turns)} · {who}", style="dim"), expand=True)
+        if turn.response and turn.response not in (turn.action, f"<action>{turn.action}</action>"):
             log.write(Text(turn.response.rstrip(), style="italic"))
         line = Text("> ", style="bold")
         line.append(turn.action if turn.action is not None else "(no action parsed)",
                     style="bold green" if turn.valid else "bold red")
         line.append("  valid" if turn.valid else "  invalid", style="green" if turn.valid else "red")
         line.append(f"  reward {turn.reward:.2f}", style="dim")
+        if turn.feedback:
+            line.append(f"  ({turn.feedback})", style="yellow")
         log.write(line)
         log.write(Text(outcome.observation.rstrip()))
         if outcome.done:
@@ -218,8 +221,9 @@ class LiveRunScreen(Screen):
     def update_admissible(self) -> None:
         options = self.query_one("#admissible", OptionList)
         options.clear_options()
-        if self.session is not None:
+        if self.session is not None and self.session.admissible:
             options.add_options(self.session.admissible)
+            options.highlighted = 0
 
     def update_status(self, activity: str | None = None) -> None:
         out = Text()

@@ -14,11 +14,12 @@ LABEL_WIDTH = 8
 
 
 def resample(values: list[float], width: int) -> list[float]:
-    """Fit `values` into `width` columns: bin means when longer, one column each when shorter."""
+    """Fit `values` into exactly `width` columns: bin means when longer, repeated when shorter."""
     if width <= 0 or not values:
         return []
     if len(values) <= width:
-        return list(values)
+        # stretch: each value spans the same number of columns (a step plot)
+        return [values[col * len(values) // width] for col in range(width)]
     out = []
     for col in range(width):
         lo = col * len(values) // width
@@ -80,11 +81,11 @@ class CurvePlot(Widget):
 
     def render(self) -> Text:
         width, height = self.size.width, self.size.height
-        head = Text(self.title, style="bold")
+        head = Text(self.title, style="bold", no_wrap=True, overflow="ellipsis")
         if self.points:
-            steps = [s for s, _ in self.points]
-            head.append(f"  last {format_value(self.points[-1][1])}", style="")
-            head.append(f"  steps {steps[0]}–{steps[-1]}", style="dim")
+            head.append(f"  {format_value(self.points[-1][1])}")
+            head.append(f"  @{self.points[-1][0]}", style="dim")
+        head.truncate(width, overflow="ellipsis")
         lines = [head]
         plot_height = max(1, height - 1)
         if not self.points:

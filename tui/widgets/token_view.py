@@ -39,13 +39,17 @@ def visible(text: str) -> str:
 
 
 def legend() -> Text:
-    out = Text("teacher−student: ", style="dim")
-    for colour in reversed(NEGATIVE):
-        out.append("  ", style=f"on {colour}")
-    out.append(" < 0 < ", style="dim")
-    for colour in POSITIVE:
-        out.append("  ", style=f"on {colour}")
-    out.append(f"  (|Δ| ≥ {', '.join(str(t) for t in THRESHOLDS)} nats)", style="dim")
+    """A one-line key of the colours: Δ = log p_T − log p_S in nats, by bucket."""
+    def label(threshold: float) -> str:
+        return f"{threshold:g}".replace("0.", ".")
+
+    out = Text("Δ(T−S) ", style="dim")
+    for colour, threshold in zip(reversed(NEGATIVE), reversed(THRESHOLDS)):
+        out.append(f"-{label(threshold)}", style=f"#ffffff on {colour}")
+    out.append(" 0 ", style="dim")
+    for colour, threshold in zip(POSITIVE, THRESHOLDS):
+        out.append(f"+{label(threshold)}", style=f"#ffffff on {colour}")
+    out.append(" nats", style="dim")
     return out
 
 

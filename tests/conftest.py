@@ -1,0 +1,76 @@
+"""Shared fixtures: a private preset cache with the tiny models built once per test session."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def atod_cache(tmp_path_factory):
+    """A temporary ATOD_EDGE_CACHE (set before anything is built), with tiny-student built in it.
+    Subprocesses started by tests inherit it through the environment."""
+    from atod_edge.models import resolve_model
+
+    path = tmp_path_factory.mktemp("atod-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATOD_EDGE_CACHE", str(path))
+        resolve_model("tiny-student")
+        yield path
+
+
+@pytest.fixture(scope="session")
+def tiny_student(atod_cache):
+    """(model, tokenizer) of the tiny-student preset (random init), in eval mode on CPU."""
+    from atod_edge.models import load_model
+
+    return load_model("tiny-student")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(atod_cache):
+    """(model, tokenizer) of the tiny-teacher preset (random init, same tokenizer as the student)."""
+    from atod_edge.models import load_model
+
+    return load_model("tiny-teacher")
+
+
+@pytest.fixture(scope="session")
+def student_policy(tiny_student):
+    from atod_edge.policy import TorchPolicy
+
+    model, tokenizer = tiny_student
+    return TorchPolicy(model, tokenizer, name="tiny-student")
+
+
+@contextlib.contextmanager
+def _forced_text(model, token_ids):
+    """Make `model` emit `token_ids` (then its own choice): a forward hook adds a large bias to
+    the forced token's logit at each generation step. A prefill (more than one input token)
+    starts a new generation."""
+    step = {"n": 0}
+
+    def hook(module, args, kwargs, output):
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            input_ids = args[0]
+        if input_ids.shape[1] > 1:
+            step["n"] = 0
+        n = step["n"]
+        step["n"] += 1
+        if n < len(token_ids):
+            output.logits[:, -1, token_ids[n]] += 1e4
+        return output
+
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@pytest.fixture
+def forced_text():
+    """`with forced_text(model, ids):` makes a real model emit the given token ids."""
+    return _forced_text

@@ -1,0 +1,144 @@
+"""Tests for atod_edge/policy.py: TorchPolicy's batched KV-cache generation on tiny-student."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atod_edge.envs import make_env
+from atod_edge.errors import UserError
+from atod_edge.policy import SamplingParams, StopChecker, TorchPolicy, load_policy, sample_next
+from atod_edge.prompts import build_messages, encode_prompt, parse_action
+
+GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, stop=())
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_student):
+    """Real household prompts cut to very different lengths (so the batch is heavily left-padded)."""
+    _, tokenizer = tiny_student
+    env = make_env("household")
+    observation = env.reset(env.tasks("eval", 1)[0])
+    full = encode_prompt(tokenizer, build_messages(env.instructions, observation, [], None,
+                                                   env.admissible_actions()))
+    assert len(full) > 100
+    return [full[:100], full[:12], full[-40:], full[:3]]
+
+
+@pytest.fixture(scope="module")
+def greedy_batch(student_policy, prompts):
+    return student_policy.generate(prompts, GREEDY)
+
+
+@pytest.fixture(scope="module")
+def greedy_alone(student_policy, prompts):
+    return [student_policy.generate([prompt], GREEDY)[0] for prompt in prompts]
+
+
+def full_forward_logprobs(model, prompt, response):
+    """log-softmax of one unpadded forward over prompt + response, at the response tokens."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([list(prompt) + list(response)])).logits[0].float()
+    logp = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
+    return logp.gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
+
+
+def test_greedy_batch_equals_each_prompt_alone(greedy_batch, greedy_alone):
+    for together, alone in zip(greedy_batch, greedy_alone):
+        assert together.token_ids == alone.token_ids
+        assert together.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+        assert together.text == alone.text and together.finish_reason == "length"
+        assert len(together.token_ids) == GREEDY.max_new_tokens
+
+
+def test_rows_leaving_the_batch_early_do_not_disturb_the_others(student_policy, prompts, greedy_batch,
+                                                                greedy_alone):
+    # Stop on the text of one row's first token: that row leaves after one step, the cache is
+    # compacted and the remaining rows must still match their solo runs.
+    stop_text = student_policy.tokenizer.decode(greedy_batch[1].token_ids[:1]).strip()
+    assert stop_text and not any(stop_text in greedy_batch[i].text for i in (0, 2, 3))
+    sampling = SamplingParams(max_new_tokens=GREEDY.max_new_tokens, temperature=0.0, stop=(stop_text,))
+    batch = student_policy.generate(prompts, sampling)
+    assert [g.finish_reason for g in batch] == ["length", "stop", "length", "length"]
+    assert batch[1].token_ids == greedy_alone[1].token_ids[:1]
+    for together, alone in zip(batch[:1] + batch[2:], greedy_alone[:1] + greedy_alone[2:]):
+        assert together.token_ids == alone.token_ids
+        assert together.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+def test_recorded_logprobs_equal_a_full_forward(tiny_student, student_policy, prompts, greedy_batch):
+    model, _ = tiny_student
+    sampled = student_policy.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.9,
+                                                              stop=()), seed=3)
+    for prompt, greedy, sample in zip(prompts, greedy_batch, sampled):
+        for gen in (greedy, sample):
+            expected = full_forward_logprobs(model, prompt, gen.token_ids)
+            assert torch.tensor(gen.logprobs) == pytest.approx(expected, abs=1e-4)
+
+
+def test_same_seed_same_samples(student_policy, prompts):
+    sampling = SamplingParams(max_new_tokens=4, temperature=1.0, stop=())
+    first = student_policy.generate(prompts[1:], sampling, seed=11)
+    again = student_policy.generate(prompts[1:], sampling, seed=11)
+    other = student_policy.generate(prompts[1:], sampling, seed=12)
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+    assert [g.logprobs for g in first] == [g.logprobs for g in again]
+    assert [g.token_ids for g in first] != [g.token_ids for g in other]
+
+
+def test_stops_at_the_end_of_the_action(tiny_student, student_policy, prompts, forced_text):
+    model, tokenizer = tiny_student
+    forced = tokenizer("I will look. <action>look</action> and then more text",
+                       add_special_tokens=False)["input_ids"]
+    with forced_text(model, forced):
+        gens = student_policy.generate(prompts[:2], SamplingParams(max_new_tokens=40))
+    for gen in gens:
+        assert gen.finish_reason == "stop"
+        assert gen.text == "I will look. <action>look</action>"
+        assert gen.token_ids == forced[:len(gen.token_ids)]
+        assert parse_action(gen.text).action == "look"
+        assert all(lp > -1e-3 for lp in gen.logprobs)   # the forced tokens are near-certain
+
+
+def test_stops_on_end_of_turn_token(tiny_student, student_policy, prompts, forced_text):
+    model, tokenizer = tiny_student
+    eos = tokenizer.eos_token_id
+    forced = tokenizer("hi", add_special_tokens=False)["input_ids"] + [eos]
+    with forced_text(model, forced):
+        gen = student_policy.generate(prompts[:1], SamplingParams(max_new_tokens=20))[0]
+    assert gen.token_ids == forced and gen.finish_reason == "stop"
+    assert gen.text == "hi"                      # the special token is not in the text
+
+
+def test_stop_checker_on_real_tokens(tiny_student):
+    _, tokenizer = tiny_student
+    checker = StopChecker(tokenizer, SamplingParams(max_new_tokens=30))
+    ids = tokenizer("go <action>open fridge 1</action>", add_special_tokens=False)["input_ids"]
+    assert checker.is_done(ids) == "stop"
+    assert all(checker.is_done(ids[:n]) is None for n in range(1, len(ids)))
+    assert checker.is_done([tokenizer.eos_token_id]) == "stop"
+    assert checker.is_done(tokenizer("x " * 40, add_special_tokens=False)["input_ids"][:30]) == "length"
+
+
+def test_sample_next_greedy_and_top_p():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9], [3.0, 0.0, 0.0, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    ids, logprobs = sample_next(logits, 0.0, 1.0, generator)
+    assert ids.tolist() == [1, 0]
+    assert logprobs == pytest.approx(torch.log_softmax(logits, -1)[[0, 1], [1, 0]])
+    # top_p below the top token's probability keeps only that token, whatever the temperature
+    for _ in range(20):
+        ids, _ = sample_next(logits, 5.0, 0.3, generator)
+        assert ids.tolist() == [1, 0]
+
+
+def test_empty_inputs(student_policy):
+    assert student_policy.generate([], GREEDY) == []
+    with pytest.raises(UserError, match="empty prompt"):
+        student_policy.generate([[1, 2], []], GREEDY)
+
+
+def test_load_policy_loads_a_preset_as_a_torch_policy(atod_cache):
+    policy = load_policy("tiny-student")
+    assert isinstance(policy, TorchPolicy) and policy.name == "tiny-student"
+    assert policy.tokenizer.chat_template

@@ -1,0 +1,223 @@
+"""Tests for atod_edge/rollout.py: the batched rollout engine, scripted policies, episode prompts."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+import torch
+
+from atod_edge.envs import Env, StepResult, Task, make_env
+from atod_edge.envs.household import HouseholdEnv
+from atod_edge.policy import Generation, Policy, SamplingParams
+from atod_edge.prompts import build_messages, encode_prompt, parse_action
+from atod_edge.rollout import act, episode_messages, run_episodes, run_scripted
+from atod_edge.scoring import response_logprobs
+
+SHORT = SamplingParams(max_new_tokens=6, temperature=1.0)
+
+
+class CountdownEnv(Env):
+    """A tiny env: task i ends after i + 1 steps whatever the actions ("wait" is the valid one).
+    Task 98 raises in reset, task 99 raises in step."""
+
+    name = "countdown"
+    max_turns = 10
+    description = "wait until it is over"
+    instructions = "Reply wait."
+
+    def reset(self, task: Task) -> str:
+        if task.index == 98:
+            raise RuntimeError("reset exploded")
+        self.task, self.steps = task, 0
+        return f"Task {task.index}: wait {task.index + 1} times."
+
+    def step(self, action: str) -> StepResult:
+        if self.task.index == 99:
+            raise RuntimeError("step exploded")
+        self.steps += 1
+        done = self.steps >= self.task.index + 1
+        valid = action == "wait"
+        observation = f"You waited {self.steps} times." if valid else "Nothing happens."
+        return StepResult(observation, 1.0 if done else 0.0, done,
+                          {"valid": valid, "won": done, "score": 1.0 if done else 0.0,
+                           "admissible": [] if done else ["wait"],
+                           "feedback": "" if valid else "say wait"})
+
+    def admissible_actions(self) -> list[str]:
+        return ["wait"]
+
+    def expert_action(self) -> str:
+        return "wait"
+
+
+class RecordingPolicy(Policy):
+    """Wraps a real policy and records the prompts of every batched call."""
+
+    def __init__(self, inner: Policy):
+        self.inner, self.name, self.tokenizer = inner, inner.name, inner.tokenizer
+        self.calls: list[list[list[int]]] = []
+
+    def generate(self, prompts, sampling, seed=None):
+        self.calls.append([list(p) for p in prompts])
+        return self.inner.generate(prompts, sampling, seed=seed)
+
+
+class AdmissiblePolicy(Policy):
+    """A model-free policy over the real tokenizer: reads the admissible actions listed in the
+    decoded prompt and answers one of them (seeded), so episodes take valid, varied steps."""
+
+    name = "admissible"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def generate(self, prompts, sampling, seed=None):
+        rng = random.Random(seed)
+        out = []
+        for prompt in prompts:
+            text = self.tokenizer.decode(prompt, skip_special_tokens=True)
+            listed = re.findall(r"Admissible actions: (.*)", text)[-1].split(" | ")
+            response = f"<action>{rng.choice(listed)}</action>"
+            ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+            out.append(Generation(ids, [0.0] * len(ids), response, "stop"))
+        return out
+
+
+def countdown_tasks(*indices: int) -> list[Task]:
+    return [Task("countdown", "eval", i) for i in indices]
+
+
+def test_groups_record_tokens_and_leave_the_batch_as_they_finish(student_policy):
+    policy = RecordingPolicy(student_policy)
+    episodes = run_episodes(policy, CountdownEnv, countdown_tasks(0, 1, 2), group_size=2,
+                            sampling=SHORT, seed=5, step=7)
+    # task i lasts i + 1 turns: 6 episodes, then 4, then 2 in the batch
+    assert [len(call) for call in policy.calls] == [6, 4, 2]
+    assert [ep.group for ep in episodes] == [0, 0, 1, 1, 2, 2]
+    assert [ep.num_turns for ep in episodes] == [1, 1, 2, 2, 3, 3]
+    assert [ep.task_id for ep in episodes] == ["countdown/eval/0"] * 2 + ["countdown/eval/1"] * 2 + \
+        ["countdown/eval/2"] * 2
+    tokenizer = student_policy.tokenizer
+    for ep in episodes:
+        assert ep.success and ep.score == 1.0 and ep.step == 7 and ep.policy == "tiny-student"
+        assert ep.turns[0].observation == CountdownEnv().reset(Task("countdown", "eval", ep.group))
+        assert [t.done for t in ep.turns] == [False] * (ep.num_turns - 1) + [True]
+        for turn in ep.turns:
+            assert turn.prompt_ids and 0 < len(turn.response_ids) <= SHORT.max_new_tokens
+            assert len(turn.student_logprobs) == len(turn.response_ids)
+            assert all(lp <= 0 for lp in turn.student_logprobs)
+            assert turn.response == tokenizer.decode(turn.response_ids, skip_special_tokens=True)
+            assert turn.action == parse_action(turn.response).action
+            if not turn.valid:
+                assert turn.feedback
+    # the two rollouts of a group share the reset; different samples (almost surely) differ
+    assert episodes[4].turns[0].prompt_ids == episodes[5].turns[0].prompt_ids
+    assert episodes[4].turns[0].response_ids != episodes[5].turns[0].response_ids
+    # the first turn's batched prompts are exactly the recorded ones, in episode order
+    assert policy.calls[0] == [ep.turns[0].prompt_ids for ep in episodes]
+
+
+def test_recorded_logprobs_match_scoring_the_recorded_tokens(tiny_student, student_policy):
+    model, tokenizer = tiny_student
+    episodes = run_episodes(student_policy, CountdownEnv, countdown_tasks(1, 0), sampling=SHORT, seed=1)
+    turns = [t for ep in episodes for t in ep.turns]
+    with torch.inference_mode():
+        scored = response_logprobs(model, [t.prompt_ids for t in turns], [t.response_ids for t in turns],
+                                   pad_id=tokenizer.pad_token_id)
+    for turn, lp in zip(turns, scored):
+        assert lp == pytest.approx(torch.tensor(turn.student_logprobs), abs=1e-4)
+
+
+@pytest.mark.parametrize("env_name", ["household", "shop", "searchqa"])
+def test_garbage_from_the_model_never_crashes_an_episode(student_policy, env_name):
+    env = make_env(env_name)
+    episodes = run_episodes(student_policy, env_name, env.tasks("eval", 2), sampling=SHORT, max_turns=2)
+    for ep in episodes:
+        assert "error" not in ep.meta and 1 <= ep.num_turns <= 2
+        assert ep.turns[-1].done
+        for turn in ep.turns:
+            assert turn.valid or turn.feedback
+
+
+def test_a_parsed_but_inadmissible_action_gets_the_envs_feedback(tiny_student, student_policy, forced_text):
+    model, tokenizer = tiny_student
+    forced = tokenizer("<action>dance with the fridge</action>", add_special_tokens=False)["input_ids"]
+    with forced_text(model, forced):
+        [ep] = run_episodes(student_policy, "household", HouseholdEnv().tasks("eval", 1),
+                            sampling=SamplingParams(max_new_tokens=24), max_turns=2)
+    assert ep.num_turns == 2 and "error" not in ep.meta
+    for turn in ep.turns:
+        assert turn.action == "dance with the fridge" and not turn.valid and turn.feedback
+        assert turn.response_ids == forced
+    assert ep.turns[1].observation            # the env answered the bad action in words
+
+
+def test_an_env_that_raises_ends_only_its_own_episode(student_policy):
+    episodes = run_episodes(student_policy, CountdownEnv, countdown_tasks(0, 98, 99, 1), sampling=SHORT)
+    ok_first, broken_reset, broken_step, ok_last = episodes
+    assert "reset exploded" in broken_reset.meta["error"] and broken_reset.num_turns == 0
+    assert "step exploded" in broken_step.meta["error"] and broken_step.num_turns == 1
+    assert not broken_reset.success and not broken_step.success
+    for ep in (ok_first, ok_last):
+        assert "error" not in ep.meta and ep.success
+    assert ok_last.num_turns == 2
+
+
+@pytest.mark.parametrize("history_turns", [0, 1, 2])
+def test_episode_messages_rebuild_the_engines_prompts(student_policy, history_turns):
+    # SFT trains on episode_messages(...) of demonstrations; the engine must have used the same.
+    policy = AdmissiblePolicy(student_policy.tokenizer)
+    tasks = HouseholdEnv().tasks("eval", 2)
+    episodes = run_episodes(policy, "household", tasks, seed=history_turns, history_turns=history_turns,
+                            max_turns=5)
+    assert all(t.valid for ep in episodes for t in ep.turns)
+    for ep in episodes:
+        assert ep.num_turns >= 3
+        for k, turn in enumerate(ep.turns):
+            messages = episode_messages(ep, k, HouseholdEnv.instructions, history_turns)
+            assert encode_prompt(policy.tokenizer, messages) == turn.prompt_ids
+
+
+def test_episode_messages_of_a_model_rollout_with_invalid_turns(student_policy):
+    episodes = run_episodes(student_policy, CountdownEnv, countdown_tasks(2), sampling=SHORT)
+    for ep in episodes:
+        for k, turn in enumerate(ep.turns):
+            messages = episode_messages(ep, k, CountdownEnv.instructions)
+            assert encode_prompt(student_policy.tokenizer, messages) == turn.prompt_ids
+
+
+@pytest.mark.parametrize("env_name", ["household", "shop", "searchqa"])
+def test_run_scripted_expert_wins(env_name):
+    env = make_env(env_name)
+    episodes = run_scripted("expert", env_name, env.tasks("eval", 3))
+    assert all(ep.success for ep in episodes)
+    assert all(t.valid and parse_action(t.response).action == t.action for ep in episodes for t in ep.turns)
+    assert [ep.group for ep in episodes] == [0, 1, 2] and episodes[0].policy == "expert"
+
+
+def test_noisy_expert_differs_and_is_seeded():
+    tasks = HouseholdEnv().tasks("eval", 4)
+    actions = lambda eps: [[t.action for t in ep.turns] for ep in eps]  # noqa: E731
+    expert = actions(run_scripted("expert", "household", tasks))
+    assert actions(run_scripted("noisy", "household", tasks, noise=0.0)) == expert
+    noisy = actions(run_scripted("noisy", "household", tasks, noise=0.5, seed=1))
+    assert noisy != expert
+    assert actions(run_scripted("noisy", "household", tasks, noise=0.5, seed=1)) == noisy
+    random_eps = run_scripted("random", "household", tasks, max_turns=5)
+    assert all(ep.num_turns <= 5 for ep in random_eps)
+    with pytest.raises(ValueError, match="unknown scripted policy"):
+        run_scripted("clever", "household", tasks)
+
+
+def test_act_builds_the_engines_prompt_and_parses(tiny_student, student_policy, forced_text):
+    model, tokenizer = tiny_student
+    policy = RecordingPolicy(student_policy)
+    forced = tokenizer("ok <action>look</action>", add_special_tokens=False)["input_ids"]
+    history = [("look", "You see a desk 1.")]
+    with forced_text(model, forced):
+        text, action, reason = act(policy, "Reply.", "TASK", history, "You see a desk 1.", ["look"])
+    assert (text, action, reason) == ("ok <action>look</action>", "look", "")
+    expected = build_messages("Reply.", "TASK", history, "You see a desk 1.", ["look"])
+    assert policy.calls == [[encode_prompt(tokenizer, expected)]]
