@@ -125,6 +125,7 @@ class TorchPolicy(Policy):
     def load(cls, path: str, device: str = "cpu", dtype: str | None = None) -> "TorchPolicy":
         from atod_edge.models import load_model
 
+        device = str(torch_device(device))
         model, tokenizer = load_model(path, device=device, dtype=dtype)
         model.eval()
         return cls(model, tokenizer, name=str(path), device=device)
@@ -188,6 +189,24 @@ class TorchPolicy(Policy):
 
         return [Generation(outputs[i], logprobs[i], checker.text(outputs[i]), finish[i] or "length")
                 for i in range(len(prompts))]
+
+
+def torch_device(name: str):
+    """A torch.device for a user-given name, or a one-line UserError (a typo, or CUDA asked for
+    where torch has none) instead of torch's traceback."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device '{name}' (examples: cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{name}': CUDA is not available here "
+                            f"(torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device '{name}': only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
 
 
 def _autocast(device):

@@ -98,6 +98,7 @@ def test_eval_a_model_reports_tokens_per_second(atod_cache, tmp_path, capsys):
 @pytest.mark.parametrize("argv, expected", [
     (["eval", "--model", "/no/such/model", "--env", "household"], "not found"),
     (["eval", "--env", "household"], "--model"),
+    (["eval", "--model", "tiny-student", "--device", "gpu", "--env", "household"], "unknown device 'gpu'"),
     (["eval", "--policy", "expert", "--env", "nosuchenv"], "unknown env"),
     (["eval", "--policy", "expert", "--set", "episodes=0"], "episodes"),
     (["models", "info", "/no/such/model"], "not found"),

@@ -7,7 +7,8 @@ import torch
 
 from atod_edge.envs import make_env
 from atod_edge.errors import UserError
-from atod_edge.policy import SamplingParams, StopChecker, TorchPolicy, load_policy, sample_next
+from atod_edge.policy import (SamplingParams, StopChecker, TorchPolicy, load_policy, sample_next,
+                              torch_device)
 from atod_edge.prompts import build_messages, encode_prompt, parse_action
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, stop=())
@@ -55,15 +56,18 @@ def test_rows_leaving_the_batch_early_do_not_disturb_the_others(student_policy, 
                                                                 greedy_alone):
     # Stop on the text of one row's first token: that row leaves after one step, the cache is
     # compacted and the remaining rows must still match their solo runs.
-    stop_text = student_policy.tokenizer.decode(greedy_batch[1].token_ids[:1]).strip()
-    assert stop_text and not any(stop_text in greedy_batch[i].text for i in (0, 2, 3))
-    sampling = SamplingParams(max_new_tokens=GREEDY.max_new_tokens, temperature=0.0, stop=(stop_text,))
+    decode = student_policy.tokenizer.decode
+    firsts = [decode(g.token_ids[:1]).strip() for g in greedy_batch]
+    leaver = next(i for i, text in enumerate(firsts) if text and i > 0 and
+                  not any(text in g.text for j, g in enumerate(greedy_batch) if j != i))
+    sampling = SamplingParams(max_new_tokens=GREEDY.max_new_tokens, temperature=0.0, stop=(firsts[leaver],))
     batch = student_policy.generate(prompts, sampling)
-    assert [g.finish_reason for g in batch] == ["length", "stop", "length", "length"]
-    assert batch[1].token_ids == greedy_alone[1].token_ids[:1]
-    for together, alone in zip(batch[:1] + batch[2:], greedy_alone[:1] + greedy_alone[2:]):
-        assert together.token_ids == alone.token_ids
-        assert together.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+    assert [g.finish_reason for g in batch] == ["stop" if i == leaver else "length" for i in range(len(batch))]
+    assert batch[leaver].token_ids == greedy_alone[leaver].token_ids[:1]
+    for i, (together, alone) in enumerate(zip(batch, greedy_alone)):
+        if i != leaver:
+            assert together.token_ids == alone.token_ids
+            assert together.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
 
 
 def test_recorded_logprobs_equal_a_full_forward(tiny_student, student_policy, prompts, greedy_batch):
@@ -142,3 +146,15 @@ def test_load_policy_loads_a_preset_as_a_torch_policy(atod_cache):
     policy = load_policy("tiny-student")
     assert isinstance(policy, TorchPolicy) and policy.name == "tiny-student"
     assert policy.tokenizer.chat_template
+
+
+def test_device_names_are_checked_with_a_clear_message():
+    assert torch_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="unknown device 'gpu'"):
+        torch_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            torch_device("cuda")
+    else:
+        with pytest.raises(UserError, match="CUDA device"):
+            torch_device(f"cuda:{torch.cuda.device_count()}")

@@ -55,7 +55,10 @@ PROCESS = {
 LAMP_HOSTS = ("Desk", "SideTable", "Dresser")
 MAX_INSTANCES = 3          # per object type, as in ALFRED's scene randomisation
 MAX_STOVEBURNERS = 4
-MAX_GENERATION_TRIES = 50  # draws before giving up on a seed (never reached in practice)
+MAX_GENERATION_TRIES = 50
+# type constants that alfred.pddl's action preconditions name, so every problem must declare them
+DOMAIN_RTYPES = frozenset({"SinkBasin", "Microwave", "Fridge"})
+DOMAIN_OTYPES = frozenset({"Knife", "ButterKnife"})  # draws before giving up on a seed (never reached in practice)
 
 
 def import_alfworld():
@@ -138,16 +141,18 @@ def _try_problem(rng: random.Random, family: str, scene: _Scene, constants) -> d
     # receptacle instances: posed ones from the layout (same pose = same location), the rest one each
     receptacles: dict[str, str] = {}   # pddl name -> type
     location_of: dict[str, str] = {}   # pddl name -> location name
-    pose_locations: dict[tuple, str] = {}
-    for thor_id, pose in sorted(scene.poses.items()):
+    n_locations = 0
+    # Each receptacle gets its own location: in the layouts some share an interaction pose,
+    # which lets the engine take from one receptacle while the text shows another.
+    for thor_id in sorted(scene.poses):
         rtype = _receptacle_type(thor_id)
         if rtype not in static_receptacles:
             continue
         name = _pddl_name(thor_id)
+        n_locations += 1
         receptacles[name] = rtype
-        location_of[name] = pose_locations.setdefault(pose, f"loc_bar_{len(pose_locations) + 1}")
+        location_of[name] = f"loc_bar_{n_locations}"
     posed_types = set(receptacles.values())
-    n_locations = len(pose_locations)
     for rtype in sorted(scene.types & static_receptacles - posed_types):
         count = rng.randint(2, MAX_STOVEBURNERS) if rtype == "StoveBurner" else 1
         for k in range(count):
@@ -225,10 +230,10 @@ def _problem_text(family, goal_type, target_type, toggle, receptacles, location_
                   start, constants) -> str:
     """The PDDL problem in ALFRED's conventions (agent1, <Type>Type constants, escaped ids)."""
     import alfworld.gen.goal_library as goal_library
-    # as in ALFRED: static receptacle types are rtypes, every other type (mugs too) an otype
-    static = set(constants.RECEPTACLES) - set(constants.MOVABLE_RECEPTACLES)
-    rtypes = sorted(static)
-    otypes = sorted((set(constants.OBJECTS_SET) | set(objects.values())) - static)
+    # Only the types in play (plus those the domain names in preconditions) are declared: every
+    # declared type multiplies the planner's grounding, and the full ALFRED list made it minutes.
+    rtypes = sorted(set(receptacles.values()) | DOMAIN_RTYPES | ({target_type} - {None}))
+    otypes = sorted(set(objects.values()) | DOMAIN_OTYPES | {goal_type})
     locations = sorted(set(location_of.values()) | {start})
     declared = (["agent1 - agent"] + [f"{loc} - location" for loc in locations]
                 + [f"{r} - receptacle" for r in receptacles] + [f"{o} - object" for o in objects]

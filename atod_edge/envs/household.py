@@ -17,14 +17,22 @@ Splits: train and eval are the same distribution over disjoint seeds. The unseen
 out whole object types (UNSEEN_ONLY_OBJECTS): they never appear, not even as clutter, in a
 train or eval room, and every unseen task's goal object is one of them.
 
+Experts: `expert_action()` acts only on what the agent's prompt shows (the task, the last
+RECENT_TURNS turns and the admissible actions; see `visible_expert_action`), so a memory-less
+model can imitate its demonstrations: it searches the receptacles where the goal object can
+start in sorted order. `oracle_action()` (or `expert_action(oracle=True)`) reads the hidden
+world state and walks straight to the objects: shorter, but not imitable.
+
 Speed: the valid actions of a state are built once per state change into a dict
 action text -> operation, so checking and running an action is a dict lookup.
 """
 
 from __future__ import annotations
 
+import functools
 import random
-from typing import Any, ClassVar, NamedTuple
+import re
+from typing import Any, ClassVar, Collection, NamedTuple, Sequence
 
 from atod_edge.envs.base import SPLITS, Env, StepResult, Task
 from atod_edge.errors import UserError
@@ -141,6 +149,7 @@ LAMPS = ("desklamp", "floorlamp")
 MIN_RECEPTACLES, MAX_RECEPTACLES = 6, 12
 MIN_OBJECTS, MAX_OBJECTS = 6, 15
 MAX_ACTION_CHARS = 200  # longer inputs are rejected before any parsing work
+RECENT_TURNS = 2  # turns of history the agent's prompt shows (atod_edge/prompts.py build_messages)
 
 NOTHING_HAPPENS = "Nothing happens."
 
@@ -197,7 +206,11 @@ class HouseholdEnv(Env):
         self.task_text = self._goal_text()
         self._room_text = ("You are in the middle of a room. Looking quickly around you, you see "
                            f"{_list_things(self.receptacles)}.")
-        return f"{self._room_text}\n\nYour task is to: {self.task_text}"
+        self._first_observation = f"{self._room_text}\n\nYour task is to: {self.task_text}"
+        self._recent: list[tuple[str, str]] = []  # the last RECENT_TURNS (action, observation)
+        # receptacles shown without a goal object since the last take or put (expert bookkeeping)
+        self._searched: set[str] = set()
+        return self._first_observation
 
     def _generate(self, rng: random.Random, unseen: bool) -> None:
         """Build the room and goal. Goal first, then the receptacles it needs, then clutter."""
@@ -376,6 +389,7 @@ class HouseholdEnv(Env):
             self.won = self._goal_met()
         reward = 1.0 if self.won else 0.0
         self.done = self.won or self.turns >= self.max_turns
+        self._recent = (self._recent + [(str(action)[:MAX_ACTION_CHARS], observation)])[-RECENT_TURNS:]
         return StepResult(observation, reward, self.done, self._info(valid, feedback))
 
     def _info(self, valid: bool, feedback: str) -> dict[str, Any]:
@@ -444,6 +458,12 @@ class HouseholdEnv(Env):
             else:  # look
                 observation = (f"You are facing the {self.location}. {self._describe_here(self.location)}"
                                if self.location else self._room_text)
+        if op in ("take", "put"):
+            self._searched.clear()
+        here = self.location
+        if (here is not None and self._visible_inside(here)
+                and not any(self.obj_kind.get(o) == self.goal_kind for o in self.contents[here])):
+            self._searched.add(here)
         if state_changed:
             self._refresh_actions()
         return observation
@@ -488,40 +508,57 @@ class HouseholdEnv(Env):
             return "you are not holding anything"
         return "that action is not possible here"
 
-    # ------------------------------------------------------------ the scripted expert
+    # ------------------------------------------------------------ the scripted experts
 
-    def expert_action(self) -> str:
+    def expert_action(self, oracle: bool = False) -> str:
+        """The scripted expert's next action, computed only from what the agent's prompt shows.
+
+        The expert sees what a memory-less agent sees: the task observation, the last
+        RECENT_TURNS (action, observation) pairs and the current admissible actions (see
+        `visible_expert_action`), so its demonstrations can be imitated. It searches receptacles
+        in sorted order, so it may take more turns than the oracle. `oracle=True` gives
+        `oracle_action()` instead, which reads the hidden world state.
+        """
+        self._require_reset()
+        if oracle:
+            return self.oracle_action()
+        return visible_expert_action(self._first_observation, self._recent, self._admissible,
+                                     self._searched)
+
+    def oracle_action(self) -> str:
         """The next action of a scripted oracle that knows where everything is.
 
-        It plans from the current state, so it also recovers after other policies' actions:
-        put down a wrong object, fetch a goal object (opening as needed), process it, place it.
+        Not imitable by an agent (it walks straight to hidden objects); kept for tests and for
+        measuring how far the visible expert is from the shortest solution. It plans from the
+        current state, so it recovers after other policies' actions: put down a wrong object,
+        fetch a goal object (opening as needed), process it, place it.
         """
         self._require_reset()
         held = self.holding
         if held is not None and self.obj_kind[held] != self.goal_kind:
-            return self._expert_put_down()
+            return self._oracle_put_down()
         if self.family == LOOK:
             if held is None:
-                return self._expert_fetch(list(self.obj_kind))
+                return self._oracle_fetch(list(self.obj_kind))
             if self.location != self.lamp_location:
                 return f"go to {self.lamp_location}"
             return f"use {self.lamp_name}" if not self.lamp_on else f"examine {held}"
-        target = self._expert_target()
+        target = self._oracle_target()
         if held is not None:
             if self.goal_state is not None and self.goal_state not in self.obj_states[held]:
                 if self.location != self.appliance:
                     return f"go to {self.appliance}"
                 return f"{PROCESS[self.family][2]} {held} with {self.appliance}"
-            return self._expert_put_into(target)
+            return self._oracle_put_into(target)
         done_here = set(o for o in self.contents[target] if self._satisfies(o))
-        return self._expert_fetch([o for o in self.obj_kind if o not in done_here])
+        return self._oracle_fetch([o for o in self.obj_kind if o not in done_here])
 
-    def _expert_target(self) -> str:
+    def _oracle_target(self) -> str:
         """The target instance: the one already holding most goal objects, else the first."""
         candidates = [r for r in self.receptacles if self.rec_kind[r] == self.target_kind]
         return max(candidates, key=lambda r: (self._count_done(r), -candidates.index(r)))
 
-    def _expert_fetch(self, allowed: list[str]) -> str:
+    def _oracle_fetch(self, allowed: list[str]) -> str:
         """Go to, open and take a goal-kind object; prefer one already processed, then one nearby."""
         order = {r: i for i, r in enumerate(self.receptacles)}
         candidates = [o for o in allowed if self.obj_kind[o] == self.goal_kind and self.obj_loc[o] != "hand"]
@@ -534,17 +571,201 @@ class HouseholdEnv(Env):
             return f"open {where}"
         return f"take {best} from {where}"
 
-    def _expert_put_into(self, receptacle: str) -> str:
+    def _oracle_put_into(self, receptacle: str) -> str:
         if self.location != receptacle:
             return f"go to {receptacle}"
         if receptacle in self.is_open and not self.is_open[receptacle]:
             return f"open {receptacle}"
         return f"put {self.holding} {self.rec_spec[receptacle].preposition} {receptacle}"
 
-    def _expert_put_down(self) -> str:
+    def _oracle_put_down(self) -> str:
         """Get rid of a wrong object: here if possible, else at the first container in the room."""
         here = self.location
         if here is not None and self.rec_spec[here].container:
-            return self._expert_put_into(here)
+            return self._oracle_put_into(here)
         first = next(r for r in self.receptacles if self.rec_spec[r].container)
-        return self._expert_put_into(first)
+        return self._oracle_put_into(first)
+
+
+# ---------------------------------------------------------------- the visible expert
+#
+# A policy over exactly what the agent's prompt holds: the task observation, the last
+# RECENT_TURNS (action, observation) pairs and the admissible actions. The admissible actions
+# reveal the agent's location ("examine <here>"), what it holds ("examine <object>"), whether
+# the receptacle here is closed ("open <here>"), what it can take here and whether a lamp
+# is here ("use <lamp>"). The search is memory-less: from wherever it stands, the expert goes
+# to the next receptacle, in sorted order and wrapping around, of a kind where the goal object
+# can start (OBJECTS[kind].starts, a fixed prior given by the object named in the task).
+
+class Goal(NamedTuple):
+    """A household goal as its task text states it."""
+    family: str
+    obj: str                 # goal object kind, e.g. "apple"
+    target: str | None       # target receptacle kind; None for look_at_obj_in_light
+    lamp: str | None         # "desklamp" or "floorlamp" for look_at_obj_in_light
+
+
+_LOOK_GOAL = re.compile(r"(?:look at|examine the) (\w+) (?:under|with) the (\w+)\.")
+_PUT_GOAL = re.compile(r"put (two|a|some) (?:(hot|cool|clean) )?(\w+) (?:in|on) (\w+)\.")
+_STATE_TO_FAMILY = {state: family for family, (_, state, _) in PROCESS.items()}
+
+
+@functools.lru_cache(maxsize=4096)  # the expert reads the same task text every turn
+def parse_goal(task_observation: str) -> Goal:
+    """Read the goal from the first observation (or just the task text)."""
+    text = task_observation.rsplit("Your task is to:", 1)[-1].strip()
+    look = _LOOK_GOAL.fullmatch(text)
+    if look:
+        return Goal(LOOK, look.group(1), None, look.group(2))
+    put = _PUT_GOAL.fullmatch(text)
+    if put is None:
+        raise ValueError(f"not a household task: {text!r}")
+    count, state, obj, target = put.groups()
+    family = TWO if count == "two" else _STATE_TO_FAMILY[state] if state else PLACE
+    return Goal(family, obj, target, None)
+
+
+def _kind(name: str) -> str:
+    """'cabinet 2' -> 'cabinet'."""
+    return name.rsplit(" ", 1)[0]
+
+
+def _is_receptacle(name: str) -> bool:
+    return _kind(name) in RECEPTACLES or _kind(name) == "floorlamp"
+
+
+class _View(NamedTuple):
+    """What the admissible actions say about the current state."""
+    receptacles: list[str]   # every receptacle in the room, sorted
+    here: str | None         # None: the middle of the room
+    held: str | None
+    here_closed: bool
+    takeable: list[str]      # objects that can be taken here, sorted
+    put_here: str | None     # the listed "put <held> in/on <here>" action
+    use_lamp: str | None     # the listed "use <lamp>" action
+
+
+def _read_admissible(admissible: Sequence[str]) -> _View:
+    receptacles, takeable = [], []
+    here = held = put_here = use_lamp = None
+    here_closed = False
+    for action in admissible:
+        if action.startswith("go to "):
+            receptacles.append(action[len("go to "):])
+        elif action.startswith("examine "):
+            name = action[len("examine "):]
+            if _is_receptacle(name):
+                here = name
+            else:
+                held = name
+        elif action.startswith("open "):
+            here_closed = True
+        elif action.startswith("take "):
+            takeable.append(action[len("take "):].split(" from ", 1)[0])
+        elif action.startswith("put "):
+            put_here = action
+        elif action.startswith("use "):
+            use_lamp = action
+    if here is not None:
+        receptacles.append(here)
+    return _View(sorted(receptacles), here, held, here_closed, sorted(takeable), put_here, use_lamp)
+
+
+def _next_receptacle(view: _View, kinds) -> str:
+    """The first receptacle of one of `kinds` after here in sorted order, wrapping around.
+
+    Falls back to every receptacle when no other one of those kinds is in the room (only
+    after other policies moved things: the goal object is then somewhere unexpected)."""
+    candidates = [r for r in view.receptacles if _kind(r) in kinds and r != view.here]
+    if not candidates:
+        candidates = [r for r in view.receptacles if r != view.here]
+    if view.here is not None:
+        for receptacle in candidates:
+            if receptacle > view.here:
+                return f"go to {receptacle}"
+    return f"go to {candidates[0]}"
+
+
+def _put_into(view: _View, receptacle: str) -> str:
+    if view.here != receptacle:
+        return f"go to {receptacle}"
+    if view.here_closed:
+        return f"open {receptacle}"
+    return f"put {view.held} {RECEPTACLES[_kind(receptacle)].preposition} {receptacle}"
+
+
+def _put_down(view: _View) -> str:
+    """Get rid of a wrong object: here if possible, else at the first container in the room."""
+    if view.put_here:
+        return view.put_here
+    if view.here_closed:
+        return f"open {view.here}"
+    return _put_into(view, next(r for r in view.receptacles if _is_container(r) and r != view.here))
+
+
+def _is_container(receptacle: str) -> bool:
+    return _kind(receptacle) in RECEPTACLES and RECEPTACLES[_kind(receptacle)].container
+
+
+def _search(goal: Goal, view: _View, searched: Collection[str], keep_here: bool = False) -> str:
+    """Take a goal object seen here (unless keep_here), else open a closed candidate here,
+    else go on to the next candidate receptacle.
+
+    Candidates are the receptacles of kinds where the goal object can start. Once all of
+    them are in `searched` (a whole fruitless pass: another policy moved the object
+    elsewhere), every receptacle is a candidate."""
+    seen = [o for o in view.takeable if _kind(o) == goal.obj]
+    if seen and not keep_here:
+        return f"take {seen[0]} from {view.here}"
+    spec = OBJECTS.get(goal.obj)
+    kinds = set(spec.starts if spec else RECEPTACLES) - {goal.target}
+    if all(r in searched for r in view.receptacles if _kind(r) in kinds):
+        kinds = set(RECEPTACLES)
+    if view.here_closed and _kind(view.here) in kinds:
+        return f"open {view.here}"
+    return _next_receptacle(view, kinds)
+
+
+def visible_expert_action(task_observation: str, recent: Sequence[tuple[str, str]],
+                          admissible: Sequence[str], searched: Collection[str] = ()) -> str:
+    """The household expert's next action from the agent's view alone.
+
+    task_observation: the first observation (room and task); recent: the last (action,
+    observation) pairs, of which only the last RECENT_TURNS are read; admissible: the
+    current admissible actions. The plan: search candidate receptacles in sorted order
+    (opening closed ones), take the goal object when seen; for clean/heat/cool go to the
+    appliance (sinkbasin 1 / microwave 1 / fridge 1) and process it; then go to the first
+    receptacle of the target kind in sorted order and put it there (for a lamp goal: go to the
+    lamp, searching desklamp hosts in sorted order, and use it).
+
+    searched: the receptacles shown holding no goal object since the last take or put. The
+    only input the prompt does not show; it changes the action only after a whole fruitless
+    pass over the candidate receptacles, which never happens unless another policy moved the
+    goal object.
+    """
+    goal = parse_goal(task_observation)
+    view = _read_admissible(admissible)
+    if view.held is not None and _kind(view.held) != goal.obj:
+        return _put_down(view)
+    if goal.family == LOOK:
+        if view.held is None:
+            return _search(goal, view, searched)
+        if view.use_lamp:
+            return view.use_lamp
+        return _next_receptacle(view, {"floorlamp"} if goal.lamp == "floorlamp" else DESKLAMP_HOSTS)
+    target = next(r for r in view.receptacles if _kind(r) == goal.target)
+    if view.held is None:
+        # pick two: the first object already lies in the target; leave it there
+        return _search(goal, view, searched, keep_here=goal.family == TWO and view.here == target)
+    if goal.family in PROCESS:
+        # The object's state is not shown. The expert carries it to the target right after
+        # processing it and puts it there; if a put there did not end the episode (it was not
+        # processed after all), it takes the object back and processes it first.
+        appliance_kind, _, verb = PROCESS[goal.family]
+        appliance = f"{appliance_kind} 1"
+        last = [observation for _, observation in list(recent)[-RECENT_TURNS:]]
+        just_processed = any(o.startswith(f"You {verb} the {view.held} using") for o in last)
+        put_failed = any(o.startswith(f"You put the {view.held} ") for o in last)
+        if (view.here != target and not just_processed) or (view.here == target and put_failed):
+            return f"go to {appliance}" if view.here != appliance else f"{verb} {view.held} with {appliance}"
+    return _put_into(view, target)
