@@ -35,7 +35,7 @@ from atod_edge.errors import UserError
 from atod_edge.io import atomic_path, atomic_write_json
 
 # Bump when the tiny presets' recipe (tokenizer corpus, sizes, init) changes: stale builds rebuild.
-TINY_BUILD_VERSION = 3
+TINY_BUILD_VERSION = 4
 PRESET_CARD = "atod_edge.json"
 
 ENDOFTEXT = "<|endoftext|>"
@@ -89,8 +89,8 @@ def _tiny_llama(hidden: int, layers: int, heads: int, ffn: int) -> dict[str, Any
 
 PRESETS: dict[str, Preset] = {
     "tiny-teacher": Preset(
-        "tiny-teacher", "tiny", "Llama 256 wide x 6 layers, env-text BPE tokenizer (random init)",
-        _tiny_llama(hidden=256, layers=6, heads=4, ffn=1024), seed=1234, nominal_params="~7M"),
+        "tiny-teacher", "tiny", "Llama 256 wide x 4 layers, env-text BPE tokenizer (random init)",
+        _tiny_llama(hidden=256, layers=4, heads=4, ffn=1024), seed=1234, nominal_params="~4.7M"),
     "tiny-student": Preset(
         "tiny-student", "tiny", "Llama 256 wide x 2 layers, same tokenizer as tiny-teacher",
         _tiny_llama(hidden=256, layers=2, heads=4, ffn=512), seed=4321, nominal_params="~1.9M"),

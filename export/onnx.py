@@ -41,12 +41,24 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, int8: bool = False) 
     return out_dir
 
 
-def quantize_int8(source: Path, target: Path) -> Path:
-    """Dynamic (weight-only int8, activations quantized on the fly) quantization."""
+def quantize_int8(source: Path, target: Path, keep_fp32: tuple[str, ...] = ("down_proj",)) -> Path:
+    """Dynamic int8: MatMul weights quantized per output channel, activations on the fly.
+
+    MatMuls whose node name contains a `keep_fp32` pattern stay fp32: the MLP down projection
+    reads the activation outliers LLMs are known for, and per-tensor dynamic activation
+    quantization wrecks them (on SmolLM2-135M: mean KL 0.40 with it quantized, 0.046 without).
+    """
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    graph = onnx.load(str(source), load_external_data=False).graph
+    keep = [n.name for n in graph.node
+            if n.op_type == "MatMul" and any(pattern in n.name for pattern in keep_fp32)]
+    external = any(source.parent.glob(source.name + "_data*")) or any(source.parent.glob("*.onnx.data"))
     with _quiet_logs():
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=keep,
+                         use_external_data_format=external)
     return target
 
 

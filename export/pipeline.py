@@ -220,6 +220,10 @@ def _verify_file(out: Path, entry: dict, cfg: VerifyConfig, contexts, reference_
         entry["parity"] = logit_parity(reference_logits, [scorer.logits(c.ids) for c in contexts])
         if scorer is not policy:
             scorer.close()
+        if _threshold_failures(entry, kind, cfg):
+            # already failing: skip the slow checks (a broken file can also be very slow)
+            entry["warnings"].append("greedy, speed and agent checks skipped: logit parity failed")
+            return _finish(entry, kind, cfg)
         generated = policy.generate([c.prompt_ids for c in contexts], greedy_sampling(cfg.greedy_tokens))
         entry["greedy"] = greedy_agreement(reference_greedy, generated)
         entry["speed"] = decode_speed(policy, [c.prompt_ids for c in contexts], cfg.speed_tokens)
@@ -232,6 +236,10 @@ def _verify_file(out: Path, entry: dict, cfg: VerifyConfig, contexts, reference_
     finally:
         if policy is not None:
             policy.close()
+    return _finish(entry, kind, cfg)
+
+
+def _finish(entry: dict, kind: str, cfg: VerifyConfig) -> dict:
     entry["failures"] += _threshold_failures(entry, kind, cfg)
     entry["status"] = "fail" if entry["failures"] else "pass"
     return entry

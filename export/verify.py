@@ -34,7 +34,7 @@ class VerifyConfig:
     max_turns: int = opt(0, "turn limit per parity episode (0: the env's own)", min=0)
     fp32_max_abs_logit: float = opt(1e-3, "max |logit diff| for ONNX fp32 and GGUF f32", min=0)
     kl_f16: float = opt(1e-3, "max mean KL(student||exported), GGUF f16", min=0)
-    kl_int8: float = opt(0.05, "max mean KL(student||exported), ONNX int8", min=0)
+    kl_int8: float = opt(0.1, "max mean KL(student||exported), ONNX int8", min=0)
     kl_q8_0: float = opt(0.02, "max mean KL(student||exported), GGUF q8_0", min=0)
     kl_q4_k_m: float = opt(0.2, "max mean KL(student||exported), GGUF q4_k_m (and other quants)", min=0)
     points_float: float = opt(2.0, "max success-rate difference (points), float files", min=0)

@@ -23,7 +23,8 @@ def _bootstrap_dir(cfg: TrainConfig, role: str) -> Path:
 
     b = cfg.bootstrap
     keys = {k: v for k, v in asdict(b).items() if k.startswith(role)}
-    keys.update(env=cfg.env, seed=cfg.seed, version=1)
+    # everything the SFT run depends on (history_turns shapes its prompts)
+    keys.update(env=cfg.env, seed=cfg.seed, history_turns=cfg.history_turns, version=1)
     digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:10]
     name = cfg.env.replace(":", "_").replace(".", "_")
     return cache_dir() / "bootstrap" / f"{name}-{role}-{digest}"
@@ -52,6 +53,14 @@ def ensure_model(cfg: TrainConfig, role: str, log=print) -> str:
     return str(out)
 
 
+def is_bootstrapped(path: str) -> bool:
+    """True for a model this job made in its cache (its eval results may be cached beside it;
+    a user's own checkpoint dir is never written to)."""
+    from atod_edge.models import cache_dir
+
+    return Path(path).resolve().parent == (cache_dir() / "bootstrap").resolve()
+
+
 def evaluate_model(path: str, cfg: TrainConfig, cache: Path | None = None) -> dict:
     """Success/score/turns on the eval split at the eval temperature (cached per model dir)."""
     from atod_edge.evaluate import EvalConfig, evaluate
@@ -72,6 +81,14 @@ def evaluate_model(path: str, cfg: TrainConfig, cache: Path | None = None) -> di
     return summary
 
 
+def _cache_for(model: str) -> Path | None:
+    """Evaluations of bootstrapped models are cached beside them; user dirs are left untouched."""
+    from atod_edge.models import cache_dir
+
+    path = Path(model).resolve()
+    return path if path.is_dir() and cache_dir().resolve() in path.parents else None
+
+
 def comparison_table(rows: list[tuple[str, dict]]) -> str:
     lines = ["| model | success | 95% CI | score | turns | invalid |", "|---|---|---|---|---|---|"]
     for name, s in rows:
@@ -83,7 +100,7 @@ def comparison_table(rows: list[tuple[str, dict]]) -> str:
 
 def train_command(recipe: str | None, overrides: list[str], out: str | None = None,
                   resume: str | None = None) -> int:
-    from atod_edge.train.trainer import init_distributed, train
+    from atod_edge.train.trainer import _barrier, init_distributed, train
 
     if resume:
         run_dir = Path(resume)
@@ -101,26 +118,40 @@ def train_command(recipe: str | None, overrides: list[str], out: str | None = No
         if (run_dir / "metrics.jsonl").exists():
             raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
         info = init_distributed(cfg.device)
-        teacher = ensure_model(cfg, "teacher") if cfg.algo != "grpo" or cfg.compare else None
-        student = ensure_model(cfg, "student")
+        run_dir = Path(_from_rank0(str(run_dir), info))  # the time stamp may differ between ranks
+        want_teacher = cfg.algo != "grpo" or cfg.compare
+        if info.main:  # rank 0 bootstraps; the others wait, then find the cached models
+            teacher = ensure_model(cfg, "teacher") if want_teacher else None
+            student = ensure_model(cfg, "student")
+        _barrier(info)
+        if not info.main:
+            teacher = ensure_model(cfg, "teacher", log=_quiet) if want_teacher else None
+            student = ensure_model(cfg, "student", log=_quiet)
+        if teacher and cfg.algo != "grpo":
+            _check_tokenizers(teacher, student)  # before the run dir exists: nothing to clean up
         if info.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
             atomic_write_json(run_dir / "run.json", {"teacher": teacher, "student": student,
                                                      "recipe": recipe or DEFAULT_RECIPE})
-    print(f"training {cfg.algo} on {cfg.env}: {cfg.steps} steps x {cfg.tasks_per_step} tasks x "
-          f"{cfg.group_size} rollouts -> {run_dir}")
-    final = train(cfg, run_dir, student, teacher, resume=bool(resume))
     info = init_distributed(cfg.device)
+    if info.main:
+        print(f"training {cfg.algo} on {cfg.env}: {cfg.steps} steps x {cfg.tasks_per_step} tasks x "
+              f"{cfg.group_size} rollouts -> {run_dir}")
+    final = train(cfg, run_dir, student, teacher, resume=bool(resume), log=print if info.main else _quiet)
+    if info.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     if not info.main:
         return 0
     report = {"run_dir": str(run_dir), "final_checkpoint": str(final), "config": asdict(cfg)}
     if cfg.eval_episodes:
         rows = []
         if cfg.compare:
-            rows.append(("cold-start student", evaluate_model(student, cfg, Path(student) if Path(student).is_dir() else None)))
+            rows.append(("cold-start student", evaluate_model(student, cfg, _eval_cache(student))))
             if teacher:
-                rows.append(("teacher", evaluate_model(teacher, cfg, Path(teacher) if Path(teacher).is_dir() else None)))
+                rows.append(("teacher", evaluate_model(teacher, cfg, _eval_cache(teacher))))
         rows.append((f"{cfg.algo.upper()} student", evaluate_model(str(final), cfg)))
         table = comparison_table(rows)
         report["eval"] = {name: s for name, s in rows}
@@ -138,3 +169,27 @@ def train_command(recipe: str | None, overrides: list[str], out: str | None = No
     atomic_write_json(run_dir / "report.json", report)
     print(f"\nrun saved in {run_dir}/ (final checkpoint: {final})")
     return 0
+
+
+def _eval_cache(path: str) -> Path | None:
+    return Path(path) if is_bootstrapped(path) else None
+
+
+def _check_tokenizers(teacher: str, student: str) -> None:
+    from atod_edge.models import check_same_tokenizer, load_tokenizer
+
+    check_same_tokenizer(load_tokenizer(teacher), load_tokenizer(student), "teacher", "student")
+
+
+def _from_rank0(value: str, info) -> str:
+    if info.world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """A log function for ranks other than 0."""

@@ -4,7 +4,14 @@ advantages.py and loss.py; this module only moves data between them.
 
 Distributed: under torchrun each rank rolls out its share of the step's tasks (whole GRPO groups),
 and gradients are summed across ranks before the optimizer step (the loss is already divided by
-the global token count, so the sum is the token mean over the whole batch).
+the global token count, so the sum is the token mean over the whole batch). Metrics are summed
+over ranks too; only rank 0 writes files.
+
+Two environment variables exist for tests only (they cannot monkeypatch a subprocess):
+    ATOD_EDGE_TEST_KILL_IN_CHECKPOINT=N   SIGKILL this process while it writes the checkpoint of
+                                          step N, after the weights, before the atomic rename
+    ATOD_EDGE_TEST_DUMP_WEIGHTS=DIR       at the end, every rank saves its state dict to
+                                          DIR/rank<R>.pt (to check that ranks stay identical)
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +30,8 @@ import torch
 
 from atod_edge.config import dump_yaml
 from atod_edge.episode import Episode, write_episodes
-from atod_edge.io import append_line, atomic_path, read_jsonl
+from atod_edge.errors import UserError
+from atod_edge.io import append_line, atomic_path, atomic_write_text, read_jsonl
 from atod_edge.train.advantages import broadcast_to_tokens, combine, grpo_advantages, opd_advantages
 from atod_edge.train.config import TrainConfig
 from atod_edge.train.loss import clipped_surrogate
@@ -108,6 +117,9 @@ def build_batch(episodes: list[Episode], cfg: TrainConfig, step: int) -> TokenBa
             offsets.append(n_tokens)
             where.append((e, t))
             turn_traj.append(e)
+            if turn.teacher_logprobs is None and kappa != 0:
+                # silently using lp_S would zero the OPD term
+                raise ValueError(f"episode {e} turn {t}: no teacher log-probs, but kappa={kappa}")
             student_lp += turn.student_logprobs
             teacher_lp += turn.teacher_logprobs if turn.teacher_logprobs is not None else turn.student_logprobs
             token_turn += [k] * len(turn.response_ids)
@@ -131,14 +143,17 @@ def build_batch(episodes: list[Episode], cfg: TrainConfig, step: int) -> TokenBa
 
     # T-DUR quantities per turn, for the records
     stats_per_turn = turn_statistics(lp_s, lp_t, turn_index, num_turns=len(prompts))
+    per_turn_weight = weights[torch.tensor(offsets, dtype=torch.long)] if offsets else weights
     for k, (e, t) in enumerate(where):
         turn = episodes[e].turns[t]
         turn.disagreement = float(stats_per_turn.disagreement[k])
         turn.uncertainty = float(stats_per_turn.uncertainty[k])
-        turn.weight = float(weights[offsets[k]]) if level == "turn" else None
+        turn.weight = float(per_turn_weight[k]) if level == "turn" else None
+    # the mean over turns (token-level weights: over tokens), not weighted by turn length
+    mean_weight = per_turn_weight.mean() if level == "turn" else weights.mean()
     stats = {
         "kappa": kappa, "rho": rho, "tokens": n_tokens,
-        "mean_turn_weight": float(weights.mean()) if n_tokens else 0.0,
+        "mean_turn_weight": float(mean_weight) if n_tokens else 0.0,
         "mean_abs_log_ratio": float((lp_t - lp_s).abs().mean()) if n_tokens else 0.0,
     }
     return TokenBatch(prompts, responses, offsets, lp_s, advantages, stats)
@@ -154,19 +169,21 @@ def _schedule(cfg: TrainConfig) -> ScheduleConfig:
 
 def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistInfo, pad_id: int) -> dict:
     """ppo_epochs passes of the clipped surrogate over the batch in micro-batches, then one
-    optimizer step. Losses stay on the device until the end (no host sync per micro-batch)."""
+    optimizer step per pass. Losses stay on the device until the end (no host sync per
+    micro-batch). Under torchrun the returned stats cover every rank's tokens."""
     from atod_edge.scoring import response_logprobs
 
     device = next(student.parameters()).device
-    total_tokens = _all_reduce_sum(torch.tensor(float(len(batch.old_logprobs)), device=device), info)
+    parameters = [p for p in student.parameters() if p.requires_grad]
+    local_tokens = float(len(batch.old_logprobs))
+    total_tokens = _all_reduce_sum(torch.tensor(local_tokens, device=device), info)
     old = batch.old_logprobs.to(device)
     adv = batch.advantages.to(device)
     order = sorted(range(len(batch.prompts)), key=lambda k: len(batch.prompts[k]) + len(batch.responses[k]))
     student.train()
-    loss_sum = torch.zeros((), device=device)
+    # summed over micro-batches and epochs: loss, ratio, clipped tokens
+    sums = torch.zeros(3, device=device)
     grad_norm = torch.zeros((), device=device)
-    ratio_sum = torch.zeros((), device=device)
-    clipped_sum = torch.zeros((), device=device)
     for _epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         for m in range(0, len(order), cfg.micro_batch):
@@ -182,22 +199,23 @@ def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistIn
             loss.backward()
             with torch.no_grad():
                 ratio = torch.exp(new.detach() - old[index])
-                loss_sum += loss.detach()
-                ratio_sum += ratio.sum()
-                clipped_sum += ((ratio < 1 - cfg.eps_clip) | (ratio > 1 + cfg.eps_clip)).sum()
+                clipped = (ratio < 1 - cfg.eps_clip) | (ratio > 1 + cfg.eps_clip)
+                sums += torch.stack([loss.detach(), ratio.sum(), clipped.sum().to(ratio.dtype)])
         if info.world > 1:
-            for p in student.parameters():
-                if p.grad is not None:
-                    _all_reduce_sum(p.grad, info)
-        if cfg.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+            for p in parameters:
+                # every rank must reduce the same tensors, also where its batch gave no gradient
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                _all_reduce_sum(p.grad, info)
+        # max_norm inf: report the norm without clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm or float("inf"))
         optimizer.step()
     student.eval()
-    n = float(total_tokens) * cfg.ppo_epochs / info.world if len(batch.old_logprobs) else 1.0
-    local_tokens = max(1, len(batch.old_logprobs) * cfg.ppo_epochs)
-    return {"loss": float(loss_sum) / cfg.ppo_epochs, "grad_norm": float(grad_norm),
-            "mean_ratio": float(ratio_sum) / local_tokens, "clip_fraction": float(clipped_sum) / local_tokens,
-            "global_tokens": n}
+    sums = _all_reduce_sum(sums, info).cpu()
+    counted = max(1.0, float(total_tokens) * cfg.ppo_epochs)
+    return {"loss": float(sums[0]) / cfg.ppo_epochs, "grad_norm": float(grad_norm),
+            "mean_ratio": float(sums[1]) / counted, "clip_fraction": float(sums[2]) / counted,
+            "tokens": int(total_tokens)}
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -217,6 +235,8 @@ def save_checkpoint(run_dir: Path, done_steps: int, student, tokenizer, optimize
     path = run_dir / "checkpoints" / f"step_{done_steps:06d}"
     with atomic_path(path) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
+        if os.environ.get("ATOD_EDGE_TEST_KILL_IN_CHECKPOINT") == str(done_steps):
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die mid-write (see module docstring)
         tokenizer.save_pretrained(tmp)
         torch.save({"step": done_steps, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
@@ -235,10 +255,7 @@ def _truncate_metrics(path: Path, done_steps: int) -> None:
         return
     records, _ = read_jsonl(path)
     kept = [r for r in records if int(r.get("step", 0)) < done_steps]
-    from atod_edge.io import atomic_write_text
-    import json
-
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    atomic_write_text(path, "".join(_json(r) + "\n" for r in kept))
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -254,8 +271,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     from atod_edge.rollout import run_episodes
     from atod_edge.scoring import score_episodes
 
+    from atod_edge.policy import torch_device
+
     run_dir = Path(run_dir)
+    torch_device(cfg.device)  # a one-line error for a bad device name, before loading anything
     info = init_distributed(cfg.device)
+    if cfg.tasks_per_step < info.world:
+        raise UserError(f"tasks_per_step={cfg.tasks_per_step} gives some of the {info.world} ranks no task; "
+                        f"use at least {info.world}")
     device = cfg.device
     if device.startswith("cuda") and info.world > 1:
         device = f"cuda:{info.rank}"
@@ -272,7 +295,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     teacher = None
     if cfg.algo != "grpo":
         if not teacher_src:
-            raise ValueError("a teacher is needed for algo " + cfg.algo)
+            raise UserError(f"algo {cfg.algo} needs a teacher (set teacher=DIR or a preset)")
         teacher, teacher_tokenizer = load_model(teacher_src, device=cfg.teacher_device or device)
         teacher.eval().requires_grad_(False)
         check_same_tokenizer(teacher_tokenizer, tokenizer, "teacher", "student")
@@ -292,8 +315,6 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, done_steps)
         if not (run_dir / "config.yaml").exists():
-            from atod_edge.io import atomic_write_text
-
             atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     tb = _tensorboard(run_dir) if info.main else None
 
@@ -319,29 +340,21 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
         _sync(device)
         t3 = time.perf_counter()
 
-        n = len(episodes)
         row = {
             "step": step,
-            "success": sum(ep.success for ep in episodes) / n,
-            "reward": sum(ep.reward for ep in episodes) / n,
-            "score": sum(ep.score for ep in episodes) / n,
-            "episode_len": sum(ep.num_turns for ep in episodes) / n,
-            "invalid_rate": sum(ep.num_invalid for ep in episodes) / max(1, sum(ep.num_turns for ep in episodes)),
+            **_episode_metrics(episodes, info, device),
             **batch.stats, **update_stats,
             "lr": scheduler.get_last_lr()[0],
             "time_rollout": t1 - t0, "time_teacher": t2 - t1, "time_update": t3 - t2,
         }
         done = step + 1
+        # Records first, checkpoint last: a complete checkpoint of step N implies the metrics
+        # rows of every step before N are on disk (resume drops the rows after it).
         if info.main and cfg.sample_episodes:
             (run_dir / "samples").mkdir(exist_ok=True)
             sample_path = run_dir / "samples" / f"step_{step:06d}.jsonl"
             sample_path.unlink(missing_ok=True)
             write_episodes(sample_path, episodes[:cfg.sample_episodes])
-        if info.main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            t4 = time.perf_counter()
-            save_checkpoint(run_dir, done, student, tokenizer, optimizer, scheduler, cfg.keep_checkpoints)
-            row["time_checkpoint"] = time.perf_counter() - t4
-        _barrier(info)
         if info.main:
             append_line(metrics_path, _json(row))
             if tb:
@@ -357,14 +370,31 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
             append_line(metrics_path, _json({"step": step, "eval_success": summary["success"],
                                              "eval_score": summary["score"], "eval_turns": summary["turns"],
                                              "time_eval": time.perf_counter() - t5}))
+        if info.main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            save_checkpoint(run_dir, done, student, tokenizer, optimizer, scheduler, cfg.keep_checkpoints)
+        _barrier(info)
         if info.main:
             _progress(step + 1, cfg.steps, done_steps, row, started)
-    if info.main:
-        print(file=sys.stderr)
     if tb:
         tb.close()
+    dump_dir = os.environ.get("ATOD_EDGE_TEST_DUMP_WEIGHTS")
+    if dump_dir:  # test hook (see module docstring)
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()},
+                   Path(dump_dir) / f"rank{info.rank}.pt")
     final = latest_checkpoint(run_dir)
     return final[1] if final else run_dir
+
+
+def _episode_metrics(episodes: list[Episode], info: DistInfo, device) -> dict[str, float]:
+    """Rollout means over every rank's episodes: success, reward, score, turns, invalid rate."""
+    sums = torch.tensor([len(episodes), sum(ep.success for ep in episodes), sum(ep.reward for ep in episodes),
+                         sum(ep.score for ep in episodes), sum(ep.num_turns for ep in episodes),
+                         sum(ep.num_invalid for ep in episodes)], dtype=torch.float64, device=device)
+    n, success, reward, score, turns, invalid = _all_reduce_sum(sums, info).tolist()
+    n = max(n, 1.0)
+    return {"success": success / n, "reward": reward / n, "score": score / n, "episode_len": turns / n,
+            "invalid_rate": invalid / max(1.0, turns)}
 
 
 def _json(row: dict) -> str:
@@ -383,12 +413,10 @@ def _progress(done: int, total: int, first: int, row: dict, started: float) -> N
     elapsed = time.perf_counter() - started
     per_step = elapsed / max(1, done - first)
     eta = per_step * (total - done)
-    eps = (row["time_rollout"] and 1.0 / row["time_rollout"]) or 0.0
     print(f"\rstep {done}/{total} | success {row['success']:.2f} | reward {row['reward']:.2f} | "
           f"kappa {row['kappa']:.2f} rho {row['rho']:.2f} | w {row['mean_turn_weight']:.2f} | "
           f"{per_step:.1f}s/step | ETA {_fmt_time(eta)}   ", end="" if done < total else "\n",
           file=sys.stderr, flush=True)
-    del eps
 
 
 def _fmt_time(seconds: float) -> str:
