@@ -165,8 +165,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from atod_edge.export import export_command
-
+    try:
+        from atod_edge.export.command import export_command
+    except ImportError as e:
+        raise UserError(f"export needs the export extra: pip install 'atod-edge[export]' ({e})") from None
     return export_command(args)
 
 

@@ -12,6 +12,7 @@ emits garbage produces invalid actions, which the env answers with feedback.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -98,10 +99,12 @@ def episode_messages(episode: Episode, k: int, instructions: str, history_turns:
 def run_episodes(policy: Policy, env: str | Callable[[], Env], tasks: Sequence[Task],
                  group_size: int = 1, sampling: SamplingParams | None = None, seed: int = 0,
                  history_turns: int = 2, max_turns: int | None = None, step: int | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> list[Episode]:
+                 progress: Callable[[int, int], None] | None = None,
+                 timings: dict[str, float] | None = None) -> list[Episode]:
     """Roll out `group_size` episodes for every task with a token-level policy.
 
     Episodes come back grouped: tasks[0]'s G rollouts first (group index 0), then tasks[1]'s...
+    `timings`, if given, accumulates seconds spent building prompts, generating and stepping envs.
     """
     sampling = sampling or SamplingParams()
     env_cls = env_class(env) if isinstance(env, str) else env
@@ -117,8 +120,11 @@ def run_episodes(policy: Policy, env: str | Callable[[], Env], tasks: Sequence[T
         active = [lv for lv in lives if not lv.done]
         if not active:
             break
+        t0 = time.perf_counter()
         prompts = [encode_prompt(tokenizer, _messages(lv, instructions, history_turns)) for lv in active]
+        t1 = time.perf_counter()
         generations = policy.generate(prompts, sampling, seed=seed * 1_000_003 + turn_index)
+        t2 = time.perf_counter()
         for live, prompt_ids, gen in zip(active, prompts, generations):
             parsed = parse_action(gen.text)
             turn = Turn(observation=live.observation, response=gen.text, action=parsed.action,
@@ -126,6 +132,10 @@ def run_episodes(policy: Policy, env: str | Callable[[], Env], tasks: Sequence[T
                         admissible=live.admissible or None, prompt_ids=list(prompt_ids),
                         response_ids=list(gen.token_ids), student_logprobs=list(gen.logprobs))
             _apply(live, turn, parsed.action or "", turn_limit)
+        if timings is not None:
+            t3 = time.perf_counter()
+            for key, seconds in (("prompt", t1 - t0), ("generate", t2 - t1), ("env", t3 - t2)):
+                timings[key] = timings.get(key, 0.0) + seconds
         turn_index += 1
         if progress:
             progress(sum(lv.done for lv in lives), len(lives))

@@ -9,8 +9,11 @@ another type when a tensor's rows do not divide into its blocks (32, or 256 for 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -53,13 +56,12 @@ EXPECTED_TYPES = {
 
 
 def pre_tokenizer_name(model_dir: Path, model_type: str) -> str:
-    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer, read from tokenizer.json.
 
-    Our own tokenizers use a bare ByteLevel pre-tokenizer: "gpt-2". Qwen-family models split
-    with their own regex: "qwen2". SmolLM2 puts single-digit splitting before ByteLevel: "smollm".
+    A bare ByteLevel pre-tokenizer (our own tokenizers) is "gpt-2"; SmolLM2 puts single-digit
+    splitting before ByteLevel: "smollm"; Qwen-family tokenizers split with their own regex
+    first: "qwen2". Verification re-tokenizes text with llama.cpp and reports any mismatch.
     """
-    if model_type in ("qwen2", "qwen3"):
-        return "qwen2"
     try:
         spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
@@ -76,8 +78,10 @@ def pre_tokenizer_name(model_dir: Path, model_type: str) -> str:
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
+    if kinds == ["Split", "ByteLevel"] and model_type in ("qwen2", "qwen3"):
+        return "qwen2"
     raise UserError(f"{model_dir}: pre-tokenizer {kinds} has no known llama.cpp name; "
-                    "supported: ByteLevel (gpt-2), Digits+ByteLevel (smollm), Qwen (qwen2)")
+                    "supported: ByteLevel (gpt-2), Digits+ByteLevel (smollm), Qwen's Split+ByteLevel (qwen2)")
 
 
 def _permute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -126,7 +130,7 @@ def write_gguf(model_dir: str | Path, path: str | Path, out_type: str = "f16", n
     arch_name, permute = ARCHS[config.model_type]
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
 
     n_layers, n_heads = config.num_hidden_layers, config.num_attention_heads
@@ -202,18 +206,34 @@ def quantize_gguf(source: str | Path, path: str | Path, quant: str, n_threads: i
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[quant])
     params.nthread = int(n_threads or 0)
-    # llama-cpp-python prints llama.cpp's per-tensor log unless its logger is at ERROR
+    # llama.cpp logs every tensor (and every fallback) to stderr; the report lists fallbacks
+    # from the written file, so keep the log aside and show its tail only on failure
     log = logging.getLogger("llama-cpp-python")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp, _stderr_to_file(tmp.with_name("quantize.log")) as log_file:
             rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
             if rc != 0 or not tmp.is_file():
-                raise UserError(f"llama.cpp failed to quantize {source} to {quant} (code {rc})")
+                tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] or ["no log"]
+                raise UserError(f"llama.cpp failed to quantize {source} to {quant} (code {rc}): {tail[0]}")
     finally:
         log.setLevel(level)
     return Path(path)
+
+
+@contextlib.contextmanager
+def _stderr_to_file(log_path: Path):
+    """Redirect file descriptor 2 (where C code writes) into `log_path` for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(log_path, "wb") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield log_path
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def tensor_types(path: str | Path) -> dict[str, str]:

@@ -24,7 +24,7 @@ GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, stop=())
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, atod_cache):
     from atod_edge.export import export_model
 
     out = tmp_path_factory.mktemp("backends")
@@ -33,7 +33,7 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def student():
+def student(atod_cache):
     return TorchPolicy.load("tiny-student")
 
 

@@ -53,14 +53,6 @@ def ensure_model(cfg: TrainConfig, role: str, log=print) -> str:
     return str(out)
 
 
-def is_bootstrapped(path: str) -> bool:
-    """True for a model this job made in its cache (its eval results may be cached beside it;
-    a user's own checkpoint dir is never written to)."""
-    from atod_edge.models import cache_dir
-
-    return Path(path).resolve().parent == (cache_dir() / "bootstrap").resolve()
-
-
 def evaluate_model(path: str, cfg: TrainConfig, cache: Path | None = None) -> dict:
     """Success/score/turns on the eval split at the eval temperature (cached per model dir)."""
     from atod_edge.evaluate import EvalConfig, evaluate
@@ -149,9 +141,9 @@ def train_command(recipe: str | None, overrides: list[str], out: str | None = No
     if cfg.eval_episodes:
         rows = []
         if cfg.compare:
-            rows.append(("cold-start student", evaluate_model(student, cfg, _eval_cache(student))))
+            rows.append(("cold-start student", evaluate_model(student, cfg, _cache_for(student))))
             if teacher:
-                rows.append(("teacher", evaluate_model(teacher, cfg, _eval_cache(teacher))))
+                rows.append(("teacher", evaluate_model(teacher, cfg, _cache_for(teacher))))
         rows.append((f"{cfg.algo.upper()} student", evaluate_model(str(final), cfg)))
         table = comparison_table(rows)
         report["eval"] = {name: s for name, s in rows}
@@ -169,10 +161,6 @@ def train_command(recipe: str | None, overrides: list[str], out: str | None = No
     atomic_write_json(run_dir / "report.json", report)
     print(f"\nrun saved in {run_dir}/ (final checkpoint: {final})")
     return 0
-
-
-def _eval_cache(path: str) -> Path | None:
-    return Path(path) if is_bootstrapped(path) else None
 
 
 def _check_tokenizers(teacher: str, student: str) -> None:

@@ -29,7 +29,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     for ax, (key, title) in zip(axes.flat, PANELS):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
-            ax.plot(*zip(*points), marker="o" if key == "eval_success" else None, label=key)
+            # markers where a line would be invisible: sparse eval points, a one-step run
+            marker = "o" if key == "eval_success" or len(points) == 1 else None
+            ax.plot(*zip(*points), marker=marker, label=key)
         if key == "kappa":
             rho = [(r["step"], r["rho"]) for r in rows if "rho" in r]
             if rho:

@@ -8,6 +8,7 @@ or an episodes JSONL file.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import sys
@@ -21,6 +22,8 @@ from atod_edge.config import load_config, opt
 from atod_edge.episode import Episode, read_episodes
 from atod_edge.errors import UserError
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class SFTConfig:
@@ -33,7 +36,7 @@ class SFTConfig:
     epochs: int = opt(2, "passes over the demonstrations", min=1)
     lr: float = opt(1e-3, "AdamW learning rate", min=0.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
-    batch_size: int = opt(32, "turns per optimizer step", min=1)
+    batch_size: int = opt(16, "turns per optimizer step", min=1)
     micro_batch: int = opt(16, "turns per forward pass", min=1)
     warmup_steps: int = opt(10, "linear warmup steps", min=0)
     history_turns: int = opt(2, "past turns in the prompt", min=0)
@@ -55,13 +58,32 @@ def demo_episodes(cfg: SFTConfig) -> list[Episode]:
         path = Path(cfg.demos)
         if not path.is_file():
             raise UserError(f"demos '{cfg.demos}': not expert, noisy or an existing episodes file")
-        episodes, _ = read_episodes(path)
-        episodes = episodes[:cfg.episodes]
+        try:
+            episodes, _ = read_episodes(path)
+        except OSError as e:
+            raise UserError(f"demos '{cfg.demos}': cannot read it ({e.strerror or type(e).__name__})") from None
+        well_formed = [ep for ep in episodes if _is_well_formed(ep)]
+        if len(well_formed) < len(episodes):
+            logger.warning("%s: skipped %d episode(s) with fields of the wrong type",
+                        path, len(episodes) - len(well_formed))
+        episodes = well_formed[:cfg.episodes]
     if cfg.successful_only:
         episodes = [ep for ep in episodes if ep.success]
     if not episodes:
         raise UserError(f"no demonstration episodes to train on (demos={cfg.demos})")
     return episodes
+
+
+def _is_well_formed(episode: Episode) -> bool:
+    """The text fields SFT builds prompts from have the right types (a parseable JSON line can
+    still hold numbers where text belongs)."""
+    def text(value, optional=False):
+        return isinstance(value, str) or (optional and value is None)
+
+    return text(episode.final_observation) and all(
+        text(t.observation) and text(t.response) and text(t.action, optional=True)
+        and (t.admissible is None or (isinstance(t.admissible, list) and all(map(text, t.admissible))))
+        for t in episode.turns)
 
 
 def build_examples(episodes: list[Episode], tokenizer, instructions: str, history_turns: int,

@@ -267,11 +267,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     from atod_edge.envs import env_class
     from atod_edge.evaluate import EvalConfig, evaluate
     from atod_edge.models import check_same_tokenizer, load_model
-    from atod_edge.policy import SamplingParams, TorchPolicy
+    from atod_edge.policy import SamplingParams, TorchPolicy, torch_device
     from atod_edge.rollout import run_episodes
     from atod_edge.scoring import score_episodes
-
-    from atod_edge.policy import torch_device
 
     run_dir = Path(run_dir)
     torch_device(cfg.device)  # a one-line error for a bad device name, before loading anything
@@ -326,9 +324,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     for step in range(done_steps, cfg.steps):
         t0 = time.perf_counter()
         step_tasks = train_tasks[step * cfg.tasks_per_step:(step + 1) * cfg.tasks_per_step]
+        rollout_timings: dict[str, float] = {}
         episodes = run_episodes(policy, env_cls, step_tasks[info.rank::info.world], group_size=cfg.group_size,
                                 sampling=sampling, seed=cfg.seed * 100_003 + step * info.world + info.rank,
-                                history_turns=cfg.history_turns, max_turns=cfg.max_turns or None, step=step)
+                                history_turns=cfg.history_turns, max_turns=cfg.max_turns or None, step=step,
+                                timings=rollout_timings)
         t1 = time.perf_counter()
         if teacher is not None:
             score_episodes(teacher, episodes, pad_id=pad_id, micro_batch=cfg.micro_batch)
@@ -336,6 +336,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
         t2 = time.perf_counter()
         batch = build_batch(episodes, cfg, step)
         update_stats = update(student, optimizer, batch, cfg, info, pad_id)
+        lr = scheduler.get_last_lr()[0]   # the rate this step used (step() moves to the next one)
         scheduler.step()
         _sync(device)
         t3 = time.perf_counter()
@@ -344,8 +345,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
             "step": step,
             **_episode_metrics(episodes, info, device),
             **batch.stats, **update_stats,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": lr,
             "time_rollout": t1 - t0, "time_teacher": t2 - t1, "time_update": t3 - t2,
+            **{f"time_rollout_{k}": v for k, v in rollout_timings.items()},
+            "generated_tokens": sum(len(t.response_ids or []) for ep in episodes for t in ep.turns),
+            "prompt_tokens": sum(len(t.prompt_ids or []) for ep in episodes for t in ep.turns),
         }
         done = step + 1
         # Records first, checkpoint last: a complete checkpoint of step N implies the metrics
@@ -392,9 +396,9 @@ def _episode_metrics(episodes: list[Episode], info: DistInfo, device) -> dict[st
                          sum(ep.score for ep in episodes), sum(ep.num_turns for ep in episodes),
                          sum(ep.num_invalid for ep in episodes)], dtype=torch.float64, device=device)
     n, success, reward, score, turns, invalid = _all_reduce_sum(sums, info).tolist()
-    n = max(n, 1.0)
-    return {"success": success / n, "reward": reward / n, "score": score / n, "episode_len": turns / n,
-            "invalid_rate": invalid / max(1.0, turns)}
+    episodes_total, n = int(n), max(n, 1.0)
+    return {"episodes": episodes_total, "success": success / n, "reward": reward / n, "score": score / n,
+            "episode_len": turns / n, "invalid_rate": invalid / max(1.0, turns)}
 
 
 def _json(row: dict) -> str:

@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -64,7 +65,10 @@ def import_textworld():
 
 
 def games_dir() -> Path:
-    """Where generated games are cached: <cache_dir>/games."""
+    """Where generated games are cached: $ATOD_EDGE_GAMES_DIR, else <cache_dir>/games."""
+    override = os.environ.get("ATOD_EDGE_GAMES_DIR")
+    if override:
+        return Path(override).expanduser()
     from atod_edge.models import cache_dir
     return cache_dir() / "games"
 
@@ -107,8 +111,10 @@ def generate_game(folder: Path, make_game, settings: dict, seed: int) -> Path:
         options.path = str(tmp / "game.z8")
         options.file_ext = ".z8"
         options.force_recompile = True
-        game = make_game(dict(settings), options)
-        textworld.generator.compile_game(game, options)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not fully supported.*")
+            game = make_game(dict(settings), options)
+            textworld.generator.compile_game(game, options)
         (tmp / "game.ni").unlink(missing_ok=True)  # the Inform 7 source, not needed to play
         try:
             os.rename(tmp, folder)
@@ -126,6 +132,8 @@ class TextWorldEnv(Env):
 
     name: ClassVar[str] = "textworld"
     max_turns: ClassVar[int] = 30
+    #: the optional extra this env needs (so tools can tell it from the pure-Python built-ins)
+    extra: ClassVar[str] = "envs"
     #: the textworld.challenges module attribute holding `make(settings, options)`
     challenge: ClassVar[str] = ""
     #: generation settings per split (unseen may differ: see each subclass)
@@ -169,8 +177,11 @@ class TextWorldEnv(Env):
         self.close()
         infos = textworld.EnvInfos(admissible_commands=True, policy_commands=True, score=True,
                                    max_score=True, won=True, lost=True, objective=True)
-        self._env = textworld.start(str(path), infos)
-        self._state = self._env.reset()
+        with warnings.catch_warnings():
+            # jericho cannot read scores from generated games; TextWorld tracks them itself
+            warnings.filterwarnings("ignore", message=".*not fully supported.*")
+            self._env = textworld.start(str(path), infos)
+            self._state = self._env.reset()
         self._task = task
         self.turns = 0
         self.done = False

@@ -30,7 +30,7 @@ LOGITS_ONLY = dataclasses.replace(QUICK, n_episodes=0)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, atod_cache):
     out = tmp_path_factory.mktemp("export")
     report = export_model("tiny-student", out, onnx=True, int8=True,
                           gguf_quants=["f32", "f16", "q8_0", "q4_k_m"], config=QUICK)
@@ -110,7 +110,7 @@ def test_corrupted_tensor_fails_verification(exported, tmp_path, name, reason):
     assert "FAIL" in (tmp_path / "report.md").read_text()
 
 
-def test_width_not_multiple_of_256_is_reported_as_quant_fallback(tmp_path):
+def test_width_not_multiple_of_256_is_reported_as_quant_fallback(tmp_path, atod_cache):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from atod_edge.models import load_tokenizer, resolve_model
@@ -152,8 +152,40 @@ def test_failed_write_leaves_no_partial_file(exported, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.f16.gguf"]
 
 
-def test_bad_arguments_are_user_errors(tmp_path):
+def test_bad_arguments_are_user_errors(tmp_path, atod_cache):
     with pytest.raises(UserError, match="unknown GGUF quant"):
         export_model("tiny-student", tmp_path, onnx=False, gguf_quants=["q3_weird"])
     with pytest.raises(UserError, match="not an export directory"):
         verify_dir(tmp_path)
+
+
+def test_qwen2_gguf_needs_no_rotary_permutation_and_keeps_biases(tmp_path, atod_cache):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from atod_edge.backends.llamacpp import LlamaCppPolicy
+    from atod_edge.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model("tiny-student"))
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)          # q/k/v biases large enough to matter
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "out")
+    write_gguf(tmp_path / "ckpt", tmp_path / "out" / "agent.f32.gguf", "f32")
+
+    policy = LlamaCppPolicy.load(str(tmp_path / "out" / "agent.f32.gguf"), logits_all=True)
+    assert policy.llm.metadata["general.architecture"] == "qwen2"
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "open fridge 1"}],
+                                        add_generation_prompt=True)
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0].numpy()
+    assert abs(policy.logits(ids) - reference).max() < 1e-4
+    policy.close()

@@ -1,0 +1,91 @@
+"""Rollout throughput: the batched engine vs a naive loop that calls HF `generate` once per
+episode per turn. Same model, same tasks, same sampling settings, measured in one run.
+
+    python benchmarks/bench_rollout.py [--model tiny-student] [--episodes 64] [--max-turns 8]
+
+Prints episodes/s and generated tokens/s of each and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def naive_rollouts(model, tokenizer, env_cls, tasks, max_turns: int, max_new_tokens: int) -> tuple[int, int]:
+    """One episode at a time, one `generate` call per turn. Returns (episodes, generated tokens)."""
+    import torch
+
+    from atod_edge.prompts import build_messages, encode_prompt, parse_action
+
+    tokens = 0
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for task in tasks:
+        env = env_cls()
+        task_obs = obs = env.reset(task)
+        history: list[tuple[str, str]] = []
+        for _turn in range(max_turns):
+            messages = build_messages(env_cls.instructions, task_obs, history, obs if history else None,
+                                      env.admissible_actions())
+            ids = torch.tensor([encode_prompt(tokenizer, messages)])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos,
+                                 stop_strings=["</action>"], tokenizer=tokenizer)
+            new = out[0, ids.shape[1]:]
+            tokens += len(new)
+            action = parse_action(tokenizer.decode(new, skip_special_tokens=True)).action or ""
+            result = env.step(action)
+            history.append((action or "(invalid)", result.observation))
+            obs = result.observation
+            if result.done:
+                break
+    return len(tasks), tokens
+
+
+def main() -> None:
+    import torch
+
+    from atod_edge.envs import env_class
+    from atod_edge.models import load_model
+    from atod_edge.policy import SamplingParams, TorchPolicy
+    from atod_edge.rollout import run_episodes
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="tiny-student")
+    parser.add_argument("--env", default="household")
+    parser.add_argument("--episodes", type=int, default=64)
+    parser.add_argument("--naive-episodes", type=int, default=8, help="the naive loop is slow: time fewer")
+    parser.add_argument("--max-turns", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    args = parser.parse_args()
+
+    model, tokenizer = load_model(args.model)
+    model.eval()
+    env_cls = env_class(args.env)
+    tasks = env_cls().tasks("eval", args.episodes)
+    print(f"model {args.model}, env {args.env}, torch threads {torch.get_num_threads()}")
+
+    policy = TorchPolicy(model, tokenizer)
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0)
+    t0 = time.perf_counter()
+    episodes = run_episodes(policy, env_cls, tasks, sampling=sampling, max_turns=args.max_turns)
+    engine_s = time.perf_counter() - t0
+    engine_tokens = sum(len(t.response_ids) for ep in episodes for t in ep.turns)
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        n_naive, naive_tokens = naive_rollouts(model, tokenizer, env_cls, tasks[:args.naive_episodes],
+                                               args.max_turns, args.max_new_tokens)
+    naive_s = time.perf_counter() - t0
+
+    rows = [("engine (batched, KV cache)", len(episodes), engine_s, engine_tokens),
+            ("naive (generate per episode per turn)", n_naive, naive_s, naive_tokens)]
+    print(f"{'':40s} {'episodes':>8s} {'seconds':>8s} {'episodes/s':>10s} {'tokens/s':>9s}")
+    for name, n, s, tok in rows:
+        print(f"{name:40s} {n:8d} {s:8.1f} {n / s:10.2f} {tok / s:9.0f}")
+    print(f"ratio engine/naive: {(len(episodes) / engine_s) / (n_naive / naive_s):.1f}x episodes/s, "
+          f"{(engine_tokens / engine_s) / (naive_tokens / naive_s):.1f}x tokens/s")
+
+
+if __name__ == "__main__":
+    main()

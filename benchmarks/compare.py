@@ -1,0 +1,356 @@
+"""The paper-shaped comparison: ATOD vs. OPD vs. GRPO (and ATOD ablations) on the built-in envs.
+
+    python benchmarks/compare.py --envs household,shop,searchqa --algos atod,opd,grpo \\
+        --seeds 0,1,2 --ablations no-anneal,uniform,token --steps N --eval-episodes 200 \\
+        --out benchmarks/results [--set key=value ...] [--report-only]
+
+For each env the teacher and the cold-start student come from the env's recipe
+(pipeline.ensure_model: bootstrapped by SFT once, cached) and are shared by every method and
+seed. Each (env, method, seed) trains into OUT/runs/{env}-{method}-s{seed}; ablations
+(no-anneal: schedule.anneal=false, uniform: weights=uniform, token: weights=token) run on
+household only. Every run, the teacher and the cold-start student are then evaluated on the
+eval and unseen splits (--eval-episodes episodes, temperature 0.4), and OUT gets results.md,
+results.json and PNG plots (benchmarks/compare_report.py).
+
+Resumable and safe to run in the background (`nohup ... &`): every file is written atomically,
+a run with done.json is skipped, a run with metrics but no done.json resumes from its last
+checkpoint, and evaluations are cached per model. Re-running the same command continues.
+Runs go seed-major (all envs and methods of seed 0 first), so a partial benchmark already
+gives a complete one-seed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # compare_report sits beside this file
+
+import compare_report as report  # noqa: E402
+
+from atod_edge.config import load_config, resolve_recipe  # noqa: E402
+from atod_edge.errors import ConfigError, UserError  # noqa: E402
+from atod_edge.io import atomic_write_json  # noqa: E402
+
+EVAL_TEMPERATURE = 0.4
+
+
+def log(message: str) -> None:
+    print(f"[compare {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--envs", default="household,shop,searchqa", help="comma-separated env names")
+    parser.add_argument("--algos", default="atod,opd,grpo", help="comma-separated: atod, opd, grpo")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    parser.add_argument("--ablations", default="no-anneal,uniform,token",
+                        help="comma-separated ATOD ablations on household: no-anneal, uniform, token ('' = none)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the recipe's)")
+    parser.add_argument("--eval-episodes", type=int, default=200, help="final evaluation episodes per split")
+    parser.add_argument("--curve-episodes", type=int, default=50,
+                        help="episodes per in-training evaluation (the success-vs-step curve)")
+    parser.add_argument("--curve-points", type=int, default=5,
+                        help="in-training evaluations per run at least (eval_every = steps // this)")
+    parser.add_argument("--out", default="benchmarks/results", help="output directory")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run (repeatable), e.g. --set tasks_per_step=8")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--budget-note", default="", help="why this step budget (quoted in results.md)")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the report from OUT")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return parser.parse_args(argv)
+
+
+def _split(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+# --- configs ---------------------------------------------------------------------------------
+
+def base_config(env: str, args: argparse.Namespace):
+    """The env's recipe (when there is a built-in one) with the user's overrides and the step
+    budget: what the teacher, the cold start and every run of this env share."""
+    from atod_edge.train.config import TrainConfig
+
+    try:
+        recipe = env if resolve_recipe(env) else None
+    except ConfigError:
+        recipe = None  # a plug-in env without a recipe: defaults with env=NAME
+    overrides = list(args.overrides) + ([f"env={env}"] if recipe is None else [])
+    if args.steps:
+        overrides.append(f"steps={args.steps}")
+    cfg = load_config(TrainConfig, recipe, overrides)
+    if cfg.env != env:
+        raise UserError(f"--set env={cfg.env} conflicts with --envs (env {env}); drop the --set")
+    return cfg, recipe
+
+
+def run_config(env: str, method: str, seed: int, args: argparse.Namespace):
+    """The config of one run: the env's base config, the method (and ablation), the seed, and
+    in-training evaluations often enough for a curve."""
+    from atod_edge.train.config import TrainConfig
+
+    cfg, recipe = base_config(env, args)
+    algo, _, ablation = method.partition("-")
+    overrides = list(args.overrides) + ([f"env={env}"] if recipe is None else [])
+    overrides += [f"steps={cfg.steps}", f"algo={algo}", f"seed={seed}", "compare=false"]
+    overrides += report.ABLATIONS.get(ablation, [])
+    if not any(o.split("=", 1)[0].strip() == "eval_every" for o in args.overrides):
+        overrides.append(f"eval_every={max(1, cfg.steps // max(1, args.curve_points))}")
+    if not any(o.split("=", 1)[0].strip() == "eval_episodes" for o in args.overrides):
+        overrides.append(f"eval_episodes={args.curve_episodes}")
+    return load_config(TrainConfig, recipe, overrides)
+
+
+def plan_runs(envs: list[str], algos: list[str], seeds: list[int], ablations: list[str]) -> list[tuple[str, str, int]]:
+    """(env, method, seed), seed-major; ablations only on household."""
+    plan = []
+    for seed in seeds:
+        for env in envs:
+            plan += [(env, algo, seed) for algo in report.MAIN_METHODS if algo in algos]
+            if env == "household":
+                plan += [(env, f"atod-{a}", seed) for a in ablations]
+    return plan
+
+
+# --- evaluation, cached per model ------------------------------------------------------------
+
+def evaluate_cached(cache_file: Path, model_path: str, cfg, split: str, episodes: int, seed: int) -> dict:
+    """Summary of `model_path` on `split` (temperature 0.4), stored in cache_file[split] under a
+    key of everything it depends on."""
+    from atod_edge.evaluate import EvalConfig, evaluate, format_summary
+    from atod_edge.policy import TorchPolicy
+
+    ecfg = EvalConfig(env=cfg.env, split=split, episodes=episodes, temperature=EVAL_TEMPERATURE, seed=seed,
+                      history_turns=cfg.history_turns, max_new_tokens=cfg.max_new_tokens, device=cfg.device)
+    key = json.dumps({"model": str(model_path), **asdict(ecfg)}, sort_keys=True)
+    stored = _read_json(cache_file)
+    if stored.get(split, {}).get("key") == key:
+        return stored[split]["summary"]
+    summary, _ = evaluate(TorchPolicy.load(str(model_path), device=cfg.device), ecfg)
+    log("  " + format_summary(summary) + f" ({summary.get('seconds', 0):.0f} s)")
+    stored = _read_json(cache_file)  # re-read: keep the other split's entry
+    stored.update({"path": str(model_path), split: {"key": key, "summary": summary}})
+    atomic_write_json(cache_file, stored)
+    return summary
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def prepare_env(env: str, args: argparse.Namespace, out: Path) -> dict[str, str]:
+    """Teacher and cold-start student of `env` (bootstrapped once, cached), evaluated on both splits."""
+    from atod_edge.train.pipeline import ensure_model
+
+    cfg, _ = base_config(env, args)
+    models = {"teacher": ensure_model(cfg, "teacher", log=lambda m: log(f"  {m}")),
+              "cold-start": ensure_model(cfg, "student", log=lambda m: log(f"  {m}"))}
+    for role, path in models.items():
+        for split in report.SPLITS:
+            log(f"{env} {role}: evaluating on {split} ({args.eval_episodes} episodes)")
+            evaluate_cached(out / "models" / env / f"{role}.json", path, cfg, split, args.eval_episodes, cfg.seed)
+    return models
+
+
+# --- one run ---------------------------------------------------------------------------------
+
+def run_one(env: str, method: str, seed: int, models: dict[str, str], args: argparse.Namespace,
+            out: Path) -> bool:
+    """Train (or resume, or skip) one run, then evaluate its final model. True if it trained."""
+    from atod_edge.train.trainer import latest_checkpoint, train
+
+    cfg = run_config(env, method, seed, args)
+    run_dir = out / "runs" / report.run_name(env, method, seed)
+    identity = {"env": env, "method": method, "seed": seed, "config": asdict(cfg),
+                "teacher": models["teacher"], "student": models["cold-start"]}
+    previous = _read_json(run_dir / "run.json")
+    if previous:
+        changed = sorted(k for k in _flatten(identity) if _flatten(previous).get(k) != _flatten(identity)[k])
+        if changed:
+            raise UserError(f"{run_dir} was started with other settings ({', '.join(changed[:5])}); "
+                            f"use another --out or delete that run")
+    else:
+        atomic_write_json(run_dir / "run.json", identity)
+    trained = False
+    done = _read_json(run_dir / "done.json")
+    if not done:
+        found = latest_checkpoint(run_dir) if run_dir.exists() else None
+        resumed_from = found[0] if found else 0
+        log(f"  training {method} on {env}, seed {seed}: {cfg.steps} steps x {cfg.tasks_per_step} tasks x "
+            f"{cfg.group_size} rollouts" + (f" (resuming after step {resumed_from})" if resumed_from else ""))
+        _reset_peak_rss()
+        started = time.perf_counter()
+        teacher = models["teacher"] if cfg.algo != "grpo" else None
+        final = train(cfg, run_dir, models["cold-start"], teacher, resume=True, log=lambda m: log(f"  {m}"))
+        found = latest_checkpoint(run_dir)
+        if not found or found[0] != cfg.steps:
+            raise RuntimeError(f"{run_dir}: training ended without a checkpoint of step {cfg.steps}")
+        done = {"final_checkpoint": str(final), "wall_s": time.perf_counter() - started,
+                "resumed_from_step": resumed_from, "peak_rss_mb": _peak_rss_mb(),
+                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write_json(run_dir / "done.json", done)
+        trained = True
+    for split in report.SPLITS:
+        evaluate_cached(run_dir / "final_eval.json", done["final_checkpoint"], cfg, split, args.eval_episodes, seed)
+    return trained
+
+
+def _flatten(obj: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in obj.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _reset_peak_rss() -> None:
+    """Linux: reset this process's peak RSS (VmHWM), so each run reports its own peak."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- bookkeeping -----------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average_at_start": os.getloadavg()}
+
+
+class WallClock:
+    """Adds this invocation's wall time to OUT/wall.json as it goes (so a killed invocation
+    loses at most the piece since the last flush)."""
+
+    def __init__(self, out: Path):
+        self.path = out / "wall.json"
+        self.mark = time.perf_counter()
+
+    def flush(self) -> float:
+        now = time.perf_counter()
+        total = float(_read_json(self.path).get("seconds", 0.0)) + (now - self.mark)
+        self.mark = now
+        atomic_write_json(self.path, {"seconds": total})
+        return total
+
+
+@contextlib.contextmanager
+def exclusive(out: Path):
+    """One compare.py per OUT at a time (two would train into the same run dirs)."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another compare.py is already running on {out}") from None
+        yield
+
+
+def _fmt(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def write_report(out, envs, algos, seeds, ablations, args, machine) -> dict:
+    cfg, _ = base_config(envs[0], args) if envs else (None, None)
+    every = max(1, cfg.steps // max(1, args.curve_points)) if cfg else None
+    set_every = [o.split("=", 1)[1] for o in args.overrides if o.split("=", 1)[0].strip() == "eval_every"]
+    settings = {"steps": cfg.steps if cfg else args.steps, "tasks_per_step": getattr(cfg, "tasks_per_step", None),
+                "group_size": getattr(cfg, "group_size", None), "eval_episodes": args.eval_episodes,
+                "eval_temperature": EVAL_TEMPERATURE, "curve_episodes": args.curve_episodes,
+                "eval_every": set_every[0] if set_every else every, "overrides": args.overrides,
+                "expected_runs": len(plan_runs(envs, algos, seeds, ablations))}
+    return report.build_report(out, envs, algos, seeds, ablations, settings=settings, machine=machine,
+                               budget_note=args.budget_note, plots=not args.no_plots)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    envs, algos = _split(args.envs), _split(args.algos)
+    seeds = [int(s) for s in _split(args.seeds)]
+    ablations = _split(args.ablations)
+    bad = [a for a in algos if a not in report.MAIN_METHODS] + [a for a in ablations if a not in report.ABLATIONS]
+    if bad:
+        raise UserError(f"unknown algo or ablation {', '.join(bad)} (algos: {', '.join(report.MAIN_METHODS)}; "
+                        f"ablations: {', '.join(report.ABLATIONS)})")
+    if ablations and "household" not in envs:
+        log("ablations run on household only, and household is not in --envs: no ablations")
+        ablations = []
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    machine = machine_info()
+    if args.report_only:
+        write_report(out, envs, algos, seeds, ablations, args, machine)
+        log(f"report written: {out / 'results.md'}")
+        return 0
+
+    plan = plan_runs(envs, algos, seeds, ablations)
+    for env in envs:  # config errors now, not an hour in
+        base_config(env, args)
+    with exclusive(out):
+        clock = WallClock(out)
+        log(f"{len(plan)} runs into {out}: envs {envs}, methods {algos} + ablations {ablations}, seeds {seeds}; "
+            f"machine: {machine['cpus_usable']} CPUs, {machine['torch_threads']} torch threads")
+        models: dict[str, dict[str, str]] = {}
+        trained_seconds, trained_runs = 0.0, 0
+        for i, (env, method, seed) in enumerate(plan, 1):
+            if env not in models:
+                models[env] = prepare_env(env, args, out)
+                clock.flush()
+            log(f"run {i}/{len(plan)}: {report.run_name(env, method, seed)}")
+            started = time.perf_counter()
+            if run_one(env, method, seed, models[env], args, out):
+                trained_seconds += time.perf_counter() - started
+                trained_runs += 1
+            total = clock.flush()
+            remaining = sum(1 for e, m, s in plan[i:]
+                            if not (out / "runs" / report.run_name(e, m, s) / "done.json").exists())
+            eta = f"ETA {_fmt(trained_seconds / trained_runs * remaining)}" if trained_runs else "ETA ?"
+            log(f"run {i}/{len(plan)} done; {remaining} left to train, {eta}; wall so far {_fmt(total)}")
+            write_report(out, envs, algos, seeds, ablations, args, machine)
+        clock.flush()
+        write_report(out, envs, algos, seeds, ablations, args, machine)
+    log(f"done: {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as error:
+        print(f"compare.py: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        print("\ncompare.py: interrupted (re-run the same command to continue)", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,574 @@
+"""Tables, plots and the time breakdown of the method comparison (benchmarks/compare.py).
+
+Everything here reads files that compare.py leaves under OUT and writes OUT/results.md,
+OUT/results.json and the PNG plots; nothing trains or evaluates, so `--report-only` and the
+tests run it alone. Layout it reads:
+
+    OUT/runs/{env}-{method}-s{seed}/run.json         who the run is (env, method, seed, config)
+    OUT/runs/{env}-{method}-s{seed}/metrics.jsonl    per-step rows and eval rows (the trainer's)
+    OUT/runs/{env}-{method}-s{seed}/done.json        training finished (final checkpoint, wall time)
+    OUT/runs/{env}-{method}-s{seed}/final_eval.json  {split: {"key", "summary"}} of the final model
+    OUT/models/{env}/{teacher,cold-start}.json       {"path", split: {"key", "summary"}}
+    OUT/wall.json                                    wall seconds, summed over every invocation
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from atod_edge.io import atomic_path, atomic_write_json, atomic_write_text, read_jsonl
+
+SPLITS = ("eval", "unseen")
+MAIN_METHODS = ("grpo", "opd", "atod")
+# ablation name -> --set overrides on top of ATOD (ATOD.md section 8)
+ABLATIONS = {"no-anneal": ["schedule.anneal=false"], "uniform": ["weights=uniform"], "token": ["weights=token"]}
+LABELS = {"cold-start": "cold-start student", "grpo": "GRPO", "opd": "OPD", "atod": "ATOD", "teacher": "teacher",
+          "atod-no-anneal": "ATOD without annealing", "atod-uniform": "ATOD, uniform turn weights (no T-DUR)",
+          "atod-token": "ATOD, token-level weights"}
+COLORS = {"cold-start": "tab:gray", "grpo": "tab:red", "opd": "tab:blue", "atod": "tab:green", "teacher": "black",
+          "atod-no-anneal": "tab:olive", "atod-uniform": "tab:purple", "atod-token": "tab:brown"}
+# (key in a breakdown, label): where a training step's wall time goes
+PHASES = [("generate", "generation"), ("env", "env stepping"), ("prompt", "prompt building"),
+          ("rollout_other", "rollout bookkeeping"), ("teacher", "teacher scoring"), ("update", "update"),
+          ("eval", "evaluation (curves)"), ("checkpoint", "checkpoint"), ("other", "other (startup, logging)")]
+
+
+def run_name(env: str, method: str, seed: int) -> str:
+    return f"{env}-{method}-s{seed}"
+
+
+# --- reading runs ----------------------------------------------------------------------------
+
+@dataclass
+class RunRecord:
+    """One training run as found on disk."""
+
+    name: str
+    env: str
+    method: str
+    seed: int
+    steps: int
+    train_rows: list[dict] = field(default_factory=list)
+    eval_rows: list[dict] = field(default_factory=list)
+    done: dict | None = None
+    final: dict = field(default_factory=dict)   # split -> eval summary of the final model
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_run(run_dir: Path) -> RunRecord | None:
+    info = _read_json(run_dir / "run.json")
+    if not info:
+        return None
+    rows, _ = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else ([], 0)
+    final = {split: entry["summary"] for split, entry in (_read_json(run_dir / "final_eval.json") or {}).items()
+             if isinstance(entry, dict) and "summary" in entry}
+    return RunRecord(name=run_dir.name, env=info["env"], method=info["method"], seed=int(info["seed"]),
+                     steps=int(info.get("config", {}).get("steps", 0)),
+                     train_rows=[r for r in rows if "eval_success" not in r],
+                     eval_rows=[r for r in rows if "eval_success" in r],
+                     done=_read_json(run_dir / "done.json"), final=final)
+
+
+def load_runs(out: Path) -> list[RunRecord]:
+    runs = [load_run(p) for p in sorted((out / "runs").glob("*")) if p.is_dir()]
+    return [r for r in runs if r is not None]
+
+
+def load_model_evals(out: Path) -> dict[str, dict[str, dict]]:
+    """env -> role ("teacher" | "cold-start") -> split -> eval summary."""
+    found: dict[str, dict[str, dict]] = {}
+    for path in sorted((out / "models").glob("*/*.json")):
+        data = _read_json(path) or {}
+        summaries = {s: data[s]["summary"] for s in SPLITS if isinstance(data.get(s), dict) and "summary" in data[s]}
+        if summaries:
+            found.setdefault(path.parent.name, {})[path.stem] = summaries
+    return found
+
+
+# --- numbers ---------------------------------------------------------------------------------
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def cell_stats(per_seed: dict) -> dict:
+    values = [per_seed[k] for k in sorted(per_seed, key=str)]
+    mean, std = mean_std(values)
+    # "-" keys a model evaluated once (teacher, cold start): no seeds to count
+    return {"mean": mean, "std": std, "n": len(values), "values": values, "single": set(per_seed) == {"-"}}
+
+
+def average_over_envs(per_env: dict[str, dict], envs: list[str]) -> dict | None:
+    """Mean ± std over seeds of each seed's average over the envs (seeds present in every env);
+    None when some env has no value for this row."""
+    if not envs or any(env not in per_env or not per_env[env] for env in envs):
+        return None
+    seeds = set.intersection(*(set(per_env[env]) for env in envs))
+    if not seeds:
+        return None
+    return cell_stats({s: sum(per_env[env][s] for env in envs) / len(envs) for s in seeds})
+
+
+def collect_table(runs: list[RunRecord], models: dict, envs: list[str], methods: list[str], split: str,
+                  key: str = "success") -> dict[str, dict[str, dict]]:
+    """row -> env -> {seed: value} for the final evaluation of every run plus the teacher and the
+    cold-start student (one model each: one value, keyed "-")."""
+    table: dict[str, dict[str, dict]] = {row: {} for row in ["cold-start", *methods, "teacher"]}
+    for run in runs:
+        if run.env in envs and run.method in methods and split in run.final:
+            table[run.method].setdefault(run.env, {})[run.seed] = run.final[split][key]
+    for env in envs:
+        for role in ("cold-start", "teacher"):
+            summary = models.get(env, {}).get(role, {}).get(split)
+            if summary:
+                table[role][env] = {"-": summary[key]}
+    return table
+
+
+def table_stats(table: dict[str, dict[str, dict]], envs: list[str]) -> dict[str, dict]:
+    """row -> {env: stats, "average": stats} (stats: mean, std, n, values)."""
+    stats = {}
+    for row, per_env in table.items():
+        stats[row] = {env: cell_stats(per_env[env]) for env in envs if per_env.get(env)}
+        avg = average_over_envs(per_env, envs)
+        if avg:
+            stats[row]["average"] = avg
+    return stats
+
+
+def format_cell(stats: dict | None, percent: bool = True, seeds: int = 0) -> str:
+    if not stats:
+        return "—"
+    scale = 100.0 if percent else 1.0
+    text = f"{stats['mean'] * scale:.1f}"
+    if stats["n"] > 1:
+        text += f" ± {stats['std'] * scale:.1f}"
+    if seeds and seeds != stats["n"] and not stats.get("single"):
+        text += f" (n={stats['n']})"
+    return text
+
+
+def markdown_table(stats: dict[str, dict], envs: list[str], rows: list[str], percent: bool = True,
+                   seeds: int = 0, average: bool = True) -> str:
+    header = ["method", *envs, *(["average"] if average else [])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if row not in stats:
+            continue
+        cells = [format_cell(stats[row].get(env), percent, seeds) for env in envs]
+        if average:
+            cells.append(format_cell(stats[row].get("average"), percent, seeds))
+        lines.append(f"| {LABELS.get(row, row)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare_claim(a: dict | None, b: dict | None, claim: str, larger_is_better: bool = True) -> str:
+    """One line: does mean(a) beat mean(b), and by more than two standard errors?"""
+    if not a or not b:
+        return f"- {claim}: not measured (missing runs)"
+    diff = (a["mean"] - b["mean"]) * (1 if larger_is_better else -1)
+    se = math.sqrt(a["std"] ** 2 / max(1, a["n"]) + b["std"] ** 2 / max(1, b["n"]))
+    numbers = f"{a['mean'] * 100:.1f} vs {b['mean'] * 100:.1f}" if larger_is_better else \
+        f"{a['mean']:.2f} vs {b['mean']:.2f}"
+    if diff <= 0:
+        verdict = "does not hold"
+    elif se > 0 and diff <= 2 * se:
+        verdict = "holds in the mean, within noise (< 2 standard errors)"
+    else:
+        verdict = "holds"
+    return f"- {claim}: {verdict} ({numbers})"
+
+
+# --- curves ----------------------------------------------------------------------------------
+
+def success_curve(run: RunRecord, start: float | None) -> list[tuple[int, float]]:
+    """(updates done, eval success): the cold start at 0, the in-training evals (smaller, see
+    the budget note), the final evaluation at the last step."""
+    points = [(0, start)] if start is not None else []
+    points += [(int(r["step"]) + 1, float(r["eval_success"])) for r in run.eval_rows]
+    if "eval" in run.final and run.done:
+        points.append((run.steps, float(run.final["eval"]["success"])))
+    return points
+
+
+def train_curve(run: RunRecord, key: str) -> list[tuple[int, float]]:
+    """(step, value) of a per-step training metric (rollouts at temperature 1.0 for step's policy)."""
+    return [(int(r["step"]), float(r[key])) for r in run.train_rows if key in r]
+
+
+def band(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """x, mean, min, max over the curves at each x where any curve has a value."""
+    by_x: dict[int, list[float]] = {}
+    for curve in curves:
+        for x, y in curve:
+            by_x.setdefault(x, []).append(y)
+    xs = sorted(by_x)
+    return (xs, [sum(by_x[x]) / len(by_x[x]) for x in xs], [min(by_x[x]) for x in xs],
+            [max(by_x[x]) for x in xs])
+
+
+def saturation_step(xs: list[int], ys: list[float], fraction: float = 0.9) -> int | None:
+    """First x where the curve has made `fraction` of its total rise (max - first value)."""
+    if len(xs) < 2:
+        return None
+    rise = max(ys) - ys[0]
+    if rise <= 0:
+        return xs[0]
+    return next(x for x, y in zip(xs, ys) if y - ys[0] >= fraction * rise)
+
+
+# --- where the time goes ---------------------------------------------------------------------
+
+def time_breakdown(train_rows: list[dict], eval_rows: list[dict], wall_s: float | None = None) -> dict | None:
+    """Seconds per training step by phase, their shares, and throughputs, from metrics rows.
+
+    Eval time is spread over the steps (it is paid once every eval_every steps). `wall_s` (the
+    run's measured wall time, when it ran in one go) adds an "other" phase for what the rows do
+    not time (model loading, sample records, logging). Teacher scoring and the update run one
+    forward (and backward) pass over prompt + response tokens, so their tokens/s count both."""
+    rows = [r for r in train_rows if "time_rollout" in r]
+    if not rows:
+        return None
+    total = lambda key: sum(float(r.get(key, 0.0)) for r in rows)  # noqa: E731
+    seconds = {"generate": total("time_rollout_generate"), "env": total("time_rollout_env"),
+               "prompt": total("time_rollout_prompt"), "teacher": total("time_teacher"),
+               "update": total("time_update"), "checkpoint": total("time_checkpoint"),
+               "eval": sum(float(r.get("time_eval", 0.0)) for r in eval_rows)}
+    seconds["rollout_other"] = max(0.0, total("time_rollout") - seconds["generate"] - seconds["env"]
+                                   - seconds["prompt"])
+    measured = sum(seconds.values())
+    seconds["other"] = max(0.0, wall_s - measured) if wall_s else 0.0
+    wall = sum(seconds.values())
+    n = len(rows)
+    generated, prompt = total("generated_tokens"), total("prompt_tokens")
+    rate = lambda tokens, secs: tokens / secs if secs > 0 and tokens > 0 else None  # noqa: E731
+    return {
+        "steps": n,
+        "seconds_per_step": {k: v / n for k, v in seconds.items()},
+        "share": {k: (v / wall if wall else 0.0) for k, v in seconds.items()},
+        "step_seconds": wall / n,
+        "tokens_per_s": {"generation": rate(generated, seconds["generate"]),
+                         "teacher_scoring": rate(generated + prompt, seconds["teacher"]),
+                         "update": rate(generated + prompt, seconds["update"])},
+        "generated_tokens_per_step": generated / n, "prompt_tokens_per_step": prompt / n,
+    }
+
+
+def merge_breakdowns(items: list[dict]) -> dict | None:
+    """Mean over runs (seeds) of seconds per step and tokens/s; shares recomputed from the means."""
+    items = [b for b in items if b]
+    if not items:
+        return None
+    per_step = {k: sum(b["seconds_per_step"][k] for b in items) / len(items) for k, _ in PHASES}
+    wall = sum(per_step.values())
+    rates = {}
+    for key in items[0]["tokens_per_s"]:
+        values = [b["tokens_per_s"][key] for b in items if b["tokens_per_s"].get(key)]
+        rates[key] = sum(values) / len(values) if values else None
+    return {"runs": len(items), "seconds_per_step": per_step, "step_seconds": wall,
+            "share": {k: (v / wall if wall else 0.0) for k, v in per_step.items()}, "tokens_per_s": rates,
+            "generated_tokens_per_step": sum(b["generated_tokens_per_step"] for b in items) / len(items)}
+
+
+def breakdown_table(groups: dict[str, dict]) -> str:
+    """groups: label -> merged breakdown."""
+    header = ["run", "s/step", "peak RSS MB", *[label for _, label in PHASES], "gen tok/s", "teacher tok/s", "update tok/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, b in groups.items():
+        rate = lambda key: f"{b['tokens_per_s'][key]:,.0f}" if b["tokens_per_s"].get(key) else "—"  # noqa: E731
+        peak = f"{b['peak_rss_mb']:,.0f}" if b.get("peak_rss_mb") else "—"
+        lines.append(f"| {label} | {b['step_seconds']:.1f} | {peak} | "
+                     + " | ".join(f"{b['share'][k]:.0%}" for k, _ in PHASES)
+                     + f" | {rate('generation')} | {rate('teacher_scoring')} | {rate('update')} |")
+    return "\n".join(lines)
+
+
+def run_breakdown(run: RunRecord) -> dict | None:
+    # a resumed run's wall time covers only its last piece: leave "other" out rather than guess
+    wall = run.done.get("wall_s") if run.done and not run.done.get("resumed_from_step") else None
+    return time_breakdown(run.train_rows, run.eval_rows, wall)
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _draw_band(ax, curves, method, linestyle="-"):
+    curves = [c for c in curves if c]
+    if not curves:
+        return
+    xs, mean, low, high = band(curves)
+    color = COLORS.get(method)
+    ax.plot(xs, mean, linestyle, color=color, marker="o" if len(xs) < 30 else None, markersize=3,
+            label=f"{LABELS.get(method, method)} (n={len(curves)})")
+    if len(curves) > 1:
+        ax.fill_between(xs, low, high, color=color, alpha=0.15)
+
+
+def plot_success(runs, models, envs, methods, path: Path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 4), squeeze=False)
+    for ax, env in zip(axes[0], envs):
+        start = models.get(env, {}).get("cold-start", {}).get("eval", {}).get("success")
+        for method in methods:
+            curves = [success_curve(r, start) for r in runs if r.env == env and r.method == method]
+            _draw_band(ax, curves, method, "--" if method not in MAIN_METHODS else "-")
+        teacher = models.get(env, {}).get("teacher", {}).get("eval")
+        if teacher:
+            ax.axhline(teacher["success"], color="black", linestyle=":", label="teacher")
+        ax.set_title(f"{env}: eval success (mean, min-max band over seeds)")
+        ax.set_xlabel("training step")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_kappa_rho(runs, envs, methods, path: Path) -> None:
+    """Rows: kappa and rho (the schedule), |lp_T - lp_S| (how far the student is from the
+    teacher), the mean OPD weight; one column per env."""
+    plt = _pyplot()
+    panels = [("kappa", "kappa (solid) and rho (dashed)"), ("mean_abs_log_ratio", "mean |lp_T - lp_S|"),
+              ("mean_turn_weight", "mean OPD weight")]
+    fig, axes = plt.subplots(len(panels), len(envs), figsize=(5 * len(envs), 3 * len(panels)), squeeze=False)
+    for col, env in enumerate(envs):
+        for row, (key, title) in enumerate(panels):
+            ax = axes[row][col]
+            for method in methods:
+                group = [r for r in runs if r.env == env and r.method == method]
+                _draw_band(ax, [train_curve(r, key) for r in group], method)
+                if key == "kappa":
+                    rho = [train_curve(r, "rho") for r in group]
+                    if any(rho):
+                        xs, mean, _, _ = band([c for c in rho if c])
+                        ax.plot(xs, mean, "--", color=COLORS.get(method))
+            ax.set_title(f"{env}: {title}", fontsize=9)
+            ax.set_xlabel("training step")
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_turns(runs, models, envs, methods, path: Path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 4), squeeze=False)
+    for ax, env in zip(axes[0], envs):
+        for method in methods:
+            curves = [train_curve(r, "episode_len") for r in runs if r.env == env and r.method == method]
+            _draw_band(ax, curves, method, "--" if method not in MAIN_METHODS else "-")
+        teacher = models.get(env, {}).get("teacher", {}).get("eval")
+        if teacher:
+            ax.axhline(teacher["turns"], color="black", linestyle=":", label="teacher (eval, T=0.4)")
+        ax.set_title(f"{env}: turns per episode (training rollouts)")
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_time(groups: dict[str, dict], path: Path) -> None:
+    plt = _pyplot()
+    labels = list(groups)
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.5))
+    left = [0.0] * len(labels)
+    cmap = plt.get_cmap("tab10")
+    for i, (key, label) in enumerate(PHASES):
+        widths = [groups[g]["seconds_per_step"][key] for g in labels]
+        ax.barh(labels, widths, left=left, color=cmap(i), label=label)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds per training step (mean over seeds)")
+    ax.set_title("where the time goes")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# --- the report ------------------------------------------------------------------------------
+
+def build_report(out: str | Path, envs: list[str], algos: list[str], seeds: list[int], ablations: list[str],
+                 settings: dict | None = None, machine: dict | None = None, budget_note: str = "",
+                 plots: bool = True) -> dict:
+    """Write OUT/results.md, OUT/results.json and the plots from what is on disk; return the JSON."""
+    out = Path(out)
+    settings = settings or {}
+    methods = [m for m in MAIN_METHODS if m in algos]
+    ablation_methods = [f"atod-{a}" for a in ablations]
+    all_runs = load_runs(out)
+    runs = [r for r in all_runs if r.seed in seeds and r.env in envs]
+    models = load_model_evals(out)
+
+    tables, stats = {}, {}
+    for split in SPLITS:
+        stats[split] = table_stats(collect_table(runs, models, envs, methods, split), envs)
+        tables[split] = markdown_table(stats[split], envs, ["cold-start", *methods, "teacher"], seeds=len(seeds))
+    turns_stats = table_stats(collect_table(runs, models, envs, methods, "eval", key="turns"), envs)
+    turns_table = markdown_table(turns_stats, envs, ["cold-start", *methods, "teacher"], percent=False,
+                                 seeds=len(seeds))
+    ablation_stats = {}
+    ablation_md = ""
+    if ablation_methods and "household" in envs:
+        abl_rows = [m for m in ("opd", "atod") if m in methods] + ablation_methods
+        for split in SPLITS:
+            ablation_stats[split] = table_stats(collect_table(runs, models, ["household"], abl_rows, split),
+                                                ["household"])
+        ablation_stats["turns"] = table_stats(collect_table(runs, models, ["household"], abl_rows, "eval",
+                                                            key="turns"), ["household"])
+        ablation_md = _ablation_table(ablation_stats, ["cold-start", *abl_rows, "teacher"], len(seeds))
+
+    per_run = {}
+    groups: dict[str, dict] = {}
+    for env in envs:
+        for method in methods + (ablation_methods if env == "household" else []):
+            group = [r for r in runs if r.env == env and r.method == method]
+            merged = merge_breakdowns([run_breakdown(r) for r in group])
+            if merged:
+                peaks = [r.done["peak_rss_mb"] for r in group if r.done and r.done.get("peak_rss_mb")]
+                merged["peak_rss_mb"] = max(peaks) if peaks else None
+                groups[f"{env} {LABELS.get(method, method)}"] = merged
+    for r in all_runs:
+        per_run[r.name] = {"env": r.env, "method": r.method, "seed": r.seed, "steps": r.steps,
+                           "finished": bool(r.done), "steps_done": len(r.train_rows), "final": r.final,
+                           "done": r.done, "curve": success_curve(r, None), "time": run_breakdown(r)}
+
+    saturation = {}
+    for env in envs:
+        start = models.get(env, {}).get("cold-start", {}).get("eval", {}).get("success")
+        curves = [success_curve(r, start) for r in runs if r.env == env and r.method == "opd" and r.done]
+        if curves:
+            xs, mean, _, _ = band(curves)
+            saturation[env] = {"step_90pct_of_rise": saturation_step(xs, mean), "steps": max(xs),
+                               "curve_mean": list(zip(xs, mean))}
+
+    wall = (_read_json(out / "wall.json") or {}).get("seconds")
+    results = {"settings": {**settings, "envs": envs, "algos": algos, "seeds": seeds, "ablations": ablations},
+               "machine": machine or {}, "wall_s_total": wall, "models": models,
+               "tables": {"success": stats, "turns": turns_stats, "ablations": ablation_stats},
+               "time_breakdown": groups, "opd_saturation": saturation, "runs": per_run}
+
+    md = _markdown(out, results, tables, turns_table, ablation_md, groups, envs, seeds, budget_note, stats)
+    if plots and runs:
+        plot_methods = methods + ablation_methods
+        plot_success(runs, models, envs, plot_methods, out / "success_vs_step.png")
+        plot_kappa_rho(runs, envs, plot_methods, out / "kappa_rho.png")
+        plot_turns(runs, models, envs, plot_methods, out / "turns_vs_step.png")
+        if groups:
+            plot_time(groups, out / "time_breakdown.png")
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", md)
+    return results
+
+
+def _ablation_table(stats: dict, rows: list[str], seeds: int) -> str:
+    lines = ["| household | eval success | unseen success | turns (eval) |", "|---|---|---|---|"]
+    for row in rows:
+        cells = [format_cell(stats[s].get(row, {}).get("household"), percent, seeds)
+                 for s, percent in (("eval", True), ("unseen", True), ("turns", False))]
+        if any(c != "—" for c in cells):
+            lines.append(f"| {LABELS.get(row, row)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _markdown(out, results, tables, turns_table, ablation_md, groups, envs, seeds, budget_note, stats) -> str:
+    s = results["settings"]
+    m = results["machine"]
+    runs = results["runs"]
+    expected = s.get("expected_runs")
+    finished = sum(1 for r in runs.values() if r["finished"] and r["env"] in envs and r["seed"] in seeds)
+    wall = results["wall_s_total"]
+    parts = [
+        "# ATOD vs. OPD vs. GRPO on atod-edge's built-in environments", "",
+        f"Success rate in %, final models, {s.get('eval_episodes', '?')} episodes per split at temperature "
+        f"{s.get('eval_temperature', 0.4)}; trained runs: mean ± sample std over seeds {seeds}; the "
+        "cold-start student and the teacher are one model each (one evaluation, no ±). "
+        f"Runs finished: {finished}" + (f" of {expected}" if expected else "") + ".", "",
+        "## Eval split", "", tables["eval"], "",
+        "## Unseen split", "", tables["unseen"], "",
+        "## Mean turns per episode (eval split; lower is better when success is equal)", "", turns_table, "",
+    ]
+    if ablation_md:
+        parts += ["## Ablations (household)", "", ablation_md, ""]
+    parts += ["## The paper's claims, as measured (average over envs, eval split)", "", *_claims(results, stats), ""]
+    parts += ["## Budget", ""]
+    steps = s.get("steps")
+    parts.append(f"- Steps: {steps} per run, {s.get('tasks_per_step', '?')} tasks x {s.get('group_size', '?')} "
+                 f"rollouts per step, the same for every method and seed.")
+    if budget_note:
+        parts.append(f"- Why this budget: {budget_note}")
+    for env, sat in results["opd_saturation"].items():
+        parts.append(f"- {env}: OPD's mean eval-success curve made 90% of its rise by step "
+                     f"{sat['step_90pct_of_rise']} of {sat['steps']}.")
+    parts.append(f"- Curves: in-training evaluation every {s.get('eval_every', '?')} steps on "
+                 f"{s.get('curve_episodes', '?')} eval-split episodes (smaller than the final "
+                 f"{s.get('eval_episodes', '?')}, so the curve points are noisier than the table); step 0 is "
+                 "the cold-start student's and the last point each run's final evaluation.")
+    if m:
+        parts.append(f"- Machine: {m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs, torch "
+                     f"{m.get('torch', '?')} with {m.get('torch_threads', '?')} threads"
+                     + (f", {m['processor']}" if m.get("processor") else "") + ".")
+    if wall:
+        parts.append(f"- Wall time, all invocations together: {wall / 3600:.2f} h ({wall:,.0f} s).")
+    parts += ["", "Plots: success_vs_step.png, kappa_rho.png, turns_vs_step.png, time_breakdown.png.", ""]
+    if groups:
+        parts += ["## Where the time goes (share of a training step's wall time, mean over seeds)", "",
+                  breakdown_table(groups), "",
+                  "Generation tokens/s counts generated tokens; teacher scoring and update count prompt + "
+                  "response tokens (one forward, or forward + backward, over each turn). Evaluation is the "
+                  "in-training curve evaluation spread over the steps; the final evaluations are not in it. "
+                  "'other' is the run's wall time that no row timed (model loading, sample records), only "
+                  "for runs that ran in one go. Peak RSS: the largest resident set of the process during a "
+                  "run (its training, with student, teacher and optimizer state), the max over seeds.", ""]
+    return "\n".join(parts)
+
+
+def _claims(results: dict, stats: dict) -> list[str]:
+    avg = lambda row: stats["eval"].get(row, {}).get("average")  # noqa: E731
+    turns = results["tables"]["turns"]
+    lines = [compare_claim(avg("atod"), avg("opd"), "ATOD > OPD"),
+             compare_claim(avg("opd"), avg("grpo"), "OPD > GRPO"),
+             compare_claim(avg("atod"), avg("teacher"), "the ATOD student passes its teacher"),
+             compare_claim(turns.get("atod", {}).get("average"), turns.get("cold-start", {}).get("average"),
+                           "ATOD's episodes are shorter than the cold start's (turns)", larger_is_better=False),
+             compare_claim(turns.get("atod", {}).get("average"), turns.get("grpo", {}).get("average"),
+                           "ATOD's episodes are shorter than GRPO's (turns)", larger_is_better=False)]
+    abl = results["tables"].get("ablations", {}).get("eval", {})
+    if abl.get("atod-no-anneal"):
+        lines.append(compare_claim(abl.get("atod", {}).get("household"), abl["atod-no-anneal"].get("household"),
+                                   "annealing helps (household: ATOD > ATOD without annealing)"))
+    return lines
