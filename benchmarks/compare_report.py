@@ -257,7 +257,8 @@ def time_breakdown(train_rows: list[dict], eval_rows: list[dict], wall_s: float 
     wall = sum(seconds.values())
     n = len(rows)
     generated, prompt = total("generated_tokens"), total("prompt_tokens")
-    rate = lambda tokens, secs: tokens / secs if secs > 0 and tokens > 0 else None  # noqa: E731
+    # under a millisecond a step is a phase that did not run (GRPO has no teacher), not a rate
+    rate = lambda tokens, secs: tokens / secs if secs > 1e-3 * n and tokens > 0 else None  # noqa: E731
     return {
         "steps": n,
         "seconds_per_step": {k: v / n for k, v in seconds.items()},
@@ -534,10 +535,13 @@ def _markdown(out, results, tables, turns_table, ablation_md, groups, envs, seed
     for env, sat in results["opd_saturation"].items():
         parts.append(f"- {env}: OPD's mean eval-success curve made 90% of its rise by step "
                      f"{sat['step_90pct_of_rise']} of {sat['steps']}.")
-    parts.append(f"- Curves: in-training evaluation every {s.get('eval_every', '?')} steps on "
-                 f"{s.get('curve_episodes', '?')} eval-split episodes (smaller than the final "
-                 f"{s.get('eval_episodes', '?')}, so the curve points are noisier than the table); step 0 is "
-                 "the cold-start student's and the last point each run's final evaluation.")
+    curve, final = s.get("curve_episodes", "?"), s.get("eval_episodes", "?")
+    noisier = (f" (fewer than the final {final}, so the curve points are noisier than the table)"
+               if isinstance(curve, int) and isinstance(final, int) and curve < final else "")
+    parts.append(f"- Curves: in-training evaluation every {s.get('eval_every', '?')} steps on {curve} eval-split "
+                 f"episodes{noisier}; step 0 is the cold-start student's evaluation and the last point each "
+                 "run's final evaluation. Turns and kappa/rho curves are the training rollouts of every step "
+                 "(temperature 1.0).")
     if m:
         parts.append(f"- Machine: {m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs, torch "
                      f"{m.get('torch', '?')} with {m.get('torch_threads', '?')} threads"

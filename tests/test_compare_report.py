@@ -144,8 +144,8 @@ def test_time_breakdown_shares_and_rates():
     assert b["tokens_per_s"]["generation"] == pytest.approx(50.0)
     assert b["tokens_per_s"]["teacher_scoring"] == pytest.approx(400.0)
     assert b["tokens_per_s"]["update"] == pytest.approx(400 / 3)
-    # GRPO: no teacher time -> no teacher rate; no wall -> no "other"
-    grpo = report.time_breakdown([{**r, "time_teacher": 0.0} for r in rows], [], None)
+    # GRPO: a teacher phase of microseconds (a sync, no model) -> no rate; no wall -> no "other"
+    grpo = report.time_breakdown([{**r, "time_teacher": 2e-5} for r in rows], [], None)
     assert grpo["tokens_per_s"]["teacher_scoring"] is None
     assert grpo["share"]["other"] == 0.0
     merged = report.merge_breakdowns([b, grpo])

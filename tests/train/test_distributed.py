@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from train_fixtures import cli_env, load_weights, metric_rows, overrides, same_weights
@@ -22,8 +24,8 @@ def test_two_gloo_ranks_bootstrap_once_train_and_hold_identical_weights(atod_cac
 
     # the cold-start student was bootstrapped once, by rank 0, and rank 1 found it in the cache
     assert output.count("bootstrapping by SFT") == 1
-    bootstrapped = list((atod_cache / "bootstrap").glob("household-student-*"))
-    assert len(bootstrapped) == 1
+    student = Path(json.loads((run_dir / "run.json").read_text())["student"])
+    assert student.parent == atod_cache / "bootstrap"
 
     # both ranks hold the same weights, equal to rank 0's final checkpoint, and they moved
     rank0 = torch.load(dumps / "rank0.pt", weights_only=True)
@@ -31,7 +33,7 @@ def test_two_gloo_ranks_bootstrap_once_train_and_hold_identical_weights(atod_cac
     assert same_weights(rank0, rank1)
     checkpoint = load_weights(run_dir / "checkpoints" / "step_000002")
     assert same_weights(checkpoint, {k: rank0[k] for k in checkpoint})
-    assert not same_weights(checkpoint, load_weights(bootstrapped[0]))
+    assert not same_weights(checkpoint, load_weights(student))
 
     # only rank 0 wrote: one row per step, covering the episodes of both ranks (2 tasks x 2)
     rows = metric_rows(run_dir)
