@@ -28,16 +28,17 @@ import os
 import platform
 import sys
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # compare_report sits beside this file
 
-import compare_report as report  # noqa: E402
+import compare_report as report
 
-from atod_edge.config import load_config, resolve_recipe  # noqa: E402
-from atod_edge.errors import ConfigError, UserError  # noqa: E402
-from atod_edge.io import atomic_write_json  # noqa: E402
+from atod_edge.config import load_config, resolve_recipe
+from atod_edge.errors import ConfigError, UserError
+from atod_edge.io import atomic_write_json, atomic_write_text
 
 EVAL_TEMPERATURE = 0.4
 
@@ -60,8 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--curve-points", type=int, default=5,
                         help="in-training evaluations per run at least (eval_every = steps // this)")
     parser.add_argument("--out", default="benchmarks/results", help="output directory")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every run (repeatable), e.g. --set tasks_per_step=8")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="[ENV:]KEY=VALUE",
+                        help="config override for every run (repeatable), e.g. --set tasks_per_step=8; "
+                             "ENV:KEY=VALUE for one env only, e.g. --set shop:bootstrap.teacher_noise=0.4")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--budget-note", default="", help="why this step budget (quoted in results.md)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from OUT")
@@ -75,6 +77,24 @@ def _split(text: str) -> list[str]:
 
 # --- configs ---------------------------------------------------------------------------------
 
+def overrides_for(env: str, overrides: list[str]) -> list[str]:
+    """The --set items for `env`: plain KEY=VALUE for every env, ENV:KEY=VALUE for that env only
+    (e.g. household:bootstrap.teacher_noise=0.4 to place one env's teacher)."""
+    chosen = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        scope, colon, bare_key = key.partition(":")
+        if not colon:
+            chosen.append(item)
+        elif scope.strip() == env:
+            chosen.append(f"{bare_key.strip()}{sep}{value}")
+    return chosen
+
+
+def _user_sets(key: str, env: str, args: argparse.Namespace) -> bool:
+    return any(o.split("=", 1)[0].strip() == key for o in overrides_for(env, args.overrides))
+
+
 def base_config(env: str, args: argparse.Namespace):
     """The env's recipe (when there is a built-in one) with the user's overrides and the step
     budget: what the teacher, the cold start and every run of this env share."""
@@ -84,7 +104,7 @@ def base_config(env: str, args: argparse.Namespace):
         recipe = env if resolve_recipe(env) else None
     except ConfigError:
         recipe = None  # a plug-in env without a recipe: defaults with env=NAME
-    overrides = list(args.overrides) + ([f"env={env}"] if recipe is None else [])
+    overrides = overrides_for(env, args.overrides) + ([f"env={env}"] if recipe is None else [])
     if args.steps:
         overrides.append(f"steps={args.steps}")
     cfg = load_config(TrainConfig, recipe, overrides)
@@ -100,12 +120,12 @@ def run_config(env: str, method: str, seed: int, args: argparse.Namespace):
 
     cfg, recipe = base_config(env, args)
     algo, _, ablation = method.partition("-")
-    overrides = list(args.overrides) + ([f"env={env}"] if recipe is None else [])
+    overrides = overrides_for(env, args.overrides) + ([f"env={env}"] if recipe is None else [])
     overrides += [f"steps={cfg.steps}", f"algo={algo}", f"seed={seed}", "compare=false"]
     overrides += report.ABLATIONS.get(ablation, [])
-    if not any(o.split("=", 1)[0].strip() == "eval_every" for o in args.overrides):
+    if not _user_sets("eval_every", env, args):
         overrides.append(f"eval_every={max(1, cfg.steps // max(1, args.curve_points))}")
-    if not any(o.split("=", 1)[0].strip() == "eval_episodes" for o in args.overrides):
+    if not _user_sets("eval_episodes", env, args):
         overrides.append(f"eval_episodes={args.curve_episodes}")
     return load_config(TrainConfig, recipe, overrides)
 
@@ -280,13 +300,20 @@ def _fmt(seconds: float) -> str:
 
 
 def write_report(out, envs, algos, seeds, ablations, args, machine) -> dict:
-    cfg, _ = base_config(envs[0], args) if envs else (None, None)
-    every = max(1, cfg.steps // max(1, args.curve_points)) if cfg else None
-    set_every = [o.split("=", 1)[1] for o in args.overrides if o.split("=", 1)[0].strip() == "eval_every"]
-    settings = {"steps": cfg.steps if cfg else args.steps, "tasks_per_step": getattr(cfg, "tasks_per_step", None),
-                "group_size": getattr(cfg, "group_size", None), "eval_episodes": args.eval_episodes,
-                "eval_temperature": EVAL_TEMPERATURE, "curve_episodes": args.curve_episodes,
-                "eval_every": set_every[0] if set_every else every, "overrides": args.overrides,
+    configs = {env: run_config(env, "atod", seeds[0] if seeds else 0, args) for env in envs}
+
+    def per_env(field: str):
+        """One value when every env shares it, else 'household 20, shop 10'."""
+        values = {env: getattr(cfg, field) for env, cfg in configs.items()}
+        if len(set(values.values())) <= 1:
+            return next(iter(values.values()), None)
+        return ", ".join(f"{env} {value}" for env, value in values.items())
+
+    settings = {"steps": per_env("steps"), "tasks_per_step": per_env("tasks_per_step"),
+                "group_size": per_env("group_size"), "eval_every": per_env("eval_every"),
+                "eval_episodes": args.eval_episodes, "eval_temperature": EVAL_TEMPERATURE,
+                "curve_episodes": per_env("eval_episodes"), "overrides": args.overrides,
+                "configs": {env: asdict(cfg) for env, cfg in configs.items()},
                 "expected_runs": len(plan_runs(envs, algos, seeds, ablations))}
     return report.build_report(out, envs, algos, seeds, ablations, settings=settings, machine=machine,
                                budget_note=args.budget_note, plots=not args.no_plots)
@@ -311,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     machine = machine_info()
     if args.report_only:
+        recorded = _read_json(out / "machine.json").get("invocations")
+        machine = recorded[-1] if recorded else machine
         write_report(out, envs, algos, seeds, ablations, args, machine)
         log(f"report written: {out / 'results.md'}")
         return 0
@@ -320,9 +349,14 @@ def main(argv: list[str] | None = None) -> int:
         base_config(env, args)
     with exclusive(out):
         clock = WallClock(out)
+        # the machine of the training invocations, not of a later --report-only
+        history = _read_json(out / "machine.json").get("invocations", [])
+        atomic_write_json(out / "machine.json", {"invocations": history + [
+            {**machine, "started_at": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:]}]})
         log(f"{len(plan)} runs into {out}: envs {envs}, methods {algos} + ablations {ablations}, seeds {seeds}; "
             f"machine: {machine['cpus_usable']} CPUs, {machine['torch_threads']} torch threads")
         models: dict[str, dict[str, str]] = {}
+        failed: list[str] = []
         trained_seconds, trained_runs = 0.0, 0
         for i, (env, method, seed) in enumerate(plan, 1):
             if env not in models:
@@ -330,9 +364,19 @@ def main(argv: list[str] | None = None) -> int:
                 clock.flush()
             log(f"run {i}/{len(plan)}: {report.run_name(env, method, seed)}")
             started = time.perf_counter()
-            if run_one(env, method, seed, models[env], args, out):
-                trained_seconds += time.perf_counter() - started
-                trained_runs += 1
+            try:
+                if run_one(env, method, seed, models[env], args, out):
+                    trained_seconds += time.perf_counter() - started
+                    trained_runs += 1
+            except (UserError, KeyboardInterrupt):
+                raise
+            except Exception:  # noqa: BLE001 - one broken run must not cost the night's other runs
+                name = report.run_name(env, method, seed)
+                failed.append(name)
+                error_file = out / "runs" / name / "error.txt"
+                atomic_write_text(error_file, traceback.format_exc())
+                log(f"run {i}/{len(plan)} FAILED ({traceback.format_exc().strip().splitlines()[-1]}); "
+                    f"traceback in {error_file}; going on (re-run the command to retry it)")
             total = clock.flush()
             remaining = sum(1 for e, m, s in plan[i:]
                             if not (out / "runs" / report.run_name(e, m, s) / "done.json").exists())
@@ -341,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
             write_report(out, envs, algos, seeds, ablations, args, machine)
         clock.flush()
         write_report(out, envs, algos, seeds, ablations, args, machine)
+    if failed:
+        log(f"finished with {len(failed)} failed runs: {', '.join(failed)}; report in {out / 'results.md'}")
+        return 1
     log(f"done: {out / 'results.md'}")
     return 0
 

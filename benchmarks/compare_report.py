@@ -245,7 +245,9 @@ def time_breakdown(train_rows: list[dict], eval_rows: list[dict], wall_s: float 
     rows = [r for r in train_rows if "time_rollout" in r]
     if not rows:
         return None
-    total = lambda key: sum(float(r.get(key, 0.0)) for r in rows)  # noqa: E731
+    def total(key: str) -> float:
+        return sum(float(r.get(key, 0.0)) for r in rows)
+
     seconds = {"generate": total("time_rollout_generate"), "env": total("time_rollout_env"),
                "prompt": total("time_rollout_prompt"), "teacher": total("time_teacher"),
                "update": total("time_update"), "checkpoint": total("time_checkpoint"),
@@ -257,8 +259,10 @@ def time_breakdown(train_rows: list[dict], eval_rows: list[dict], wall_s: float 
     wall = sum(seconds.values())
     n = len(rows)
     generated, prompt = total("generated_tokens"), total("prompt_tokens")
-    # under a millisecond a step is a phase that did not run (GRPO has no teacher), not a rate
-    rate = lambda tokens, secs: tokens / secs if secs > 1e-3 * n and tokens > 0 else None  # noqa: E731
+    def rate(tokens: float, secs: float) -> float | None:
+        # under a millisecond a step is a phase that did not run (GRPO has no teacher), not a rate
+        return tokens / secs if secs > 1e-3 * n and tokens > 0 else None
+
     return {
         "steps": n,
         "seconds_per_step": {k: v / n for k, v in seconds.items()},
@@ -292,11 +296,12 @@ def breakdown_table(groups: dict[str, dict]) -> str:
     header = ["run", "s/step", "peak RSS MB", *[label for _, label in PHASES], "gen tok/s", "teacher tok/s", "update tok/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, b in groups.items():
-        rate = lambda key: f"{b['tokens_per_s'][key]:,.0f}" if b["tokens_per_s"].get(key) else "—"  # noqa: E731
+        rates = [f"{b['tokens_per_s'][k]:,.0f}" if b["tokens_per_s"].get(k) else "—"
+                 for k in ("generation", "teacher_scoring", "update")]
         peak = f"{b['peak_rss_mb']:,.0f}" if b.get("peak_rss_mb") else "—"
         lines.append(f"| {label} | {b['step_seconds']:.1f} | {peak} | "
                      + " | ".join(f"{b['share'][k]:.0%}" for k, _ in PHASES)
-                     + f" | {rate('generation')} | {rate('teacher_scoring')} | {rate('update')} |")
+                     + " | " + " | ".join(rates) + " |")
     return "\n".join(lines)
 
 
@@ -479,7 +484,8 @@ def build_report(out: str | Path, envs: list[str], algos: list[str], seeds: list
 
     wall = (_read_json(out / "wall.json") or {}).get("seconds")
     results = {"settings": {**settings, "envs": envs, "algos": algos, "seeds": seeds, "ablations": ablations},
-               "machine": machine or {}, "wall_s_total": wall, "models": models,
+               "machine": machine or {}, "machine_invocations": (_read_json(out / "machine.json") or {}).get(
+                   "invocations", []), "wall_s_total": wall, "models": models,
                "tables": {"success": stats, "turns": turns_stats, "ablations": ablation_stats},
                "time_breakdown": groups, "opd_saturation": saturation, "runs": per_run}
 
@@ -545,24 +551,30 @@ def _markdown(out, results, tables, turns_table, ablation_md, groups, envs, seed
     if m:
         parts.append(f"- Machine: {m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs, torch "
                      f"{m.get('torch', '?')} with {m.get('torch_threads', '?')} threads"
-                     + (f", {m['processor']}" if m.get("processor") else "") + ".")
+                     + (f", {m['processor']}" if m.get("processor") else "")
+                     + (f"; load average {m['load_average_at_start'][0]:.1f} when it started (a shared machine "
+                        "slows every phase)" if m.get("load_average_at_start") else "") + ".")
+    if len(results["machine_invocations"]) > 1:
+        parts.append(f"- The benchmark ran in {len(results['machine_invocations'])} invocations (resumed).")
     if wall:
         parts.append(f"- Wall time, all invocations together: {wall / 3600:.2f} h ({wall:,.0f} s).")
     parts += ["", "Plots: success_vs_step.png, kappa_rho.png, turns_vs_step.png, time_breakdown.png.", ""]
     if groups:
         parts += ["## Where the time goes (share of a training step's wall time, mean over seeds)", "",
                   breakdown_table(groups), "",
-                  "Generation tokens/s counts generated tokens; teacher scoring and update count prompt + "
+                  ("Generation tokens/s counts generated tokens; teacher scoring and update count prompt + "
                   "response tokens (one forward, or forward + backward, over each turn). Evaluation is the "
                   "in-training curve evaluation spread over the steps; the final evaluations are not in it. "
                   "'other' is the run's wall time that no row timed (model loading, sample records), only "
                   "for runs that ran in one go. Peak RSS: the largest resident set of the process during a "
-                  "run (its training, with student, teacher and optimizer state), the max over seeds.", ""]
+                  "run (its training, with student, teacher and optimizer state), the max over seeds."), ""]
     return "\n".join(parts)
 
 
 def _claims(results: dict, stats: dict) -> list[str]:
-    avg = lambda row: stats["eval"].get(row, {}).get("average")  # noqa: E731
+    def avg(row: str) -> dict | None:
+        return stats["eval"].get(row, {}).get("average")
+
     turns = results["tables"]["turns"]
     lines = [compare_claim(avg("atod"), avg("opd"), "ATOD > OPD"),
              compare_claim(avg("opd"), avg("grpo"), "OPD > GRPO"),

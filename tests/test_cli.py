@@ -114,12 +114,12 @@ def test_models_list_info_and_shrink(atod_cache, tmp_path, capsys):
     listing = capsys.readouterr().out
     assert "tiny-student" in listing and str(atod_cache) in listing and "smollm2-135m" in listing
 
-    assert main(["models", "info", "tiny-student"]) == 0
+    assert main(["models", "info", "tiny-teacher"]) == 0
     info = capsys.readouterr().out
     assert "layers" in info and " 4\n" in info and "chat_template      True" in info
 
     out = tmp_path / "cut"
-    assert main(["models", "shrink", "tiny-student", "--keep-layers", "0,3", "--out", str(out)]) == 0
+    assert main(["models", "shrink", "tiny-teacher", "--keep-layers", "0,3", "--out", str(out)]) == 0
     assert "kept layers [0, 3] of 4" in capsys.readouterr().out
     assert main(["models", "info", str(out)]) == 0
     assert [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("layers")] == ["2"]

@@ -26,7 +26,8 @@ def token_logprobs(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tens
 
 def clipped_surrogate(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                       mask: torch.Tensor, eps_clip: float = 0.2,
-                      num_tokens: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                      num_tokens: float | torch.Tensor | None = None,
+                      with_stats: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO/GRPO clipped surrogate with token-mean aggregation (section 5).
 
     new_logprobs: logpi_theta(a_t), with gradient; old_logprobs: lp_S(t) from the rollout;
@@ -52,6 +53,8 @@ def clipped_surrogate(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ad
         num_tokens = mask.sum()
     denominator = torch.as_tensor(num_tokens, dtype=per_token.dtype, device=per_token.device).clamp(min=1)
     loss = -(per_token * mask).sum() / denominator
+    if not with_stats:  # the stats cost host syncs (float()); hot loops skip them
+        return loss, {}
 
     with torch.no_grad():
         count = mask.sum().clamp(min=1)

@@ -109,6 +109,7 @@ def train_command(recipe: str | None, overrides: list[str], out: str | None = No
         run_dir = Path(out) if out else Path("runs") / f"{Path(recipe or DEFAULT_RECIPE).stem}-{cfg.algo}-{stamp}"
         if (run_dir / "metrics.jsonl").exists():
             raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+        _check_devices(cfg)
         info = init_distributed(cfg.device)
         run_dir = Path(_from_rank0(str(run_dir), info))  # the time stamp may differ between ranks
         want_teacher = cfg.algo != "grpo" or cfg.compare
@@ -161,6 +162,14 @@ def train_command(recipe: str | None, overrides: list[str], out: str | None = No
     atomic_write_json(run_dir / "report.json", report)
     print(f"\nrun saved in {run_dir}/ (final checkpoint: {final})")
     return 0
+
+
+def _check_devices(cfg: TrainConfig) -> None:
+    """A one-line error for a device this machine lacks, before any bootstrap or run dir."""
+    from atod_edge.policy import torch_device
+
+    for name in filter(None, (cfg.device, cfg.teacher_device)):
+        torch_device(name)
 
 
 def _check_tokenizers(teacher: str, student: str) -> None:

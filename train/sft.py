@@ -111,8 +111,10 @@ def train_sft(cfg: SFTConfig, log=print) -> Path:
     from atod_edge.envs import env_class
     from atod_edge.io import atomic_path
     from atod_edge.models import load_model
+    from atod_edge.policy import torch_device
     from atod_edge.scoring import response_logprobs
 
+    torch_device(cfg.device)  # a one-line error for a bad device name
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, device=cfg.device)
     model.train()

@@ -195,7 +195,8 @@ def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistIn
                                for k in turns]).to(device)
             new = torch.cat(new_lp)
             loss, _ = clipped_surrogate(new, old[index], adv[index], torch.ones_like(new),
-                                        eps_clip=cfg.eps_clip, num_tokens=total_tokens)
+                                        eps_clip=cfg.eps_clip, num_tokens=total_tokens,
+                                        with_stats=False)
             loss.backward()
             with torch.no_grad():
                 ratio = torch.exp(new.detach() - old[index])
@@ -272,7 +273,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     from atod_edge.scoring import score_episodes
 
     run_dir = Path(run_dir)
-    torch_device(cfg.device)  # a one-line error for a bad device name, before loading anything
+    for name in filter(None, (cfg.device, cfg.teacher_device)):
+        torch_device(name)  # a one-line error for a bad device name, before loading anything
     info = init_distributed(cfg.device)
     if cfg.tasks_per_step < info.world:
         raise UserError(f"tasks_per_step={cfg.tasks_per_step} gives some of the {info.world} ranks no task; "

@@ -93,3 +93,12 @@ def test_train_bootstraps_trains_evaluates_and_reuses_the_cache(atod_cache, one_
     # and a third run into the same directory is refused: that is what --resume is for
     assert cli.main(["train", "--out", str(second), *_flags(settings)]) == 1
     assert "--resume" in capsys.readouterr().err
+
+
+def test_unknown_device_is_refused_before_anything_starts(atod_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--set", "teacher_device=cudax", "--set", "teacher=tiny-student",
+                     "--set", "student=tiny-student"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "device 'cudax'" in err[0]
+    assert not list(tmp_path.iterdir())
