@@ -353,8 +353,9 @@ def plot_success(runs, models, envs, methods, path: Path) -> None:
         teacher = models.get(env, {}).get("teacher", {}).get("eval")
         if teacher:
             ax.axhline(teacher["success"], color="black", linestyle=":", label="teacher")
-        ax.set_title(f"{env}: eval success (mean, min-max band over seeds)")
+        ax.set_title(f"{env}: eval success")
         ax.set_xlabel("training step")
+        ax.set_ylabel("success (mean; band: min-max over seeds)", fontsize=8)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -373,6 +374,8 @@ def plot_kappa_rho(runs, envs, methods, path: Path) -> None:
         for row, (key, title) in enumerate(panels):
             ax = axes[row][col]
             for method in methods:
+                if method == "grpo" and key != "kappa":
+                    continue  # GRPO runs score no teacher: their lp_T columns are lp_S, not data
                 group = [r for r in runs if r.env == env and r.method == method]
                 _draw_band(ax, [train_curve(r, key) for r in group], method)
                 if key == "kappa":
@@ -399,7 +402,8 @@ def plot_turns(runs, models, envs, methods, path: Path) -> None:
         teacher = models.get(env, {}).get("teacher", {}).get("eval")
         if teacher:
             ax.axhline(teacher["turns"], color="black", linestyle=":", label="teacher (eval, T=0.4)")
-        ax.set_title(f"{env}: turns per episode (training rollouts)")
+        ax.set_title(f"{env}: turns per episode")
+        ax.set_ylabel("training rollouts (mean; band: min-max over seeds)", fontsize=8)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -410,7 +414,7 @@ def plot_turns(runs, models, envs, methods, path: Path) -> None:
 def plot_time(groups: dict[str, dict], path: Path) -> None:
     plt = _pyplot()
     labels = list(groups)
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.5))
+    fig, ax = plt.subplots(figsize=(12, max(3.0, 0.45 * len(labels) + 1.5)))
     left = [0.0] * len(labels)
     cmap = plt.get_cmap("tab10")
     for i, (key, label) in enumerate(PHASES):
@@ -420,7 +424,7 @@ def plot_time(groups: dict[str, dict], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("seconds per training step (mean over seeds)")
     ax.set_title("where the time goes")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     _save(fig, path)

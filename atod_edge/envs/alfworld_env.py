@@ -60,10 +60,10 @@ MAX_CLUTTER_INSTANCES = 2  # of each other object type
 # rooms cluttered while a reset stays near a second.
 MAX_CLUTTER_TYPES = 10
 MAX_STOVEBURNERS = 4
-MAX_GENERATION_TRIES = 50
+MAX_GENERATION_TRIES = 50  # draws before giving up on a seed (never reached in practice)
 # type constants that alfred.pddl's action preconditions name, so every problem must declare them
 DOMAIN_RTYPES = frozenset({"SinkBasin", "Microwave", "Fridge"})
-DOMAIN_OTYPES = frozenset({"Knife", "ButterKnife"})  # draws before giving up on a seed (never reached in practice)
+DOMAIN_OTYPES = frozenset({"Knife", "ButterKnife"})
 
 
 def import_alfworld():
@@ -143,7 +143,7 @@ def _try_problem(rng: random.Random, family: str, scene: _Scene, constants) -> d
     can_hold = constants.VAL_RECEPTACLE_OBJECTS  # receptacle type -> object types it can hold
     abilities = constants.VAL_ACTION_OBJECTS     # "Heatable" -> object types ...
 
-    # receptacle instances: posed ones from the layout (same pose = same location), the rest one each
+    # receptacle instances: those the layout lists by id, then one per other type it holds
     receptacles: dict[str, str] = {}   # pddl name -> type
     location_of: dict[str, str] = {}   # pddl name -> location name
     n_locations = 0
@@ -434,7 +434,9 @@ class AlfWorldEngineEnv(Env):
         if self.done:
             return StepResult("The episode is over.", 0.0, True, self._info(False, "the episode is over"))
         self.turns += 1
-        command = " ".join(action.strip().lower().split()) if isinstance(action, str) and len(action) <= MAX_ACTION_CHARS else ""
+        command = ""
+        if isinstance(action, str) and len(action) <= MAX_ACTION_CHARS:
+            command = " ".join(action.strip().lower().split())
         if command and command in self._admissible():
             self._state, _, _ = self._engine.step(command)
             observation, valid, feedback = _tidy(self._state.feedback), True, ""

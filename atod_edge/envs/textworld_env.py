@@ -49,7 +49,8 @@ INSTALL_HINT = "install the optional extra: pip install 'atod-edge[envs]'"
 _BANNER_CHARS = set("_|\\/$<>-")
 # The prompt line: ">" then padding then an optional status "-= Room =-score/moves".
 _PROMPT_LINE = re.compile(r"\n>[^\n]*$")
-_END_QUESTION = re.compile(r"\n*Would you like to RESTART, RESTORE a saved game, QUIT or UNDO the last command\?\s*$")
+_END_QUESTION = re.compile(
+    r"\n*Would you like to RESTART, RESTORE a saved game, QUIT or UNDO the last command\?\s*$")
 _BLANK_RUNS = re.compile(r"\n{3,}")
 
 
@@ -60,7 +61,8 @@ def import_textworld():
         import textworld.challenges  # noqa: F401
         import textworld.generator  # noqa: F401
     except ImportError as e:
-        raise UserError(f"TextWorld environments need the 'textworld' package ({e}); {INSTALL_HINT}") from None
+        raise UserError(f"TextWorld environments need the 'textworld' package ({e}); "
+                        f"{INSTALL_HINT}") from None
     return textworld
 
 
