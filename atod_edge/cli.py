@@ -185,8 +185,12 @@ def cmd_env(args) -> int:
 
     if args.env_command in (None, "list"):
         for name in list_envs():
-            cls = env_class(name)
-            print(f"{name:12s} max {cls.max_turns:2d} turns  {cls.description}")
+            try:
+                cls = env_class(name)
+            except UserError:
+                print(f"{name:18s} (optional: pip install 'atod-edge[envs]', or [alfworld] for alfworld-engine)")
+                continue
+            print(f"{name:18s} max {cls.max_turns:2d} turns  {cls.description}")
         return 0
     return _play(env_class(args.env)(), args.split, args.seed)
 

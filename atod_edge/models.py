@@ -137,7 +137,7 @@ def _tiny_card_is_current(card: dict, envs: list[str] | None) -> bool:
     (one made while an env was missing or broken is rebuilt once all are there)."""
     from atod_edge.envs import list_envs
 
-    return card.get("build_version") == TINY_BUILD_VERSION and envs == sorted(list_envs())
+    return card.get("build_version") == TINY_BUILD_VERSION and envs == sorted(list_envs(include_extras=False))
 
 
 def resolve_model(name_or_dir: str | os.PathLike) -> Path:
@@ -261,7 +261,7 @@ def _available_envs() -> list[str]:
     from atod_edge.envs import list_envs, make_env
 
     names = []
-    for name in sorted(list_envs()):
+    for name in sorted(list_envs(include_extras=False)):
         try:
             make_env(name)
         except UserError as e:

@@ -162,8 +162,8 @@ class TorchPolicy(Policy):
 
         with torch.inference_mode(), _autocast(device):
             while live:
-                out = self.model(input_ids=step_input, attention_mask=attention,
-                                 position_ids=step_positions, past_key_values=cache, use_cache=True)
+                out = self.model(input_ids=step_input, attention_mask=attention, position_ids=step_positions,
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = out.past_key_values
                 logits = out.logits[:, -1, :].float()
                 ids, lps = sample_next(logits, sampling.temperature, sampling.top_p, generator)

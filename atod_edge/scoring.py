@@ -38,20 +38,32 @@ def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequen
             ids[i, :lengths[i]] = torch.tensor(list(p) + list(r), dtype=torch.long)
             mask[i, :lengths[i]] = 1
         ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        # positions whose logits predict a response token: len(p)-1 .. len(p)+len(r)-2 of each row
+        rows = torch.cat([torch.full((len(r),), i, dtype=torch.long) for i, r in enumerate(chunk_r)])
+        cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(r) - 1) for p, r in zip(chunk_p, chunk_r)])
+        rows, cols = rows.to(device), cols.to(device)
         with _autocast(device):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        for i, (p, r) in enumerate(zip(chunk_p, chunk_r)):
-            if len(r) == 0:
-                out.append(logits.new_zeros(0, dtype=torch.float32))
-                entropies.append(logits.new_zeros(0, dtype=torch.float32))
-                continue
-            # logits at positions len(p)-1 .. len(p)+len(r)-2 predict the response tokens
-            span = logits[i, len(p) - 1:len(p) + len(r) - 1].float()
-            logp = torch.log_softmax(span, dim=-1)
-            out.append(logp.gather(-1, ids[i, len(p):len(p) + len(r)].unsqueeze(-1)).squeeze(-1))
-            if entropy:
-                entropies.append(-(logp.exp() * logp).sum(-1).detach())
+            logits = _response_logits(model, ids, mask, rows, cols)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        targets = ids[rows, cols + 1]
+        picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        sizes = [len(r) for r in chunk_r]
+        out.extend(picked.split(sizes))
+        if entropy:
+            entropies.extend((-(logp.exp() * logp).sum(-1)).detach().split(sizes))
     return (out, entropies) if entropy else out
+
+
+def _response_logits(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+                     cols: torch.Tensor) -> torch.Tensor:
+    """Logits at the selected positions only. The LM head over the whole vocabulary is a large
+    share of a small model's compute; prompts are most of the tokens and need no logits."""
+    head = model.get_output_embeddings()
+    decoder = getattr(model, "model", None)
+    if head is None or decoder is None or getattr(model.config, "final_logit_softcapping", None):
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, cols]
+    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return head(hidden[rows, cols])
 
 
 def _autocast(device: torch.device):

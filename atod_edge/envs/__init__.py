@@ -16,15 +16,22 @@ BUILTIN: dict[str, str] = {
     "shop": "atod_edge.envs.shop:ShopEnv",
     "searchqa": "atod_edge.envs.searchqa:SearchQAEnv",
 }
+# third-party engines behind optional extras (pip install 'atod-edge[envs]' / '[alfworld]')
+EXTRAS: dict[str, str] = {
+    "textworld-cooking": "atod_edge.envs.textworld_env:TextWorldCookingEnv",
+    "textworld-coin": "atod_edge.envs.textworld_env:TextWorldCoinEnv",
+    "textworld-treasure": "atod_edge.envs.textworld_env:TextWorldTreasureEnv",
+    "alfworld-engine": "atod_edge.envs.alfworld_env:AlfWorldEngineEnv",
+}
 
 
-def list_envs() -> dict[str, str]:
-    return dict(BUILTIN)
+def list_envs(include_extras: bool = True) -> dict[str, str]:
+    return {**BUILTIN, **EXTRAS} if include_extras else dict(BUILTIN)
 
 
 def env_class(spec: str) -> type:
     """Resolve an env name ("household") or an import path ("pkg.module:ClassName")."""
-    target = BUILTIN.get(spec, spec)
+    target = BUILTIN.get(spec) or EXTRAS.get(spec) or spec
     if ":" not in target:
         raise UserError(f"unknown env '{spec}' (built-in: {', '.join(BUILTIN)}; "
                         "or give an import path like mypkg.module:MyEnv)")

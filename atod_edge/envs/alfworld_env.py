@@ -9,21 +9,26 @@ with ALFWorld's name demangler, so observations, admissible commands and rules a
 Numbers on this env are not comparable to published ALFWorld results.
 
 Needs the optional extra `pip install atod-edge[alfworld]` (PyPI `alfworld`, MIT, which brings
-`textworld[pddl]`; its fast-downward planner builds from source, about 2 minutes with cmake/g++).
+`textworld[pddl]`; its fast-downward library builds from source, about 2 minutes with cmake/g++).
 
 How a task is built (all draws from random.Random(task.seed), so a seed always gives one game):
     family (one of six) -> a floor plan whose room type allows it (train/eval: ALFRED's train
     scenes; unseen: its held-out test scenes) -> goal object/target types present in it ->
-    receptacle instances from the layout -> 1-3 instances of each object type, each put in a
-    receptacle that can hold it -> PDDL problem + goal from alfworld's goal library -> checked
-    solvable with the planner -> cached as game.tw-pddl (atomic rename) under
-    cache_dir()/games/alfworld-engine/.
+    receptacle instances from the layout (each at its own location) -> 1-3 goal objects and
+    1-2 of up to 10 other object types present, each put in a receptacle that can hold it ->
+    PDDL problem + goal from alfworld's goal library -> checked winnable by the expert in the
+    engine -> cached as game.tw-pddl (atomic rename) under cache_dir()/games/alfworld-engine/
+    (or $ATOD_EDGE_GAMES_DIR/alfworld-engine/). A reset of a cached game takes ~1-2 s: the
+    engine grounds the PDDL problem with fast-downward's Python translator (four times).
 
 Families: pick_and_place_simple, look_at_obj_in_light, pick_clean_then_place_in_recep,
 pick_heat_then_place_in_recep, pick_cool_then_place_in_recep, pick_two_obj_and_place.
-The expert is the engine's planner (fast-downward), replanned from the current state when the
-episode has left its plan. Reward is sparse: 1.0 when the goal holds (ALFWorld has no partial
-score). Note that ALFWorld 0.4.2's grammar says "move X to Y" for putting things down.
+The expert is an oracle that reads the engine's current facts (where everything is, what is
+held, opened, heated...) and plans from them, so it also finishes episodes other policies started;
+each generated game is kept only if it wins, and its command list is stored as the walkthrough.
+TextWorld's own planner (policy_commands: an optimal fast-downward search) is not used: on a
+full ALFRED kitchen it took 1-4 minutes per call here. Reward is sparse: 1.0 when the goal holds
+(ALFWorld has no partial score). ALFWorld 0.4.2's grammar says "move X to Y" to put things down.
 """
 
 from __future__ import annotations
