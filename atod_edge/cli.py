@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", help="run dir, episodes .jsonl, or model (dir/.onnx/.gguf)")
     p.add_argument("--env", default=None, help="environment for live runs")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir for decoding tokens")
+    p.add_argument("--split", default="eval", choices=["train", "eval", "unseen"], help="task split for live runs")
+    p.add_argument("--index", type=int, default=0, help="task index for live runs")
+    p.add_argument("--theme", default="dark", choices=["dark", "light"])
 
     p = sub.add_parser("env", help="list environments, play one yourself")
     env_sub = p.add_subparsers(dest="env_command", metavar="ACTION")
@@ -177,7 +180,8 @@ def cmd_tui(args) -> int:
         from atod_edge.tui.app import run_tui
     except ImportError as e:
         raise UserError(f"the TUI needs textual: pip install 'atod-edge[tui]' ({e})") from None
-    return run_tui(args.path, env=args.env, tokenizer=args.tokenizer)
+    return run_tui(args.path, env=args.env, tokenizer=args.tokenizer, split=args.split, index=args.index,
+                   theme=args.theme)
 
 
 def cmd_env(args) -> int:
