@@ -26,6 +26,7 @@ class EvalConfig:
     top_p: float = opt(1.0, "nucleus sampling threshold", min=0.0, max=1.0)
     max_new_tokens: int = opt(48, "max response tokens per turn", min=1)
     history_turns: int = opt(2, "past turns shown in the prompt", min=0)
+    max_turns: int = opt(0, "turn limit per episode (0: the env's default)", min=0)
     batch_episodes: int = opt(64, "episodes rolled out concurrently", min=1)
     seed: int = opt(0, "sampling seed")
     device: str = opt("cpu", "torch device for PyTorch policies (cpu, cuda, cuda:1)")
@@ -78,14 +79,15 @@ def evaluate(policy, cfg: EvalConfig, progress: Callable[[int, int], None] | Non
     started = time.perf_counter()
     episodes: list[Episode] = []
     if isinstance(policy, str):
-        episodes = run_scripted(policy, env_cls, tasks, seed=cfg.seed)
+        episodes = run_scripted(policy, env_cls, tasks, seed=cfg.seed, max_turns=cfg.max_turns or None)
     else:
         sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                   top_p=cfg.top_p)
         for start in range(0, len(tasks), cfg.batch_episodes):
             chunk = tasks[start:start + cfg.batch_episodes]
             episodes += run_episodes(policy, env_cls, chunk, sampling=sampling,
-                                     seed=cfg.seed + start, history_turns=cfg.history_turns)
+                                     seed=cfg.seed + start, history_turns=cfg.history_turns,
+                                     max_turns=cfg.max_turns or None)
             if progress:
                 progress(len(episodes), len(tasks))
     summary = summarize(episodes, time.perf_counter() - started)

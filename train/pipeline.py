@@ -60,7 +60,7 @@ def evaluate_model(path: str, cfg: TrainConfig, cache: Path | None = None) -> di
 
     ecfg = EvalConfig(env=cfg.env, split="eval", episodes=cfg.eval_episodes, temperature=cfg.eval_temperature,
                       seed=cfg.seed, history_turns=cfg.history_turns, max_new_tokens=cfg.max_new_tokens,
-                      device=cfg.device)
+                      max_turns=cfg.max_turns, device=cfg.device)
     key = json.dumps(asdict(ecfg), sort_keys=True)
     cache_file = (cache / "eval_cache.json") if cache else None
     if cache_file and cache_file.is_file():

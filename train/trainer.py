@@ -372,7 +372,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
             summary, _ = evaluate(policy, EvalConfig(env=cfg.env, episodes=cfg.eval_episodes,
                                                      temperature=cfg.eval_temperature, seed=cfg.seed,
                                                      history_turns=cfg.history_turns,
-                                                     max_new_tokens=cfg.max_new_tokens))
+                                                     max_new_tokens=cfg.max_new_tokens,
+                                                     max_turns=cfg.max_turns))
             append_line(metrics_path, _json({"step": step, "eval_success": summary["success"],
                                              "eval_score": summary["score"], "eval_turns": summary["turns"],
                                              "time_eval": time.perf_counter() - t5}))
