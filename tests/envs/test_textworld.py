@@ -126,3 +126,20 @@ def test_import_path_and_scripted_rollout(games_dir):
     episodes = run_scripted("expert", cls, cls().tasks("eval", 2))
     assert [e.success for e in episodes] == [True, True]
     assert all(e.reward == 1.0 and e.turns and e.turns[0].admissible for e in episodes)
+
+
+def test_train_two_steps_on_textworld_cooking(games_dir, atod_cache, tmp_path):
+    """The protocol is the test: rollout, teacher scoring and the ATOD update run unchanged."""
+    from atod_edge.config import load_config
+    from atod_edge.io import read_jsonl
+    from atod_edge.train.config import TrainConfig
+    from atod_edge.train.trainer import train
+
+    cfg = load_config(TrainConfig, None, [
+        "env=textworld-cooking", "steps=2", "tasks_per_step=1", "group_size=2", "max_turns=3",
+        "max_new_tokens=8", "eval_episodes=0", "compare=false", "lr=1e-4", "checkpoint_every=1"])
+    final = train(cfg, tmp_path / "run", "tiny-student", "tiny-student", log=lambda *a: None)
+    rows, skipped = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert skipped == 0 and [r["step"] for r in rows] == [0, 1]
+    assert all(r["tokens"] > 0 and r["episode_len"] <= 3 for r in rows)
+    assert (final / "config.json").is_file()
