@@ -40,17 +40,18 @@ def measure(env, policy: str, seconds: float, n_tasks: int = 200) -> tuple[float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="time per env and policy")
+    parser.add_argument("--all", action="store_true", help="include the third-party engines (TextWorld, ALFWorld)")
     args = parser.parse_args()
-    print(f"{'env':<10} {'policy':<8} {'steps/s':>10} {'episodes/s':>11} {'win rate':>9}")
-    for name in list_envs():
+    print(f"{'env':<18} {'policy':<8} {'steps/s':>10} {'episodes/s':>11} {'win rate':>9}")
+    for name in list_envs(include_extras=args.all):
         try:
             env = make_env(name)
         except UserError as e:
-            print(f"{name:<10} skipped: {e}")
+            print(f"{name:<18} skipped: {e}")
             continue
         for policy in ("random", "expert"):
             steps_per_s, episodes_per_s, win_rate = measure(env, policy, args.seconds)
-            print(f"{name:<10} {policy:<8} {steps_per_s:>10,.0f} {episodes_per_s:>11,.0f} {win_rate:>9.2f}")
+            print(f"{name:<18} {policy:<8} {steps_per_s:>10,.0f} {episodes_per_s:>11,.0f} {win_rate:>9.2f}")
 
 
 if __name__ == "__main__":
