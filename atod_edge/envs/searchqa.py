@@ -22,19 +22,17 @@ train/eval questions never involve (the passages mention them, as they mention e
 from __future__ import annotations
 
 import functools
-import itertools
 import random
 import re
 import string
 from dataclasses import dataclass
 from typing import Any
 
+from atod_edge.envs.text import MAX_QUERY_TOKENS, MAX_TOKEN_CHARS, TOKEN_RE, clip, query_tokens  # noqa: F401
 from atod_edge.envs.base import Env, StepResult, Task
 
 WORLD_SEED = 20261106
 TOP_K = 3
-MAX_QUERY_TOKENS = 32          # longer queries are cut, so junk input stays cheap and echoes short
-MAX_TOKEN_CHARS = 24
 N_COUNTRIES, CITIES_PER_COUNTRY = 12, 4
 N_COMPANIES, N_UNIVERSITIES, N_PEOPLE = 48, 12, 200
 ACTION_TEMPLATES = ["search[<query>]", "answer[<text>]"]
@@ -47,7 +45,6 @@ _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
 _VOWELS = ("a", "e", "i", "o", "u")
 _CODAS = ("", "", "n", "r", "l", "s")
 
-_TOKEN_RE = re.compile(r"[a-z0-9]+")
 _ACTION_RE = re.compile(r"^\s*([a-zA-Z_]+)\s*\[(.*)\]\s*$", re.DOTALL)
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -77,7 +74,7 @@ UNSEEN_RELATIONS = ("studied_at", "university_city")
 
 
 def tokenize(text: str) -> list[str]:
-    return _TOKEN_RE.findall(text.lower())
+    return TOKEN_RE.findall(text.lower())
 
 
 def normalise_answer(text: str) -> str:
@@ -86,15 +83,8 @@ def normalise_answer(text: str) -> str:
     return " ".join(_ARTICLES_RE.sub(" ", text).split())
 
 
-def query_tokens(text: str) -> tuple[str, ...]:
-    """A search query as at most MAX_QUERY_TOKENS tokens of at most MAX_TOKEN_CHARS characters."""
-    matches = itertools.islice(_TOKEN_RE.finditer(text.lower()), MAX_QUERY_TOKENS)
-    return tuple(m.group()[:MAX_TOKEN_CHARS] for m in matches)
 
 
-def _clip(text: str, limit: int = 60) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -265,7 +255,7 @@ class SearchQAEnv(Env):
         """-> (observation, valid, feedback, answered correctly or None if not an answer)."""
         match = _ACTION_RE.match(action)
         if match is None:
-            return self._invalid(f"'{_clip(action)}' is not an action. use search[query] or answer[text]")
+            return self._invalid(f"'{clip(action)}' is not an action. use search[query] or answer[text]")
         verb, argument = match.group(1).lower(), match.group(2)
         if verb == "search":
             query = query_tokens(argument)
@@ -283,8 +273,8 @@ class SearchQAEnv(Env):
             if not given:
                 return self._invalid("answer needs text, e.g. answer[velmora]")
             correct = given == normalise_answer(self.question.answer)
-            return f"you answered '{_clip(given)}'. {'correct' if correct else 'wrong'}.", True, "", correct
-        return self._invalid(f"unknown action '{_clip(verb)}'. use search[query] or answer[text]")
+            return f"you answered '{clip(given)}'. {'correct' if correct else 'wrong'}.", True, "", correct
+        return self._invalid(f"unknown action '{clip(verb)}'. use search[query] or answer[text]")
 
     @staticmethod
     def _invalid(feedback: str) -> tuple[str, bool, str, None]:

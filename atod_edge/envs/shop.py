@@ -31,13 +31,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from atod_edge.envs.text import MAX_QUERY_TOKENS, MAX_TOKEN_CHARS, TOKEN_RE, clip, query_tokens  # noqa: F401
 from atod_edge.envs.base import Env, StepResult, Task
 
 CATALOG_SEED = 20261105
 RESULTS_PER_PAGE = 4
 MAX_RESULTS = 20          # results beyond this are not shown (5 pages)
-MAX_QUERY_TOKENS = 32     # longer queries are cut, so junk input stays cheap and echoes short
-MAX_TOKEN_CHARS = 24
 PRODUCTS_PER_ATTRIBUTE_SET = 2
 
 _SIZES_CLOTHING = ("xs", "s", "m", "l", "xl")
@@ -79,29 +78,20 @@ BRANDS = ("acme", "nordik", "sunpeak", "bluefin", "terra", "vela", "orbit", "map
 # where the wrong category is bought, the WebShop-style score keeps a small partial credit
 WRONG_CATEGORY_FACTOR = 0.1
 
-_TOKEN_RE = re.compile(r"[a-z0-9]+")
 _ACTION_RE = re.compile(r"^\s*([a-zA-Z_]+)\s*\[(.*)\]\s*$", re.DOTALL)
 
 
 def tokenize(text: str) -> list[str]:
     """Lower-case alphanumeric tokens: the retriever's and the matcher's view of text."""
-    return _TOKEN_RE.findall(text.lower())
+    return TOKEN_RE.findall(text.lower())
 
 
 def _normalise(text: str) -> str:
     return " ".join(tokenize(text))
 
 
-def query_tokens(text: str) -> tuple[str, ...]:
-    """A search query as at most MAX_QUERY_TOKENS tokens of at most MAX_TOKEN_CHARS characters."""
-    matches = itertools.islice(_TOKEN_RE.finditer(text.lower()), MAX_QUERY_TOKENS)
-    return tuple(m.group()[:MAX_TOKEN_CHARS] for m in matches)
 
 
-def _clip(text: str, limit: int = 60) -> str:
-    """Echo at most `limit` characters of user text back in feedback."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -334,13 +324,13 @@ class ShopEnv(Env):
         """-> (observation, valid, feedback, reward, bought)."""
         match = _ACTION_RE.match(action)
         if match is None:
-            return self._invalid(f"'{_clip(action)}' is not an action. use search[query] or click[...]")
+            return self._invalid(f"'{clip(action)}' is not an action. use search[query] or click[...]")
         verb, argument = match.group(1).lower(), match.group(2)
         if verb == "search":
             return self._search(argument)
         if verb == "click":
             return self._click(_normalise(argument), argument)
-        return self._invalid(f"unknown action '{_clip(verb)}'. use search[query] or click[...]")
+        return self._invalid(f"unknown action '{clip(verb)}'. use search[query] or click[...]")
 
     def _invalid(self, feedback: str) -> tuple[str, bool, str, float, bool]:
         return f"invalid action: {feedback}", False, feedback, 0.0, False
@@ -373,7 +363,7 @@ class ShopEnv(Env):
             visible = self._visible()
             pid = next((p for p in visible if target in (p, _normalise(self.catalog.by_id[p].title))), None)
             if pid is None:
-                return self._invalid(f"cannot click '{_clip(raw)}' here. you can click: "
+                return self._invalid(f"cannot click '{clip(raw)}' here. you can click: "
                                      f"{', '.join(visible + self._page_buttons())}")
             state.kind, state.product_id, state.chosen = "product", pid, {}
             return self._render_product(), True, "", 0.0, False
@@ -389,7 +379,7 @@ class ShopEnv(Env):
                     chosen = ", ".join(f"{k} {v}" for k, v in state.chosen.items())
                     return f"selected {kind} {target} (now: {chosen})", True, "", 0.0, False
             offered = ", ".join(v for vs in product.options.values() for v in vs)
-            return self._invalid(f"cannot click '{_clip(raw)}' here. options: {offered}; or buy, back")
+            return self._invalid(f"cannot click '{clip(raw)}' here. options: {offered}; or buy, back")
         return self._invalid("search first: search[query]")
 
     # -- rendering --------------------------------------------------------------------------
