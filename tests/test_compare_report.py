@@ -221,6 +221,10 @@ def test_env_scoped_overrides():
     args = compare.parse_args(["--set", "tasks_per_step=3", "--set", "shop:bootstrap.teacher_noise=0.4",
                                "--set", "household:eval_episodes=9"])
     shop, household = compare.run_config("shop", "grpo", 0, args), compare.run_config("household", "grpo", 0, args)
-    assert shop.bootstrap.teacher_noise == 0.4 and household.bootstrap.teacher_noise == 0.3
+    from atod_edge.config import load_config
+    from atod_edge.train.config import TrainConfig
+
+    recipe_noise = load_config(TrainConfig, "household").bootstrap.teacher_noise
+    assert shop.bootstrap.teacher_noise == 0.4 and household.bootstrap.teacher_noise == recipe_noise != 0.4
     assert household.eval_episodes == 9 and shop.eval_episodes == 50
     assert shop.tasks_per_step == household.tasks_per_step == 3
