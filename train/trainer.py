@@ -422,6 +422,7 @@ def _progress(done: int, total: int, first: int, row: dict, started: float) -> N
     eta = per_step * (total - done)
     print(f"\rstep {done}/{total} | success {row['success']:.2f} | reward {row['reward']:.2f} | "
           f"kappa {row['kappa']:.2f} rho {row['rho']:.2f} | w {row['mean_turn_weight']:.2f} | "
+          f"{row.get('episodes', 0) / max(row['time_rollout'], 1e-9):.1f} episodes/s | "
           f"{per_step:.1f}s/step | ETA {_fmt_time(eta)}   ", end="" if done < total else "\n",
           file=sys.stderr, flush=True)
 
