@@ -85,6 +85,24 @@ class StopChecker:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
+def left_pad(prompts, pad_id: int):
+    """Left-pad a batch of prompts: (input ids, attention mask, position ids) as int64 numpy
+    arrays. Explicit positions let each sequence see the positions it would see alone."""
+    import numpy as np
+
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise UserError("empty prompt given to the policy")
+    width = max(lengths)
+    input_ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    attention = np.zeros((len(prompts), width), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = p
+        attention[i, width - len(p):] = 1
+    positions = np.clip(attention.cumsum(-1) - 1, 0, None)
+    return input_ids, attention, positions
+
+
 def sample_next(logits, temperature: float, top_p: float, generator):
     """Sample token ids from [B, V] float32 logits; return (ids, log-probs at temperature 1)."""
     import torch
@@ -141,17 +159,8 @@ class TorchPolicy(Policy):
         generator.manual_seed(0 if seed is None else int(seed))
         checker = StopChecker(self.tokenizer, sampling)
 
-        lengths = [len(p) for p in prompts]
-        if min(lengths) == 0:
-            raise UserError("empty prompt given to the policy")
-        width = max(lengths)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            attention[i, width - len(p):] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention, positions = (torch.from_numpy(a).to(device)
+                                           for a in left_pad(prompts, self.pad_id))
 
         outputs: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]

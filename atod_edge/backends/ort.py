@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from atod_edge.errors import UserError
-from atod_edge.policy import Generation, Policy, SamplingParams, StopChecker, sample_next
+from atod_edge.policy import Generation, Policy, SamplingParams, StopChecker, left_pad, sample_next
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 
@@ -112,16 +112,7 @@ class OrtPolicy(Policy):
             return []
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
         checker = StopChecker(self.tokenizer, sampling)
-        lengths = [len(p) for p in prompts]
-        if min(lengths) == 0:
-            raise UserError("empty prompt given to the policy")
-        width = max(lengths)
-        input_ids = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
-        attention = np.zeros((len(prompts), width), dtype=np.int64)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p):] = p
-            attention[i, width - len(p):] = 1
-        positions = np.clip(attention.cumsum(-1) - 1, 0, None)
+        input_ids, attention, positions = left_pad(prompts, self.pad_id)
 
         outputs: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]

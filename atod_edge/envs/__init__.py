@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable
 
 from atod_edge.envs.base import REQUIRED_METHODS, SPLITS, Env, StepResult, Task
 from atod_edge.errors import UserError
@@ -47,11 +46,6 @@ def env_class(spec: str) -> type:
     if missing or not isinstance(getattr(cls, "name", None), str):
         what = ", ".join(missing) if missing else "a `name` string attribute"
         raise UserError(f"env '{spec}': {class_name} does not follow the env protocol (missing {what})")
-    return cls
-
-
-def env_factory(spec: str) -> Callable[[], Env]:
-    cls = env_class(spec)
     return cls
 
 
