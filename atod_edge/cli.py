@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="preset name or checkpoint dir to start from")
     p.add_argument("--demos", help="expert | noisy | FILE.jsonl")
     p.add_argument("--episodes", type=int, help="number of demonstration episodes")
-    p.add_argument("--out", help="output checkpoint dir")
+    p.add_argument("--out", help="output model dir (metrics, checkpoints, curves go to OUT.work/)")
+    p.add_argument("--resume", metavar="OUT", help="continue an interrupted run from its last checkpoint")
 
     p = sub.add_parser("eval", help="evaluate a policy on an environment split")
     _add_config_args(p, "recipe YAML (optional)")
@@ -133,11 +134,13 @@ def cmd_sft(args) -> int:
     from atod_edge.train.sft import sft_command
 
     overrides = list(args.overrides)
+    if args.resume and args.out:
+        raise UserError("--resume continues the run where it was: give --resume OUT without --out")
     for key in ("env", "model", "demos", "episodes", "out"):
         value = getattr(args, key)
         if value is not None:
             overrides.append(f"{key}={value}")
-    return sft_command(args.recipe, overrides)
+    return sft_command(args.recipe, overrides, resume=args.resume)
 
 
 def cmd_eval(args) -> int:

@@ -49,7 +49,7 @@ def ensure_model(cfg: TrainConfig, role: str, log=print) -> str:
                     history_turns=cfg.history_turns, seed=cfg.seed, device=cfg.device, out=str(out),
                     eval_episodes=0)
     log(f"{role}: bootstrapping by SFT ({sft.demos} demos x{sft.episodes}) -> {out}")
-    train_sft(sft, log=log)
+    train_sft(sft, log=log, resume=True)   # an interrupted bootstrap continues from its checkpoint
     return str(out)
 
 

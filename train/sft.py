@@ -4,13 +4,29 @@ The loss is the mean negative log-likelihood of the response tokens (the prompt 
 prompts are built exactly as the rollout engine builds them, so the model is trained on what it
 will see. Demonstrations come from the env's scripted expert, a noisy expert (imperfect demos),
 or an episodes JSONL file.
+
+The final model goes to `out` (HF layout, written atomically); the run's records go beside it,
+to `<out>.work/`:
+    config.yaml        the resolved SFTConfig
+    data.json          counts and a fingerprint of the training examples (checked on resume)
+    metrics.jsonl      loss rows every log_every steps, eval rows (periodic and final)
+    checkpoints/       step_XXXXXX/: weights + trainer state, the newest only, for --resume;
+                       removed once the final model is saved
+    curves.png         the learning curve, drawn at the end
+Scripted demonstrations are regenerated from the seed on resume, and the data order is replayed,
+so an interrupted and resumed run ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import random
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -18,11 +34,15 @@ from pathlib import Path
 
 import torch
 
-from atod_edge.config import load_config, opt
+from atod_edge.config import dump_yaml, load_config, opt
 from atod_edge.episode import Episode, read_episodes
 from atod_edge.errors import UserError
+from atod_edge.io import append_line, atomic_path, atomic_write_json, atomic_write_text
+from atod_edge.train.trainer import CHECKPOINT_RE, _fmt_time, _json, _truncate_metrics, latest_checkpoint
 
 logger = logging.getLogger(__name__)
+
+LR_SCHEDULES = ("linear", "constant", "cosine")
 
 
 @dataclass
@@ -42,8 +62,17 @@ class SFTConfig:
     history_turns: int = opt(2, "past turns in the prompt", min=0)
     seed: int = opt(0, "seed for demos and shuffling")
     device: str = opt("cpu", "torch device")
-    out: str = opt("runs/sft", "output checkpoint dir")
+    out: str = opt("runs/sft", "output model dir (metrics, checkpoints, curves: <out>.work/)")
     eval_episodes: int = opt(50, "episodes evaluated on the eval split at the end (0 = none)", min=0)
+    lr_schedule: str = opt("linear", "linear (the warmup ramp times a decay to 0 over the whole run, the "
+                           "original schedule) | constant (after warmup) | cosine (from the end of warmup)",
+                           choices=list(LR_SCHEDULES))
+    min_lr_ratio: float = opt(0.0, "floor of the linear or cosine decay, as a fraction of lr", min=0.0, max=1.0)
+    log_every: int = opt(1, "steps between loss rows in <out>.work/metrics.jsonl", min=1)
+    eval_every: int = opt(0, "steps between evaluations during training (0 = only the final one)", min=0)
+    eval_every_episodes: int = opt(20, "eval-split episodes of each periodic evaluation", min=1)
+    checkpoint_every: int = opt(100, "steps between checkpoints in <out>.work/checkpoints, for --resume "
+                                "(0 = none)", min=0)
 
 
 def demo_episodes(cfg: SFTConfig) -> list[Episode]:
@@ -106,78 +135,249 @@ def build_examples(episodes: list[Episode], tokenizer, instructions: str, histor
     return examples
 
 
-def train_sft(cfg: SFTConfig, log=print) -> Path:
-    """Fine-tune cfg.model on demonstrations and save it (HF layout) to cfg.out, atomically."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "linear", min_ratio: float = 0.0) -> float:
+    """The multiplier of the peak learning rate at optimizer step `step` (0-based) of `total`.
+
+    Every shape ramps up linearly over `warmup` steps. linear: the ramp times a linear decay from
+    1 at step 0 to 0 at step `total` (the original SFT schedule); constant: flat after the ramp;
+    cosine: half a cosine from 1 at the end of warmup to 0 at step `total`. The decay is floored
+    at min_ratio: factor = ramp * (min_ratio + (1 - min_ratio) * decay).
+    """
+    ramp = min(1.0, (step + 1) / max(1, warmup))
+    if schedule == "linear":
+        decay = max(0.0, 1 - step / total)
+    elif schedule == "constant":
+        decay = 1.0
+    elif schedule == "cosine":
+        progress = min(1.0, max(0, step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise UserError(f"lr_schedule '{schedule}' is unknown; choose one of {', '.join(LR_SCHEDULES)}")
+    return ramp * (min_ratio + (1.0 - min_ratio) * decay)
+
+
+def work_dir(out: str | Path) -> Path:
+    """Where an SFT run keeps its metrics, checkpoints and curves: `<out>.work`, beside the model."""
+    out = Path(out)
+    return out.with_name(out.name + ".work")
+
+
+def train_sft(cfg: SFTConfig, log=print, resume: bool = False) -> Path:
+    """Fine-tune cfg.model on demonstrations and save it (HF layout) to cfg.out, atomically.
+
+    resume=True continues from the newest checkpoint in `<out>.work/checkpoints` (from the
+    start when there is none). Without it, a leftover checkpoint of an interrupted run is an error.
+    """
     from atod_edge.envs import env_class
-    from atod_edge.io import atomic_path
     from atod_edge.models import load_model
     from atod_edge.policy import torch_device
     from atod_edge.scoring import response_logprobs
 
     torch_device(cfg.device)  # a one-line error for a bad device name
+    out, work = Path(cfg.out), work_dir(cfg.out)
+    found = latest_checkpoint(work)
+    if found and not resume:
+        raise UserError(f"{work} holds the checkpoint of an interrupted sft run (step {found[0]}): continue it "
+                        f"with `atod-edge sft --resume {out}`, or remove {work} to start over")
+    done_steps, start = found if (resume and found) else (0, cfg.model)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, device=cfg.device)
+    model, tokenizer = load_model(start, device=cfg.device)
     model.train()
     instructions = env_class(cfg.env).instructions
     episodes = demo_episodes(cfg)
     examples = build_examples(episodes, tokenizer, instructions, cfg.history_turns)
     if not examples:
         raise UserError("the demonstrations hold no valid turns to train on")
+    data = {"demos": len(episodes), "successful": sum(e.success for e in episodes), "examples": len(examples),
+            "sha256": _fingerprint(examples)}
     pad = tokenizer.pad_token_id or 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.0, 1 - s / total))
-    rng = random.Random(cfg.seed)
-    log(f"sft: {len(episodes)} demos ({sum(e.success for e in episodes)} successful), "
+        optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio))
+    metrics = work / "metrics.jsonl"
+    if done_steps:
+        _check_same_data(work, data)
+        state = torch.load(Path(start) / "trainer_state.pt", weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        _truncate_metrics(metrics, done_steps)
+        log(f"resuming {work} after step {done_steps}")
+    else:
+        if resume and metrics.is_file():
+            log(f"sft: no checkpoint in {work}: starting from the beginning")
+        atomic_write_text(metrics, "")
+    atomic_write_text(work / "config.yaml", dump_yaml(cfg))
+    atomic_write_json(work / "data.json", data)
+    log(f"sft: {len(episodes)} demos ({data['successful']} successful), "
         f"{len(examples)} turns, {cfg.epochs} epochs, {total} steps")
-    started, step = time.perf_counter(), 0
-    for _epoch in range(cfg.epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for start in range(0, len(order), cfg.batch_size):
-            batch = [examples[i] for i in order[start:start + cfg.batch_size]]
-            # sort by length so micro-batches pad little
-            batch.sort(key=lambda ex: len(ex[0]) + len(ex[1]))
-            n_tokens = sum(len(r) for _, r in batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = 0.0
-            for m in range(0, len(batch), cfg.micro_batch):
-                chunk = batch[m:m + cfg.micro_batch]
-                lps = response_logprobs(model, [p for p, _ in chunk], [r for _, r in chunk], pad_id=pad,
-                                        micro_batch=cfg.micro_batch)
-                loss = -torch.cat(lps).sum() / n_tokens
-                loss.backward()
-                loss_value += float(loss.detach())
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            elapsed = time.perf_counter() - started
-            eta = elapsed / step * (total - step)
-            print(f"\rsft step {step}/{total}  loss {loss_value:.3f}  ETA {eta:.0f}s", end="",
-                  file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+
+    rng = random.Random(cfg.seed)
+    started, train_seconds, trained, step = time.perf_counter(), 0.0, 0, 0
+    try:
+        for epoch in range(cfg.epochs):
+            # every epoch's shuffle is replayed on resume, so the data order is the uninterrupted one
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            for first in range(0, len(order), cfg.batch_size):
+                if step < done_steps:
+                    step += 1
+                    continue
+                t0 = time.perf_counter()
+                batch = [examples[i] for i in order[first:first + cfg.batch_size]]
+                # sort by length so micro-batches pad little
+                batch.sort(key=lambda ex: len(ex[0]) + len(ex[1]))
+                n_tokens = sum(len(r) for _, r in batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss_value = 0.0
+                for m in range(0, len(batch), cfg.micro_batch):
+                    chunk = batch[m:m + cfg.micro_batch]
+                    lps = response_logprobs(model, [p for p, _ in chunk], [r for _, r in chunk], pad_id=pad,
+                                            micro_batch=cfg.micro_batch)
+                    loss = -torch.cat(lps).sum() / n_tokens
+                    loss.backward()
+                    loss_value += float(loss.detach())
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                lr = scheduler.get_last_lr()[0]   # the rate this step used
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                step_seconds = time.perf_counter() - t0
+                train_seconds += step_seconds
+                trained += len(batch)
+                # Records first, checkpoint last: a checkpoint of step N implies every row before N is on
+                # disk (resume drops the rows after it).
+                if step % cfg.log_every == 0 or step == total:
+                    append_line(metrics, _json({"step": step - 1, "epoch": epoch, "loss": loss_value, "lr": lr,
+                                                "grad_norm": float(grad_norm), "examples": len(batch),
+                                                "tokens": n_tokens, "time_step": step_seconds}))
+                _progress(step, total, done_steps, loss_value, trained / max(train_seconds, 1e-9),
+                          time.perf_counter() - started)
+                if (cfg.eval_every and step % cfg.eval_every == 0
+                        and (step < total or not cfg.eval_episodes)):   # the final eval covers the end
+                    if step < total:
+                        print(file=sys.stderr)   # end the progress line
+                    summary = _evaluate(model, tokenizer, cfg, cfg.eval_every_episodes, metrics, step)
+                    log(f"sft: eval at step {step}: success {summary['success']:.1%}, score "
+                        f"{summary['score']:.3f}, {summary['turns']:.1f} turns ({cfg.eval_every_episodes} episodes)")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                    _save_checkpoint(work, step, model, tokenizer, optimizer, scheduler)
+    except KeyboardInterrupt:
+        last = latest_checkpoint(work)
+        where = f"its last checkpoint is step {last[0]}" if last else "it has no checkpoint yet"
+        print(f"\nsft: interrupted after step {step}/{total}; {where}: continue with "
+              f"`atod-edge sft --resume {out}`", file=sys.stderr)
+        raise
     model.eval()
-    out = Path(cfg.out)
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+    # the checkpoints only served resuming; the final model replaces them
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    append_line(metrics, _json({"step": total - 1, "saved": str(out),
+                                "time_total": time.perf_counter() - started}))
     log(f"sft: saved {out} ({time.perf_counter() - started:.0f}s)")
+    if cfg.eval_episodes:
+        from atod_edge.evaluate import format_summary, save_eval
+
+        summary, eval_episodes = _evaluate(model, tokenizer, cfg, cfg.eval_episodes, metrics, total, final=True)
+        save_eval(out / "eval", summary, eval_episodes)
+        log(format_summary(summary))
+    try:
+        from atod_edge.train.plots import plot_sft
+
+        plot_sft(work)
+    except ImportError:
+        pass
     return out
 
 
-def sft_command(recipe: str | None, overrides: list[str]) -> int:
-    cfg = load_config(SFTConfig, recipe, overrides)
-    out = train_sft(cfg)
-    if cfg.eval_episodes:
-        from atod_edge.evaluate import EvalConfig, evaluate, format_summary, save_eval
-        from atod_edge.policy import TorchPolicy
+def _save_checkpoint(work: Path, done_steps: int, model, tokenizer, optimizer, scheduler) -> Path:
+    """checkpoints/step_XXXXXX in the trainer's layout (weights, tokenizer, trainer_state.pt), written
+    atomically; older ones and the leftovers of a killed write are removed. The trainer's
+    ATOD_EDGE_TEST_KILL_IN_CHECKPOINT=N hook works here too: SIGKILL mid-write of step N."""
+    path = work / "checkpoints" / f"step_{done_steps:06d}"
+    with atomic_path(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if os.environ.get("ATOD_EDGE_TEST_KILL_IN_CHECKPOINT") == str(done_steps):
+            os.kill(os.getpid(), signal.SIGKILL)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": done_steps, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+    for old in (work / "checkpoints").iterdir():
+        if old != path and (CHECKPOINT_RE.match(old.name) or old.name.startswith(".step_")):
+            shutil.rmtree(old, ignore_errors=True)
+    return path
 
-        policy = TorchPolicy.load(str(out), device=cfg.device)
-        summary, episodes = evaluate(policy, EvalConfig(env=cfg.env, episodes=cfg.eval_episodes,
-                                                        device=cfg.device))
-        save_eval(Path(out) / "eval", summary, episodes)
-        print(format_summary(summary))
+
+def _evaluate(model, tokenizer, cfg: SFTConfig, episodes: int, metrics: Path, step: int, final: bool = False):
+    """Evaluate the model being trained on the eval split (EvalConfig's temperature) and append
+    an eval row to metrics. Returns the summary (and the episodes for the final evaluation)."""
+    from atod_edge.evaluate import EvalConfig, evaluate
+    from atod_edge.policy import TorchPolicy
+
+    started = time.perf_counter()
+    model.eval()
+    policy = TorchPolicy(model, tokenizer, name=str(cfg.out))
+    summary, eval_episodes = evaluate(policy, EvalConfig(env=cfg.env, episodes=episodes, seed=cfg.seed,
+                                                         history_turns=cfg.history_turns, device=cfg.device))
+    model.train()
+    append_line(metrics, _json({"step": step - 1, "eval_success": summary["success"], "eval_score": summary["score"],
+                                "eval_turns": summary["turns"], "eval_episodes": episodes,
+                                "time_eval": time.perf_counter() - started}))
+    return (summary, eval_episodes) if final else summary
+
+
+def _fingerprint(examples: list[tuple[list[int], list[int]]]) -> str:
+    return hashlib.sha256(json.dumps(examples, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_same_data(work: Path, data: dict) -> None:
+    """Resuming on other examples (a changed demos file, other settings) would not continue the run."""
+    try:
+        stored = json.loads((work / "data.json").read_text())
+    except (OSError, ValueError):
+        stored = {}
+    if stored.get("sha256") != data["sha256"]:
+        raise UserError(f"{work}: the demonstrations differ from the interrupted run's ({data['examples']} turns now, "
+                        f"{stored.get('examples', '?')} then); resume with the same settings, or remove {work}")
+
+
+def _progress(done: int, total: int, first: int, loss: float, examples_per_s: float, elapsed: float) -> None:
+    eta = elapsed / max(1, done - first) * (total - done)
+    print(f"\rsft step {done}/{total} | loss {loss:.3f} | {examples_per_s:.1f} examples/s | ETA {_fmt_time(eta)}   ",
+          end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+
+def resolve_resume(path: str) -> tuple[Path, Path]:
+    """(work dir, output dir) of the SFT run to resume, given either of them."""
+    given = Path(path)
+    for work in (given, work_dir(given)):
+        if work.name.endswith(".work") and (work / "config.yaml").is_file():
+            return work, work.with_name(work.name[:-len(".work")])
+    raise UserError(f"--resume {path}: not an sft run (no {work_dir(given)}/config.yaml)")
+
+
+def sft_command(recipe: str | None, overrides: list[str], resume: str | None = None) -> int:
+    if resume:
+        if recipe:
+            raise UserError("--resume continues a run with its own config: give no recipe")
+        work, out = resolve_resume(resume)
+        cfg = load_config(SFTConfig, str(work / "config.yaml"), [*overrides, f"out={out}"])
+        if latest_checkpoint(work) is None and _finished(work):
+            raise UserError(f"{out} is complete (nothing to resume); evaluate it with "
+                            f"`atod-edge eval --model {out}`")
+    else:
+        cfg = load_config(SFTConfig, recipe, overrides)
+    train_sft(cfg, resume=bool(resume))
     return 0
+
+
+def _finished(work: Path) -> bool:
+    """The run saved its final model (a metrics row says so)."""
+    from atod_edge.io import read_jsonl
+
+    path = work / "metrics.jsonl"
+    return path.is_file() and any("saved" in row for row in read_jsonl(path)[0])

@@ -1,17 +1,22 @@
 """Tests for train/sft.py: the `atod-edge sft` command, that SFT lowers the demonstrations'
-loss, and clean errors for bad demonstration files."""
+loss, the learning-rate shapes, the run records (loss and eval rows, curves), resume after an
+interruption, and clean errors for bad demonstration files and options."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from train_fixtures import load_weights, same_weights
 
 from atod_edge import cli
+from atod_edge.config import load_config
 from atod_edge.envs import env_class
+from atod_edge.io import read_jsonl
 from atod_edge.models import check_same_tokenizer, load_model, resolve_model
 from atod_edge.scoring import response_logprobs
-from atod_edge.train.sft import SFTConfig, build_examples, demo_episodes, train_sft
+from atod_edge.train.sft import SFTConfig, build_examples, demo_episodes, lr_factor, train_sft, work_dir
 
 
 def test_sft_command_writes_a_loadable_checkpoint(atod_cache, one_thread, tmp_path, capsys):
@@ -64,3 +69,123 @@ def test_bad_demos_file_gives_a_one_line_error(content, atod_cache, tmp_path, ca
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("atod-edge sft: error: ")
     assert not (tmp_path / "out").exists()
+
+
+# --- learning-rate shapes --------------------------------------------------------------------
+
+def test_linear_lr_is_the_original_schedule_and_the_others_follow_their_shapes():
+    total, warmup = 10, 4
+    for s in range(total):
+        original = min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / total)
+        assert lr_factor(s, total, warmup, "linear") == original   # bit for bit: bootstraps are unchanged
+    assert [lr_factor(s, total, warmup, "constant") for s in (0, 3, 9)] == [0.25, 1.0, 1.0]
+    # cosine: the peak at the end of warmup, half way down in the middle of the rest, to 0 at `total`
+    assert lr_factor(3, total, warmup, "cosine") == 1.0
+    assert lr_factor(7, total, warmup, "cosine") == pytest.approx(0.5)
+    assert lr_factor(9, total, warmup, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    # the floor: min_ratio + (1 - min_ratio) * decay
+    assert lr_factor(7, total, warmup, "cosine", min_ratio=0.2) == pytest.approx(0.2 + 0.8 * 0.5)
+    assert lr_factor(5, total, 0, "linear", min_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+# --- run records and resume ------------------------------------------------------------------
+
+# 2 expert household episodes: 17 turns, 5 steps of 4 turns per epoch, 10 steps in all
+RUN = {"env": "household", "model": "tiny-student", "demos": "expert", "episodes": 2, "epochs": 2, "batch_size": 4,
+       "micro_batch": 4, "lr": 3e-3, "warmup_steps": 2, "lr_schedule": "cosine", "min_lr_ratio": 0.1,
+       "eval_episodes": 0, "eval_every": 4, "eval_every_episodes": 1, "checkpoint_every": 2}
+
+
+def _run_args(out) -> list[str]:
+    return ["sft", "--out", str(out), *[a for k, v in RUN.items() for a in ("--set", f"{k}={v}")]]
+
+
+def _rows(out) -> list[dict]:
+    rows, skipped = read_jsonl(work_dir(out) / "metrics.jsonl")
+    assert skipped == 0
+    return rows
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    """Rows without wall-clock times and the output path."""
+    return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "saved"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def sft_reference(atod_cache, one_thread, tmp_path_factory):
+    """The uninterrupted 10-step run: the reference of the resume test."""
+    out = tmp_path_factory.mktemp("sft-reference") / "model"
+    train_sft(SFTConfig(**RUN, out=str(out)), log=lambda *a: None)
+    return out
+
+
+def test_sft_writes_loss_rows_periodic_eval_rows_and_a_curve(sft_reference):
+    work = work_dir(sft_reference)
+    rows = _rows(sft_reference)
+    losses = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in losses] == list(range(10))
+    assert [r["epoch"] for r in losses] == [0] * 5 + [1] * 5
+    assert [r["examples"] for r in losses] == [4, 4, 4, 4, 1] * 2
+    assert [r["lr"] for r in losses] == pytest.approx([3e-3 * lr_factor(s, 10, 2, "cosine", 0.1) for s in range(10)])
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["tokens"] > 0 for r in losses)
+    assert losses[-1]["loss"] < losses[0]["loss"]
+    evals = [r for r in rows if "eval_success" in r]
+    assert [r["step"] for r in evals] == [3, 7]   # after steps 4 and 8
+    assert all(0.0 <= r["eval_success"] <= 1.0 and r["eval_episodes"] == 1 and r["eval_turns"] > 0 for r in evals)
+    assert rows[-1]["saved"] == str(sft_reference) and rows[-1]["step"] == 9
+    assert (work / "curves.png").stat().st_size > 0
+    assert not (work / "checkpoints").exists()   # the final model replaced them
+    assert load_config(SFTConfig, str(work / "config.yaml")) == SFTConfig(**RUN, out=str(sft_reference))
+    assert not any(p.name.startswith(".") for p in sft_reference.parent.iterdir())   # nothing half-written
+
+
+def test_interrupted_then_resumed_sft_matches_the_uninterrupted_run(sft_reference, one_thread, tmp_path,
+                                                                   monkeypatch, capsys):
+    from atod_edge import scoring
+
+    out = tmp_path / "model"
+    forward = scoring.response_logprobs
+    calls = []
+
+    def interrupted_in_step_8(*args, **kwargs):   # one call per step (micro_batch = batch_size)
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "response_logprobs", interrupted_in_step_8)
+    assert cli.main(_run_args(out)) == 130
+    assert f"last checkpoint is step 6: continue with `atod-edge sft --resume {out}`" in capsys.readouterr().err
+    monkeypatch.undo()
+    checkpoints = work_dir(out) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000006"]   # the newest only
+    assert [r["step"] for r in _rows(out) if "loss" in r] == list(range(7))   # step 7's row is after it
+    assert not out.exists()
+
+    # a fresh run over it refuses; --resume continues mid-epoch 2 and drops the rows after step 6
+    assert cli.main(_run_args(out)) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert cli.main(["sft", "--resume", str(out)]) == 0
+    assert f"resuming {work_dir(out)} after step 6" in capsys.readouterr().out
+    assert same_weights(load_weights(out), load_weights(sft_reference))
+    assert _comparable(_rows(out)) == _comparable(_rows(sft_reference))
+    assert not checkpoints.exists()
+
+    assert cli.main(["sft", "--resume", str(work_dir(out))]) == 1   # the work dir names the run too
+    assert "is complete" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [
+    ["--set", "lr_schedule=step"],
+    ["--set", "min_lr_ratio=2"],
+    ["--set", "checkpoint_every=-1"],
+    ["--resume", "no-such-run"],
+    ["--resume", "x", "--out", "y"],
+])
+def test_bad_sft_option_gives_a_one_line_error(args, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["sft", "--model", "tiny-student", *args])
+    err = capsys.readouterr().err
+    assert code in (1, 2)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("atod-edge sft: error: "), err
+    assert list(tmp_path.iterdir()) == []
