@@ -16,13 +16,15 @@ from atod_edge.episode import Episode
 
 
 def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                      pad_id: int = 0, micro_batch: int = 16, entropy: bool = False,
+                      pad_id: int = 0, micro_batch: int = 16, entropy: bool = False, whole_model: bool = False,
                       ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per pair, a 1-D float32 tensor of log pi(response_j | prompt, response_<j).
 
     Runs with gradients when called under grad mode (the student's update), without under
     torch.inference_mode() (teacher scoring). With entropy=True also returns the full-vocabulary
-    entropy at each response position (diagnostics only).
+    entropy at each response position (diagnostics only). whole_model=True always calls the
+    model's own forward, never its decoder and head separately (a model sharded with FSDP
+    gathers its top-level weights in hooks on that forward).
     """
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
@@ -43,7 +45,7 @@ def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequen
         cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(r) - 1) for p, r in zip(chunk_p, chunk_r)])
         rows, cols = rows.to(device), cols.to(device)
         with _autocast(device):
-            logits = _response_logits(model, ids, mask, rows, cols)
+            logits = _response_logits(model, ids, mask, rows, cols, whole_model)
         logp = torch.log_softmax(logits.float(), dim=-1)
         targets = ids[rows, cols + 1]
         picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -55,9 +57,14 @@ def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequen
 
 
 def _response_logits(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
-                     cols: torch.Tensor) -> torch.Tensor:
+                     cols: torch.Tensor, whole_model: bool = False) -> torch.Tensor:
     """Logits at the selected positions only. The LM head over the whole vocabulary is a large
     share of a small model's compute; prompts are most of the tokens and need no logits."""
+    if whole_model:
+        # the model's own forward, with logits only at the positions any row needs
+        keep = torch.unique(cols)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+        return logits[rows, torch.searchsorted(keep, cols)]
     head = model.get_output_embeddings()
     decoder = getattr(model, "model", None)
     if head is None or decoder is None or getattr(model.config, "final_logit_softcapping", None):

@@ -75,6 +75,17 @@ def test_entropy_matches_the_full_vocabulary_entropy(tiny_student):
             assert bool((ent > 0).all()) and bool((ent <= torch.log(torch.tensor(4096.0)) + 1e-3).all())
 
 
+def test_whole_model_forward_gives_the_same_logprobs(tiny_student):
+    # the path a model sharded with FSDP takes: its own forward, logits only where needed
+    model, _ = tiny_student
+    prompts, responses = token_pairs(model.config.vocab_size, seed=4)
+    with torch.inference_mode():
+        split = response_logprobs(model, prompts, responses, micro_batch=3)
+        whole = response_logprobs(model, prompts, responses, micro_batch=3, whole_model=True)
+    for a, b in zip(split, whole):
+        assert a.shape == b.shape and a == pytest.approx(b, abs=1e-5)
+
+
 def test_gradients_flow_in_grad_mode(tiny_student):
     model, _ = tiny_student
     prompts, responses = token_pairs(model.config.vocab_size, seed=3)

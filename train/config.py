@@ -38,6 +38,18 @@ class BootstrapOptions:
 
 
 @dataclass
+class LoraOptions:
+    """LoRA adapters through peft (optional extra `lora`), for students too large to fine-tune whole."""
+
+    rank: int = opt(0, "LoRA rank r (0 = off: every weight of the student is trained)", min=0)
+    alpha: float = opt(16.0, "LoRA alpha: the adapter update is scaled by alpha / rank", min=0.0)
+    dropout: float = opt(0.0, "dropout on the adapters' input (training only)", min=0.0, max=1.0)
+    target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                    "modules that get adapters (default: the attention and MLP projections "
+                                    "of Llama/Qwen/Mistral)")
+
+
+@dataclass
 class TrainConfig:
     algo: str = opt("atod", "atod | opd (kappa=1, rho=0, w=1) | grpo (kappa=0, rho=1)",
                     choices=["atod", "opd", "grpo"])
@@ -72,6 +84,10 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "how many step checkpoints to keep", min=1)
     sample_episodes: int = opt(8, "episodes with token-level fields saved per step for the TUI", min=0)
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the student's update")
+    distributed: str = opt("ddp", "under torchrun: ddp (a full replica per rank, gradients summed) | fsdp "
+                           "(FSDP2: parameters, gradients and optimizer state sharded for the update; "
+                           "rollouts use a full copy of the weights per rank)", choices=["ddp", "fsdp"])
+    lora: LoraOptions = nested(LoraOptions, "LoRA adapters instead of full fine-tuning (needs peft)")
     seed: int = opt(0, "seed for rollouts and initialisation")
     schedule: ScheduleOptions = nested(ScheduleOptions, "the annealed kappa/rho schedule")
     bootstrap: BootstrapOptions = nested(BootstrapOptions, "teacher bootstrap and cold start")
@@ -84,3 +100,14 @@ class TrainConfig:
         if self.algo != "opd" and self.group_size < 2:
             raise ConfigError(f"config key 'group_size': got {self.group_size}, GRPO needs >= 2 rollouts "
                               f"per task (algo={self.algo})")
+        if self.lora.rank:
+            if not self.lora.target_modules:
+                raise ConfigError("config key 'lora.target_modules': empty, but lora.rank > 0 needs at least one")
+            if self.distributed == "fsdp":
+                raise ConfigError("config key 'lora.rank': LoRA with distributed=fsdp is not supported; the "
+                                  "adapters are small, use distributed=ddp")
+            from atod_edge.train.lora import INSTALL_HINT, peft_available
+
+            if not peft_available():
+                raise ConfigError(f"config key 'lora.rank': got {self.lora.rank}, but LoRA needs peft, which is "
+                                  f"not installed: {INSTALL_HINT}")

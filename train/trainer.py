@@ -5,7 +5,18 @@ advantages.py and loss.py; this module only moves data between them.
 Distributed: under torchrun each rank rolls out its share of the step's tasks (whole GRPO groups),
 and gradients are summed across ranks before the optimizer step (the loss is already divided by
 the global token count, so the sum is the token mean over the whole batch). Metrics are summed
-over ranks too; only rank 0 writes files.
+over ranks too; only rank 0 writes files. Two ways to hold the student (config `distributed`):
+    ddp    every rank holds the whole student and its optimizer state; gradients are all-reduced
+    fsdp   FSDP2 (torch.distributed.fsdp.fully_shard, per decoder layer and the whole model):
+           parameters, gradients and AdamW state are sharded across ranks for the update, which
+           calls the model's own forward and runs the same number of micro-batches on every rank
+           (each is a collective). Rollouts and checkpoints use a full, unsharded copy of the
+           weights on every rank, refreshed after each update (all-gather): the student must fit
+           one device for inference, not for training. Checkpoints hold the full weights and the
+           full optimizer state (gathered to rank 0). Tested on CPU (gloo); CUDA (NCCL) runs the
+           same code but has not been run on GPUs yet.
+LoRA (config `lora.rank` > 0, see lora.py): only adapter weights train; checkpoints hold the merged
+plain model plus the adapter (CHECKPOINT/adapter/), and resume loads the adapter onto the student.
 
 Two environment variables exist for tests only (they cannot monkeypatch a subprocess):
     ATOD_EDGE_TEST_KILL_IN_CHECKPOINT=N   SIGKILL this process while it writes the checkpoint of
@@ -34,6 +45,8 @@ from atod_edge.errors import UserError
 from atod_edge.io import append_line, atomic_path, atomic_write_text, read_jsonl
 from atod_edge.train.advantages import broadcast_to_tokens, combine, grpo_advantages, opd_advantages
 from atod_edge.train.config import TrainConfig
+from atod_edge.train.lora import (ADAPTER_DIR, add_adapters, load_adapter, merged_state_dict, require_peft,
+                                  save_adapter)
 from atod_edge.train.loss import clipped_surrogate
 from atod_edge.train.schedule import ScheduleConfig, coefficients
 from atod_edge.train.tdur import token_weights, turn_statistics
@@ -73,11 +86,79 @@ def _all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def _all_reduce_max(value: int, info: DistInfo, device) -> int:
+    if info.world == 1:
+        return value
+    import torch.distributed as dist
+
+    tensor = torch.tensor(value, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor)
+
+
 def _barrier(info: DistInfo) -> None:
     if info.world > 1:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def shard_fsdp(model, device: str, info: DistInfo) -> None:
+    """FSDP2 in place: each decoder layer is its own shard group, the rest (embeddings, final norm,
+    LM head) the root's. Gradients are summed, not averaged, like the ddp path (the loss is already
+    a global token mean), with plain SUM collectives (gloo has no AVG/PREMUL_SUM)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise UserError(f"distributed=fsdp: {type(model).__name__} has no model.layers to shard "
+                        "(supported: Llama/Qwen/Mistral-style decoders); use distributed=ddp")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (info.world,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+@torch.no_grad()
+def gather_full_weights(sharded, full) -> None:
+    """Copy the sharded model's parameters into the unsharded copy `full` (an all-gather per
+    parameter: every rank must call this, in the same order)."""
+    targets = dict(full.named_parameters())
+    for name, param in sharded.named_parameters():
+        targets[name].copy_(param.full_tensor() if hasattr(param, "full_tensor") else param)
+
+
+def optimizer_state(student, optimizer, fsdp: bool) -> dict:
+    """The optimizer state to save. fsdp: the full (unsharded) state, gathered to rank 0 (every rank
+    must call this; the others get an empty dict)."""
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(student, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(student, optimizer, state: dict, fsdp: bool, where: Path) -> None:
+    try:
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(student, optimizer, optim_state_dict=state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{where}: its optimizer state does not fit this run (were distributed or lora.* "
+                        f"changed since?): {first}") from None
 
 
 # --- batch: advantages for every response token --------------------------------------------
@@ -167,10 +248,12 @@ def _schedule(cfg: TrainConfig) -> ScheduleConfig:
 
 # --- the update ------------------------------------------------------------------------------
 
-def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistInfo, pad_id: int) -> dict:
+def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistInfo, pad_id: int,
+           fsdp: bool = False) -> dict:
     """ppo_epochs passes of the clipped surrogate over the batch in micro-batches, then one
     optimizer step per pass. Losses stay on the device until the end (no host sync per
-    micro-batch). Under torchrun the returned stats cover every rank's tokens."""
+    micro-batch). Under torchrun the returned stats cover every rank's tokens. fsdp: `student`
+    is sharded with FSDP2, which reduces the gradients itself."""
     from atod_edge.scoring import response_logprobs
 
     device = next(student.parameters()).device
@@ -184,13 +267,20 @@ def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistIn
     # summed over micro-batches and epochs: loss, ratio, clipped tokens
     sums = torch.zeros(3, device=device)
     grad_norm = torch.zeros((), device=device)
+    micro_batches = math.ceil(len(order) / cfg.micro_batch)
+    if fsdp:  # each forward/backward is a collective: every rank runs as many as the busiest one
+        micro_batches = _all_reduce_max(micro_batches, info, device)
     for _epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
-        for m in range(0, len(order), cfg.micro_batch):
+        for m in range(0, micro_batches * cfg.micro_batch, cfg.micro_batch):
             turns = order[m:m + cfg.micro_batch]
+            if not turns:   # fsdp only: a zero-loss micro-batch to match the other ranks
+                new = torch.cat(response_logprobs(student, [[pad_id]], [[pad_id]], pad_id=pad_id, whole_model=True))
+                (new.sum() * 0.0).backward()
+                continue
             new_lp = response_logprobs(student, [batch.prompts[k] for k in turns],
                                        [batch.responses[k] for k in turns], pad_id=pad_id,
-                                       micro_batch=cfg.micro_batch)
+                                       micro_batch=cfg.micro_batch, whole_model=fsdp)
             index = torch.cat([torch.arange(batch.token_offsets[k], batch.token_offsets[k] + len(batch.responses[k]))
                                for k in turns]).to(device)
             new = torch.cat(new_lp)
@@ -202,7 +292,7 @@ def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistIn
                 ratio = torch.exp(new.detach() - old[index])
                 clipped = (ratio < 1 - cfg.eps_clip) | (ratio > 1 + cfg.eps_clip)
                 sums += torch.stack([loss.detach(), ratio.sum(), clipped.sum().to(ratio.dtype)])
-        if info.world > 1:
+        if info.world > 1 and not fsdp:
             for p in parameters:
                 # every rank must reduce the same tensors, also where its batch gave no gradient
                 if p.grad is None:
@@ -210,6 +300,8 @@ def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistIn
                 _all_reduce_sum(p.grad, info)
         # max_norm inf: report the norm without clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):   # fsdp: a DTensor
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
     student.eval()
     sums = _all_reduce_sum(sums, info).cpu()
@@ -231,15 +323,21 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
-def save_checkpoint(run_dir: Path, done_steps: int, student, tokenizer, optimizer, scheduler,
-                    keep: int) -> Path:
+def save_checkpoint(run_dir: Path, done_steps: int, student, tokenizer, optimizer_state: dict, scheduler,
+                    keep: int, adapter=None) -> Path:
+    """A plain transformers checkpoint plus trainer_state.pt. With LoRA (`adapter`: the PeftModel)
+    the weights saved are the merged ones, and the adapter goes to adapter/ for resume."""
     path = run_dir / "checkpoints" / f"step_{done_steps:06d}"
     with atomic_path(path) as tmp:
-        student.save_pretrained(tmp, safe_serialization=True)
+        if adapter is not None:
+            student.save_pretrained(tmp, state_dict=merged_state_dict(student), safe_serialization=True)
+            save_adapter(adapter, tmp / ADAPTER_DIR)
+        else:
+            student.save_pretrained(tmp, safe_serialization=True)
         if os.environ.get("ATOD_EDGE_TEST_KILL_IN_CHECKPOINT") == str(done_steps):
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die mid-write (see module docstring)
         tokenizer.save_pretrained(tmp)
-        torch.save({"step": done_steps, "optimizer": optimizer.state_dict(),
+        torch.save({"step": done_steps, "optimizer": optimizer_state,
                     "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
                    tmp / "trainer_state.pt")
     old = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if CHECKPOINT_RE.match(p.name))
@@ -282,16 +380,40 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     device = cfg.device
     if device.startswith("cuda") and info.world > 1:
         device = f"cuda:{info.rank}"
+    fsdp = cfg.distributed == "fsdp" and info.world > 1
+    if cfg.lora.rank:
+        require_peft()
     torch.manual_seed(cfg.seed)
-    done_steps, start_path = 0, student_src
+    done_steps, checkpoint = 0, None
     if resume:
         found = latest_checkpoint(run_dir)
         if found:
-            done_steps, start_path = found[0], str(found[1])
+            done_steps, checkpoint = found
+    # LoRA resumes from the original student plus the saved adapter (the checkpoint's own weights
+    # are merged); full fine-tuning from the checkpoint's weights
+    start_path = str(checkpoint) if checkpoint and not cfg.lora.rank else student_src
     student, tokenizer = load_model(start_path, device=device)
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
+    adapter = None
+    if cfg.lora.rank:
+        lora = cfg.lora
+        adapter = add_adapters(student, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+        student = adapter.get_base_model()
+        if checkpoint:
+            load_adapter(adapter, checkpoint)
+    elif checkpoint and (checkpoint / ADAPTER_DIR).is_dir():
+        raise UserError(f"{checkpoint} was trained with LoRA (it has {ADAPTER_DIR}/): resume it with its "
+                        "lora.* settings")
     student.eval()
+    # the model rollouts, evaluation and checkpoints use: the student itself, or under fsdp a full
+    # copy (the student gets sharded), refreshed after every update
+    full_student = student
+    if fsdp:
+        import copy
+
+        full_student = copy.deepcopy(student)
+        shard_fsdp(student, device, info)
     teacher = None
     if cfg.algo != "grpo":
         if not teacher_src:
@@ -301,12 +423,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
         check_same_tokenizer(teacher_tokenizer, tokenizer, "teacher", "student")
     pad_id = tokenizer.pad_token_id or 0
 
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # only what trains: all weights, or the LoRA adapters
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
     if done_steps:
-        state = torch.load(Path(start_path) / "trainer_state.pt", weights_only=True, map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location="cpu")
+        load_optimizer_state(student, optimizer, state["optimizer"], fsdp, checkpoint)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         log(f"resuming {run_dir} after step {done_steps}")
@@ -319,7 +443,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     tb = _tensorboard(run_dir) if info.main else None
 
     env_cls = env_class(cfg.env)
-    policy = TorchPolicy(student, tokenizer, name=f"student@{run_dir.name}")
+    policy = TorchPolicy(full_student, tokenizer, name=f"student@{run_dir.name}")
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     train_tasks = env_cls().tasks("train", cfg.tasks_per_step * cfg.steps)
     started = time.perf_counter()
@@ -337,7 +461,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
         _sync(device)
         t2 = time.perf_counter()
         batch = build_batch(episodes, cfg, step)
-        update_stats = update(student, optimizer, batch, cfg, info, pad_id)
+        update_stats = update(student, optimizer, batch, cfg, info, pad_id, fsdp=fsdp)
+        if fsdp:
+            gather_full_weights(student, full_student)
         lr = scheduler.get_last_lr()[0]   # the rate this step used (step() moves to the next one)
         scheduler.step()
         _sync(device)
@@ -377,8 +503,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
             append_line(metrics_path, _json({"step": step, "eval_success": summary["success"],
                                              "eval_score": summary["score"], "eval_turns": summary["turns"],
                                              "time_eval": time.perf_counter() - t5}))
-        if info.main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            save_checkpoint(run_dir, done, student, tokenizer, optimizer, scheduler, cfg.keep_checkpoints)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            state = optimizer_state(student, optimizer, fsdp) if fsdp or info.main else {}   # fsdp: collective
+            if info.main:
+                save_checkpoint(run_dir, done, full_student, tokenizer, state, scheduler, cfg.keep_checkpoints,
+                                adapter=adapter)
         _barrier(info)
         if info.main:
             _progress(step + 1, cfg.steps, done_steps, row, started)
@@ -387,7 +516,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     dump_dir = os.environ.get("ATOD_EDGE_TEST_DUMP_WEIGHTS")
     if dump_dir:  # test hook (see module docstring)
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()},
+        torch.save({k: v.detach().cpu() for k, v in full_student.state_dict().items()},
                    Path(dump_dir) / f"rank{info.rank}.pt")
     final = latest_checkpoint(run_dir)
     return final[1] if final else run_dir
