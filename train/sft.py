@@ -1,6 +1,7 @@
 """Supervised fine-tuning on demonstration episodes: the teacher bootstrap and the cold start.
 
-The loss is the mean negative log-likelihood of the response tokens (the prompt is masked out);
+The loss is the mean negative log-likelihood of the response tokens (the prompt is masked out,
+unless prompt_loss_weight adds a language-modelling loss on it);
 prompts are built exactly as the rollout engine builds them, so the model is trained on what it
 will see. Demonstrations come from the env's scripted expert, a noisy expert (imperfect demos),
 or an episodes JSONL file.
@@ -60,6 +61,8 @@ class SFTConfig:
     micro_batch: int = opt(16, "turns per forward pass", min=1)
     warmup_steps: int = opt(10, "linear warmup steps", min=0)
     history_turns: int = opt(2, "past turns in the prompt", min=0)
+    prompt_loss_weight: float = opt(0.0, "weight of a language-modelling loss on the prompt tokens (0: "
+                                    "response tokens only; helps models trained from scratch)", min=0.0)
     seed: int = opt(0, "seed for demos and shuffling")
     device: str = opt("cpu", "torch device")
     out: str = opt("runs/sft", "output model dir (metrics, checkpoints, curves: <out>.work/)")
@@ -171,7 +174,6 @@ def train_sft(cfg: SFTConfig, log=print, resume: bool = False) -> Path:
     from atod_edge.envs import env_class
     from atod_edge.models import load_model
     from atod_edge.policy import torch_device
-    from atod_edge.scoring import response_logprobs
 
     torch_device(cfg.device)  # a one-line error for a bad device name
     out, work = Path(cfg.out), work_dir(cfg.out)
@@ -230,13 +232,12 @@ def train_sft(cfg: SFTConfig, log=print, resume: bool = False) -> Path:
                 # sort by length so micro-batches pad little
                 batch.sort(key=lambda ex: len(ex[0]) + len(ex[1]))
                 n_tokens = sum(len(r) for _, r in batch)
+                n_prompt = sum(len(p) - 1 for p, _ in batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss_value = 0.0
                 for m in range(0, len(batch), cfg.micro_batch):
                     chunk = batch[m:m + cfg.micro_batch]
-                    lps = response_logprobs(model, [p for p, _ in chunk], [r for _, r in chunk], pad_id=pad,
-                                            micro_batch=cfg.micro_batch)
-                    loss = -torch.cat(lps).sum() / n_tokens
+                    loss = _chunk_loss(model, chunk, pad, cfg, n_tokens, n_prompt)
                     loss.backward()
                     loss_value += float(loss.detach())
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -343,6 +344,25 @@ def _check_same_data(work: Path, data: dict) -> None:
     if stored.get("sha256") != data["sha256"]:
         raise UserError(f"{work}: the demonstrations differ from the interrupted run's ({data['examples']} turns now, "
                         f"{stored.get('examples', '?')} then); resume with the same settings, or remove {work}")
+
+
+def _chunk_loss(model, chunk, pad: int, cfg: SFTConfig, n_tokens: int, n_prompt: int):
+    """This micro-batch's share of the step's loss: the response tokens' mean NLL over the batch,
+    plus prompt_loss_weight times the prompt tokens' mean NLL (a language-modelling loss on the
+    observations and admissible lists: for a model trained from scratch, copying names from
+    them is most of what acting needs, and the prompt holds ~20x more tokens than the response)."""
+    from atod_edge.scoring import response_logprobs
+
+    if not cfg.prompt_loss_weight:
+        lps = response_logprobs(model, [p for p, _ in chunk], [r for _, r in chunk], pad_id=pad,
+                                micro_batch=cfg.micro_batch)
+        return -torch.cat(lps).sum() / n_tokens
+    # Score every token after the first: prompt[1:] and the response, in one forward.
+    lps = response_logprobs(model, [p[:1] for p, _ in chunk], [list(p[1:]) + list(r) for p, r in chunk],
+                            pad_id=pad, micro_batch=cfg.micro_batch)
+    prompt_nll = -sum(lp[:len(p) - 1].sum() for lp, (p, _) in zip(lps, chunk))
+    response_nll = -sum(lp[len(p) - 1:].sum() for lp, (p, _) in zip(lps, chunk))
+    return response_nll / n_tokens + cfg.prompt_loss_weight * prompt_nll / max(n_prompt, 1)
 
 
 def _progress(done: int, total: int, first: int, loss: float, examples_per_s: float, elapsed: float) -> None:

@@ -60,6 +60,7 @@ CHECKPOINT_RE = re.compile(r"^step_(\d{6})$")
 class DistInfo:
     rank: int = 0
     world: int = 1
+    local_rank: int = 0   # the rank on this machine: which GPU this process drives
 
     @property
     def main(self) -> bool:
@@ -75,7 +76,8 @@ def init_distributed(device: str) -> DistInfo:
 
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size())
+    return DistInfo(dist.get_rank(), dist.get_world_size(),
+                    int(os.environ.get("LOCAL_RANK", dist.get_rank())))
 
 
 def _all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -379,7 +381,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
                         f"use at least {info.world}")
     device = cfg.device
     if device.startswith("cuda") and info.world > 1:
-        device = f"cuda:{info.rank}"
+        device = f"cuda:{info.local_rank}"  # torchrun's LOCAL_RANK: right on several machines too
     fsdp = cfg.distributed == "fsdp" and info.world > 1
     if cfg.lora.rank:
         require_peft()

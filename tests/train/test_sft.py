@@ -189,3 +189,30 @@ def test_bad_sft_option_gives_a_one_line_error(args, tmp_path, monkeypatch, caps
     assert code in (1, 2)
     assert len(err.strip().splitlines()) == 1 and err.startswith("atod-edge sft: error: "), err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prompt_loss_weight_adds_the_prompt_tokens_mean_nll(atod_cache, one_thread):
+    """The loss with prompt_loss_weight=w equals response mean NLL + w * prompt mean NLL, both
+    computed here from one plain full-sequence forward per example."""
+    from atod_edge.train.sft import _chunk_loss
+
+    model, tokenizer = load_model("tiny-student")
+    cfg = SFTConfig(env="household", demos="expert", episodes=1, prompt_loss_weight=0.3)
+    examples = build_examples(demo_episodes(cfg), tokenizer, env_class("household").instructions, 2)[:3]
+    n_resp = sum(len(r) for _, r in examples)
+    n_prompt = sum(len(p) - 1 for p, _ in examples)
+    resp_nll = prompt_nll = 0.0
+    with torch.no_grad():
+        for p, r in examples:
+            ids = torch.tensor([list(p) + list(r)])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            token_nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]
+            prompt_nll += float(token_nll[:len(p) - 1].sum())
+            resp_nll += float(token_nll[len(p) - 1:].sum())
+        pad = tokenizer.pad_token_id
+        with_prompt = float(_chunk_loss(model, examples, pad, cfg, n_resp, n_prompt))
+        cfg.prompt_loss_weight = 0.0
+        response_only = float(_chunk_loss(model, examples, pad, cfg, n_resp, n_prompt))
+    assert response_only == pytest.approx(resp_nll / n_resp, rel=1e-4)
+    assert with_prompt == pytest.approx(resp_nll / n_resp + 0.3 * prompt_nll / n_prompt, rel=1e-4)
+    assert with_prompt > response_only + 0.1   # the prompt term is really there
