@@ -32,6 +32,8 @@ class Turn:
     done: bool = False
     feedback: str = ""               # why an action was invalid, if it was
     admissible: list[str] | None = None
+    expert_action: str | None = None  # the scripted expert's action in this state: the SFT label of
+                                      # "dart" demos, whose executed action may be noise
     # token-level fields (optional)
     prompt_ids: list[int] | None = None
     response_ids: list[int] | None = None

@@ -144,9 +144,12 @@ def run_episodes(policy: Policy, env: str | Callable[[], Env], tasks: Sequence[T
 
 def run_scripted(kind: str, env: str | Callable[[], Env], tasks: Sequence[Task], seed: int = 0,
                  noise: float = 0.0, max_turns: int | None = None) -> list[Episode]:
-    """Episodes from an action-level policy: "expert", "random" (admissible), or "noisy"
-    (the expert, but with probability `noise` a random admissible action: imperfect demos)."""
-    if kind not in ("expert", "random", "noisy"):
+    """Episodes from an action-level policy: "expert", "random" (admissible), "noisy" (the
+    expert, but with probability `noise` a random admissible action: imperfect demos), or
+    "dart" (DART-style: executed like "noisy", except that the noise also replays stale actions
+    of earlier turns, which are often invalid now; every turn records the expert's action in
+    its state as `expert_action`, so SFT learns to recover from mistakes, its own included)."""
+    if kind not in ("expert", "random", "noisy", "dart"):
         raise ValueError(f"unknown scripted policy '{kind}'")
     env_cls = env_class(env) if isinstance(env, str) else env
     turn_limit = max_turns or getattr(env_cls, "max_turns", 30)
@@ -154,17 +157,25 @@ def run_scripted(kind: str, env: str | Callable[[], Env], tasks: Sequence[Task],
     for i, task in enumerate(tasks):
         rng = random.Random(seed * 1_000_003 + i)
         live = _start(env_cls, task, kind, i)
+        seen: dict[str, None] = {}   # every action offered so far, in order (stale ones for dart)
         while not live.done:
-            if kind == "random" or (kind == "noisy" and rng.random() < noise):
-                action = rng.choice(live.admissible) if live.admissible else "look"
-            else:
+            expert = None
+            if kind in ("expert", "dart") or (kind == "noisy" and rng.random() >= noise):
                 try:
-                    action = live.env.expert_action()
+                    expert = live.env.expert_action()
                 except Exception as e:
                     live.episode.meta["error"] = f"expert failed: {type(e).__name__}: {e}"
                     break
+            seen.update(dict.fromkeys(live.admissible))
+            if kind == "random" or (kind == "noisy" and expert is None):
+                action = rng.choice(live.admissible) if live.admissible else "look"
+            elif kind == "dart" and rng.random() < noise:
+                action = rng.choice(list(seen) if rng.random() < 0.5 and seen else live.admissible or [expert])
+            else:
+                action = expert
             turn = Turn(observation=live.observation, response=f"<action>{action}</action>",
-                        action=action, admissible=live.admissible or None)
+                        action=action, admissible=live.admissible or None,
+                        expert_action=expert if kind == "dart" else None)
             _apply(live, turn, action, turn_limit)
         episodes.append(live.episode)
     return episodes

@@ -211,6 +211,30 @@ def test_noisy_expert_differs_and_is_seeded():
         run_scripted("clever", "household", tasks)
 
 
+def test_dart_demos_label_every_state_with_the_expert_action():
+    """dart: noisy (sometimes stale, invalid) execution, and each turn's expert_action is what
+    the expert does in exactly that state; noise 0 is the expert."""
+    tasks = HouseholdEnv().tasks("train", 6)
+    expert = run_scripted("expert", "household", tasks)
+    assert ([[t.action for t in ep.turns] for ep in run_scripted("dart", "household", tasks, noise=0.0)]
+            == [[t.action for t in ep.turns] for ep in expert])
+    dart = run_scripted("dart", "household", tasks, noise=0.4, seed=3)
+    turns = [t for ep in dart for t in ep.turns]
+    assert all(t.expert_action for t in turns)
+    assert any(t.action != t.expert_action for t in turns)          # noise was executed
+    assert any(not t.valid for t in turns)                           # stale actions can be invalid
+    for ep in dart[:3]:   # replay: the label is the expert's action in the replayed state
+        env = HouseholdEnv()
+        env.reset(_task_of(ep))
+        for t in ep.turns:
+            assert env.expert_action() == t.expert_action
+            env.step(t.action)
+
+
+def _task_of(episode):
+    return next(t for t in HouseholdEnv().tasks(episode.split, 6) if t.task_id == episode.task_id)
+
+
 def test_act_builds_the_engines_prompt_and_parses(tiny_student, student_policy, forced_text):
     model, tokenizer = tiny_student
     policy = RecordingPolicy(student_policy)

@@ -24,13 +24,13 @@ class BootstrapOptions:
     """How the default job makes its teacher and cold-start student when none is given."""
 
     teacher_preset: str = opt("tiny-teacher", "preset the teacher is fine-tuned from")
-    teacher_demos: str = opt("noisy", "teacher demonstrations: expert | noisy | FILE.jsonl")
+    teacher_demos: str = opt("noisy", "teacher demonstrations: expert | noisy | dart | FILE.jsonl")
     teacher_noise: float = opt(0.3, "noisy demos: chance of a random admissible action", min=0.0, max=1.0)
     teacher_episodes: int = opt(300, "teacher demonstration episodes", min=1)
     teacher_epochs: int = opt(2, "teacher SFT epochs", min=1)
     teacher_lr: float = opt(1e-3, "teacher SFT learning rate", min=0.0)
     student_preset: str = opt("tiny-student", "preset the cold-start student is fine-tuned from")
-    student_demos: str = opt("noisy", "cold-start demonstrations: expert | noisy | FILE.jsonl")
+    student_demos: str = opt("noisy", "cold-start demonstrations: expert | noisy | dart | FILE.jsonl")
     student_noise: float = opt(0.3, "noisy demos for the cold start", min=0.0, max=1.0)
     student_episodes: int = opt(30, "cold-start demonstration episodes (few: a weak start)", min=1)
     student_epochs: int = opt(1, "cold-start SFT epochs", min=1)

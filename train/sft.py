@@ -4,7 +4,9 @@ The loss is the mean negative log-likelihood of the response tokens (the prompt 
 unless prompt_loss_weight adds a language-modelling loss on it);
 prompts are built exactly as the rollout engine builds them, so the model is trained on what it
 will see. Demonstrations come from the env's scripted expert, a noisy expert (imperfect demos),
-or an episodes JSONL file.
+DART-style demos (noisy execution, every state labelled with the expert's action: the model also
+learns to recover from off-path states, which pure expert demos never show), or an episodes JSONL
+file.
 
 The final model goes to `out` (HF layout, written atomically); the run's records go beside it,
 to `<out>.work/`:
@@ -50,8 +52,9 @@ LR_SCHEDULES = ("linear", "constant", "cosine")
 class SFTConfig:
     env: str = opt("household", "environment name or pkg.module:Class")
     model: str = opt("tiny-teacher", "preset name or checkpoint dir to start from")
-    demos: str = opt("expert", "expert | noisy | path to an episodes JSONL")
-    noise: float = opt(0.3, "noisy demos: probability of a random admissible action", min=0.0, max=1.0)
+    demos: str = opt("expert", "expert | noisy | dart | path to an episodes JSONL")
+    noise: float = opt(0.3, "noisy/dart demos: probability of a random (dart: maybe stale) action",
+                       min=0.0, max=1.0)
     successful_only: bool = opt(False, "train only on demonstrations that succeeded")
     episodes: int = opt(200, "number of demonstration episodes", min=1)
     epochs: int = opt(2, "passes over the demonstrations", min=1)
@@ -82,14 +85,14 @@ def demo_episodes(cfg: SFTConfig) -> list[Episode]:
     from atod_edge.envs import env_class
     from atod_edge.rollout import run_scripted
 
-    if cfg.demos in ("expert", "noisy"):
+    if cfg.demos in ("expert", "noisy", "dart"):
         env_cls = env_class(cfg.env)
         tasks = env_cls().tasks("train", cfg.episodes)
         episodes = run_scripted(cfg.demos, env_cls, tasks, seed=cfg.seed, noise=cfg.noise)
     else:
         path = Path(cfg.demos)
         if not path.is_file():
-            raise UserError(f"demos '{cfg.demos}': not expert, noisy or an existing episodes file")
+            raise UserError(f"demos '{cfg.demos}': not expert, noisy, dart or an existing episodes file")
         try:
             episodes, _ = read_episodes(path)
         except OSError as e:
@@ -114,24 +117,30 @@ def _is_well_formed(episode: Episode) -> bool:
 
     return text(episode.final_observation) and all(
         text(t.observation) and text(t.response) and text(t.action, optional=True)
+        and text(t.expert_action, optional=True)
         and (t.admissible is None or (isinstance(t.admissible, list) and all(map(text, t.admissible))))
         for t in episode.turns)
 
 
 def build_examples(episodes: list[Episode], tokenizer, instructions: str, history_turns: int,
                    ) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids + end-of-turn) for every valid demonstrated turn."""
-    from atod_edge.prompts import encode_prompt
+    """(prompt ids, response ids + end-of-turn) for every valid demonstrated turn, and for every
+    turn labelled with an expert action (dart demos), whatever was executed there."""
+    from atod_edge.prompts import encode_prompt, format_response
     from atod_edge.rollout import episode_messages
 
     end = tokenizer.eos_token_id
     examples = []
     for ep in episodes:
         for k, turn in enumerate(ep.turns):
-            if not turn.valid or turn.action is None:
+            if turn.expert_action:
+                target = format_response(turn.expert_action)
+            elif turn.valid and turn.action is not None:
+                target = turn.response
+            else:
                 continue
             prompt = encode_prompt(tokenizer, episode_messages(ep, k, instructions, history_turns))
-            response = tokenizer(turn.response, add_special_tokens=False)["input_ids"]
+            response = tokenizer(target, add_special_tokens=False)["input_ids"]
             if end is not None:
                 response = response + [end]
             examples.append((prompt, response))

@@ -216,3 +216,17 @@ def test_prompt_loss_weight_adds_the_prompt_tokens_mean_nll(atod_cache, one_thre
     assert response_only == pytest.approx(resp_nll / n_resp, rel=1e-4)
     assert with_prompt == pytest.approx(resp_nll / n_resp + 0.3 * prompt_nll / n_prompt, rel=1e-4)
     assert with_prompt > response_only + 0.1   # the prompt term is really there
+
+
+def test_dart_demos_train_on_the_expert_label_of_every_turn(atod_cache):
+    """Every dart turn is an example (invalid executed actions included), and its target is the
+    expert's action in that state, not the executed one."""
+    _, tokenizer = load_model("tiny-student")
+    cfg = SFTConfig(env="household", demos="dart", noise=0.4, episodes=4, seed=2)
+    episodes = demo_episodes(cfg)
+    turns = [t for ep in episodes for t in ep.turns]
+    assert any(not t.valid for t in turns)
+    examples = build_examples(episodes, tokenizer, env_class("household").instructions, 2)
+    assert len(examples) == len(turns)
+    targets = [tokenizer.decode(r[:-1]) for _, r in examples]
+    assert targets == [f"<action>{t.expert_action}</action>" for t in turns]
