@@ -29,12 +29,19 @@ class BootstrapOptions:
     teacher_episodes: int = opt(300, "teacher demonstration episodes", min=1)
     teacher_epochs: int = opt(2, "teacher SFT epochs", min=1)
     teacher_lr: float = opt(1e-3, "teacher SFT learning rate", min=0.0)
+    teacher_batch_size: int = opt(16, "teacher SFT turns per optimizer step", min=1)
+    teacher_prompt_loss_weight: float = opt(0.0, "teacher SFT: weight of the LM loss on prompt tokens", min=0.0)
     student_preset: str = opt("tiny-student", "preset the cold-start student is fine-tuned from")
+    student_from_teacher: str = opt("", "cut the student from the teacher instead, keeping these decoder "
+                                    "layers (e.g. '0,3'; see `models shrink`); empty: use student_preset")
     student_demos: str = opt("noisy", "cold-start demonstrations: expert | noisy | dart | FILE.jsonl")
     student_noise: float = opt(0.3, "noisy demos for the cold start", min=0.0, max=1.0)
     student_episodes: int = opt(30, "cold-start demonstration episodes (few: a weak start)", min=1)
     student_epochs: int = opt(1, "cold-start SFT epochs", min=1)
     student_lr: float = opt(1e-3, "cold-start SFT learning rate", min=0.0)
+    student_batch_size: int = opt(16, "cold-start SFT turns per optimizer step", min=1)
+    student_prompt_loss_weight: float = opt(0.0, "cold-start SFT: weight of the LM loss on prompt tokens",
+                                            min=0.0)
 
 
 @dataclass

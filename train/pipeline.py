@@ -22,9 +22,14 @@ def _bootstrap_dir(cfg: TrainConfig, role: str) -> Path:
     from atod_edge.models import cache_dir
 
     b = cfg.bootstrap
-    keys = {k: v for k, v in asdict(b).items() if k.startswith(role)}
+    # Defaults of options added later are left out of the key, so existing caches stay valid.
+    added = {"teacher_batch_size": 16, "teacher_prompt_loss_weight": 0.0, "student_batch_size": 16,
+             "student_prompt_loss_weight": 0.0, "student_from_teacher": ""}
+    keys = {k: v for k, v in asdict(b).items() if k.startswith(role) and added.get(k, object()) != v}
     # everything the SFT run depends on (history_turns shapes its prompts)
     keys.update(env=cfg.env, seed=cfg.seed, history_turns=cfg.history_turns, version=1)
+    if role == "student" and b.student_from_teacher:
+        keys["teacher"] = str(_bootstrap_dir(cfg, "teacher")) if cfg.teacher == "auto" else cfg.teacher
     digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:10]
     name = cfg.env.replace(":", "_").replace(".", "_")
     return cache_dir() / "bootstrap" / f"{name}-{role}-{digest}"
@@ -43,14 +48,33 @@ def ensure_model(cfg: TrainConfig, role: str, log=print) -> str:
 
     b = cfg.bootstrap
     prefix = "teacher" if role == "teacher" else "student"
-    sft = SFTConfig(env=cfg.env, model=getattr(b, f"{prefix}_preset"), demos=getattr(b, f"{prefix}_demos"),
+    start = getattr(b, f"{prefix}_preset")
+    if role == "student" and b.student_from_teacher:
+        start = _cut_from_teacher(cfg, out, log)
+    sft = SFTConfig(env=cfg.env, model=start, demos=getattr(b, f"{prefix}_demos"),
                     noise=getattr(b, f"{prefix}_noise"), episodes=getattr(b, f"{prefix}_episodes"),
                     epochs=getattr(b, f"{prefix}_epochs"), lr=getattr(b, f"{prefix}_lr"),
+                    batch_size=getattr(b, f"{prefix}_batch_size"),
+                    micro_batch=min(16, getattr(b, f"{prefix}_batch_size")),
+                    prompt_loss_weight=getattr(b, f"{prefix}_prompt_loss_weight"),
                     history_turns=cfg.history_turns, seed=cfg.seed, device=cfg.device, out=str(out),
                     eval_episodes=0)
     log(f"{role}: bootstrapping by SFT ({sft.demos} demos x{sft.episodes}) -> {out}")
     train_sft(sft, log=log, resume=True)   # an interrupted bootstrap continues from its checkpoint
     return str(out)
+
+
+def _cut_from_teacher(cfg: TrainConfig, out: Path, log) -> str:
+    """The cold-start student's starting point: the teacher with only some of its layers (a
+    compact model that keeps the teacher's embeddings and tokenizer), cached beside `out`."""
+    from atod_edge.models import shrink_model
+
+    cut = out.with_name(out.name + "-cut")
+    if not (cut / "config.json").is_file():
+        teacher = ensure_model(cfg, "teacher", log)
+        log(f"student: cutting teacher layers {cfg.bootstrap.student_from_teacher} -> {cut}")
+        shrink_model(teacher, cfg.bootstrap.student_from_teacher, cut)
+    return str(cut)
 
 
 def evaluate_model(path: str, cfg: TrainConfig, cache: Path | None = None) -> dict:

@@ -102,3 +102,30 @@ def test_unknown_device_is_refused_before_anything_starts(atod_cache, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "device 'cudax'" in err[0]
     assert not list(tmp_path.iterdir())
+
+
+def test_student_cut_from_the_teacher_keeps_its_layers_and_tokenizer(atod_cache, one_thread):
+    """bootstrap.student_from_teacher: the cold start begins as the teacher with some layers
+    (then SFT); the cache key follows the teacher, so another teacher gives another student."""
+    import torch
+
+    from atod_edge.config import load_config
+    from atod_edge.models import load_model
+    from atod_edge.train.config import TrainConfig
+    from atod_edge.train.pipeline import ensure_model
+
+    def config(teacher):
+        return load_config(TrainConfig, None, [f"teacher={teacher}", "bootstrap.student_from_teacher=1",
+                                               "bootstrap.student_episodes=1", "bootstrap.student_lr=0"])
+
+    cfg = config(resolve_model("tiny-student"))
+    student_dir = Path(ensure_model(cfg, "student", log=lambda *a: None))
+    student, _ = load_model(student_dir)
+    teacher, _ = load_model(cfg.teacher)
+    assert student.config.num_hidden_layers == 1 and teacher.config.num_hidden_layers == 2
+    # lr 0: the SFT changed nothing, so the student's one layer is the teacher's layer 1
+    kept, source = student.model.layers[0].state_dict(), teacher.model.layers[1].state_dict()
+    assert all(torch.equal(kept[k], source[k]) for k in source)
+    assert torch.equal(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+    other = Path(ensure_model(config(resolve_model("tiny-teacher")), "student", log=lambda *a: None))
+    assert other != student_dir
