@@ -167,5 +167,7 @@ def test_fsdp_update_on_uneven_batches_equals_one_process_over_all_turns(tmp_pat
     for key in ("loss", "grad_norm", "mean_ratio", "clip_fraction"):
         assert sharded["stats"][key] == pytest.approx(stats[key], rel=1e-4, abs=1e-6), key
     assert stats["mean_ratio"] != 1.0   # the second epoch ran on updated weights
+    # Summation order differs between 2 shards and 1 process; Adam's first steps divide by |g|,
+    # which can turn a 1e-7 gradient difference into a few 1e-6 of weight (1e-5 as in the ddp test).
     for name, param in model.named_parameters():
-        torch.testing.assert_close(sharded["weights"][name], param.detach(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(sharded["weights"][name], param.detach(), atol=1e-5, rtol=1e-5)
