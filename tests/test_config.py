@@ -145,3 +145,17 @@ def test_cli_malformed_recipe_exits_2(tmp_path, capsys):
     assert main(["config", "show", str(bad), "--stage", "eval"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not valid YAML" in err[0]
+
+
+def test_every_shipped_recipe_loads_and_validates():
+    """A typo in a shipped recipe (a key, a type, a range) would only show when a user runs it."""
+    from pathlib import Path
+
+    import atod_edge
+    from atod_edge.train.config import TrainConfig
+
+    recipes = sorted((Path(atod_edge.__file__).parent / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 8
+    for recipe in recipes:
+        cfg = load_config(TrainConfig, recipe.stem, [])
+        assert cfg.env and cfg.steps >= 1, recipe.name
