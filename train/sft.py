@@ -26,10 +26,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -41,7 +39,7 @@ from atod_edge.config import dump_yaml, load_config, opt
 from atod_edge.episode import Episode, read_episodes
 from atod_edge.errors import UserError
 from atod_edge.io import append_line, atomic_path, atomic_write_json, atomic_write_text
-from atod_edge.train.trainer import CHECKPOINT_RE, _fmt_time, _json, _truncate_metrics, latest_checkpoint
+from atod_edge.train.trainer import _fmt_time, _json, _truncate_metrics, latest_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +271,7 @@ def train_sft(cfg: SFTConfig, log=print, resume: bool = False) -> Path:
                     log(f"sft: eval at step {step}: success {summary['success']:.1%}, score "
                         f"{summary['score']:.3f}, {summary['turns']:.1f} turns ({cfg.eval_every_episodes} episodes)")
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                    _save_checkpoint(work, step, model, tokenizer, optimizer, scheduler)
+                    save_checkpoint(work, step, model, tokenizer, optimizer.state_dict(), scheduler, keep=1)
     except KeyboardInterrupt:
         last = latest_checkpoint(work)
         where = f"its last checkpoint is step {last[0]}" if last else "it has no checkpoint yet"
@@ -302,24 +300,6 @@ def train_sft(cfg: SFTConfig, log=print, resume: bool = False) -> Path:
     except ImportError:
         pass
     return out
-
-
-def _save_checkpoint(work: Path, done_steps: int, model, tokenizer, optimizer, scheduler) -> Path:
-    """checkpoints/step_XXXXXX in the trainer's layout (weights, tokenizer, trainer_state.pt), written
-    atomically; older ones and the leftovers of a killed write are removed. The trainer's
-    ATOD_EDGE_TEST_KILL_IN_CHECKPOINT=N hook works here too: SIGKILL mid-write of step N."""
-    path = work / "checkpoints" / f"step_{done_steps:06d}"
-    with atomic_path(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if os.environ.get("ATOD_EDGE_TEST_KILL_IN_CHECKPOINT") == str(done_steps):
-            os.kill(os.getpid(), signal.SIGKILL)
-        tokenizer.save_pretrained(tmp)
-        torch.save({"step": done_steps, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
-    for old in (work / "checkpoints").iterdir():
-        if old != path and (CHECKPOINT_RE.match(old.name) or old.name.startswith(".step_")):
-            shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 def _evaluate(model, tokenizer, cfg: SFTConfig, episodes: int, metrics: Path, step: int, final: bool = False):
