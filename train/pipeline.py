@@ -13,19 +13,23 @@ from pathlib import Path
 from atod_edge.config import dump_yaml, load_config
 from atod_edge.errors import UserError
 from atod_edge.io import atomic_write_json, atomic_write_text
-from atod_edge.train.config import TrainConfig
+from atod_edge.train.config import BootstrapOptions, TrainConfig
 
 DEFAULT_RECIPE = "household"
+
+
+_ADDED_LATER = {"teacher_batch_size", "teacher_prompt_loss_weight", "student_batch_size",
+                "student_prompt_loss_weight", "student_from_teacher"}
 
 
 def _bootstrap_dir(cfg: TrainConfig, role: str) -> Path:
     from atod_edge.models import cache_dir
 
     b = cfg.bootstrap
-    # Defaults of options added later are left out of the key, so existing caches stay valid.
-    added = {"teacher_batch_size": 16, "teacher_prompt_loss_weight": 0.0, "student_batch_size": 16,
-             "student_prompt_loss_weight": 0.0, "student_from_teacher": ""}
-    keys = {k: v for k, v in asdict(b).items() if k.startswith(role) and added.get(k, object()) != v}
+    # Options added after the first release count only when set, so existing caches stay valid.
+    default = BootstrapOptions()
+    keys = {k: v for k, v in asdict(b).items()
+            if k.startswith(role) and not (k in _ADDED_LATER and v == getattr(default, k))}
     # everything the SFT run depends on (history_turns shapes its prompts)
     keys.update(env=cfg.env, seed=cfg.seed, history_turns=cfg.history_turns, version=1)
     if role == "student" and b.student_from_teacher:
