@@ -9,10 +9,13 @@ the same rollout code whatever the file format.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from atod_edge.errors import UserError
 
@@ -43,6 +46,12 @@ class Policy(ABC):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
                  seed: int | None = None) -> list[Generation]:
         """Sample one response per prompt. Deterministic for a given seed on a given backend."""
+
+    def reusing_prefixes(self):
+        """A scope in which the policy may reuse the work done on prompt prefixes across generate
+        calls (the rollout engine opens one per batch of episodes). The weights must not change
+        inside it. Default: nothing is reused."""
+        return contextlib.nullcontext()
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -88,8 +97,6 @@ class StopChecker:
 def left_pad(prompts, pad_id: int):
     """Left-pad a batch of prompts: (input ids, attention mask, position ids) as int64 numpy
     arrays. Explicit positions let each sequence see the positions it would see alone."""
-    import numpy as np
-
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise UserError("empty prompt given to the policy")
@@ -127,9 +134,12 @@ class TorchPolicy(Policy):
 
     Prompts are left-padded with explicit position ids, so each sequence sees exactly the
     positions it would see alone; finished sequences leave the batch (the cache is compacted).
+    Inside a `reusing_prefixes()` scope, the KV of prompt prefixes seen earlier in the scope is
+    reused (atod_edge.prefix_cache): only each prompt's new tokens are prefilled.
     """
 
-    def __init__(self, model, tokenizer, name: str = "torch", device: str | None = None):
+    def __init__(self, model, tokenizer, name: str = "torch", device: str | None = None,
+                 prefix_cache_mb: int = 256):
         import torch
 
         self.model = model
@@ -138,6 +148,9 @@ class TorchPolicy(Policy):
         self.device = torch.device(device) if device else next(model.parameters()).device
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+        self.prefix_cache_mb = prefix_cache_mb
+        self._store = None                      # a PrefixStore inside a reusing_prefixes() scope
+        self.last_store = None                  # the last scope's store, for its hit statistics
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: str | None = None) -> "TorchPolicy":
@@ -148,33 +161,39 @@ class TorchPolicy(Policy):
         model.eval()
         return cls(model, tokenizer, name=str(path), device=device)
 
+    @contextlib.contextmanager
+    def reusing_prefixes(self):
+        from atod_edge.prefix_cache import PrefixStore, supports_prefix_cache
+
+        if self._store is not None or not self.prefix_cache_mb or not supports_prefix_cache(self.model.config):
+            yield                               # nested scope (reuse the outer one) or not applicable
+            return
+        self._store = self.last_store = PrefixStore(max_bytes=self.prefix_cache_mb << 20)
+        try:
+            yield
+        finally:
+            self._store = None
+
     def generate(self, prompts, sampling: SamplingParams, seed: int | None = None) -> list[Generation]:
         import torch
-        from transformers import DynamicCache
 
         if not prompts:
             return []
+        if min(len(p) for p in prompts) == 0:
+            raise UserError("empty prompt given to the policy")
         device = self.device
         generator = torch.Generator(device=device)
         generator.manual_seed(0 if seed is None else int(seed))
         checker = StopChecker(self.tokenizer, sampling)
 
-        input_ids, attention, positions = (torch.from_numpy(a).to(device)
-                                           for a in left_pad(prompts, self.pad_id))
-
         outputs: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
         finish: list[str | None] = [None] * len(prompts)
         live = list(range(len(prompts)))        # original index of each row still in the batch
-        cache = DynamicCache()
-        step_input, step_positions = input_ids, positions
 
         with torch.inference_mode(), _autocast(device):
-            while live:
-                out = self.model(input_ids=step_input, attention_mask=attention, position_ids=step_positions,
-                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache = out.past_key_values
-                logits = out.logits[:, -1, :].float()
+            logits, cache, attention, positions = self._prefill(prompts)
+            while True:
                 ids, lps = sample_next(logits, sampling.temperature, sampling.top_p, generator)
                 ids_list, lps_list = ids.tolist(), lps.tolist()   # one host sync per decode step
                 keep = []
@@ -184,20 +203,110 @@ class TorchPolicy(Policy):
                     finish[orig] = checker.is_done(outputs[orig])
                     if finish[orig] is None:
                         keep.append(row)
+                if not keep:
+                    break
                 if len(keep) < len(live):
                     live = [live[r] for r in keep]
-                    if not live:
-                        break
                     index = torch.tensor(keep, device=device)
                     cache.batch_select_indices(index)
-                    attention, ids = attention[index], ids[index]
-                    step_positions = step_positions[index]
+                    attention, ids, positions = attention[index], ids[index], positions[index]
                 attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
-                step_positions = step_positions[:, -1:] + 1
-                step_input = ids.unsqueeze(-1)
+                positions = positions + 1
+                out = self.model(input_ids=ids.unsqueeze(-1), attention_mask=self._mask(attention, 1),
+                                 position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache, logits = out.past_key_values, out.logits[:, -1, :].float()
 
         return [Generation(outputs[i], logprobs[i], checker.text(outputs[i]), finish[i] or "length")
                 for i in range(len(prompts))]
+
+    def _prefill(self, prompts):
+        """One forward over the prompts. Identical prompts (a group's first turn) are computed
+        once; inside a reusing_prefixes scope, only the tokens after each prompt's longest stored
+        prefix are. Returns the last position's float32 logits [B, V], the cache, the attention
+        mask [B, T] and the last position ids [B, 1], every row in the order of `prompts`."""
+        import torch
+        from transformers import DynamicCache
+
+        from atod_edge.prefix_cache import gather_prefixes, store_new_blocks
+
+        distinct: dict[tuple[int, ...], int] = {}
+        inverse = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        unique = [list(p) for p in distinct]
+        store = self._store
+        if store:
+            block_keys = [store.keys(p) for p in unique]
+            self._store_common_prefix(unique, block_keys)
+            hits = [store.match(keys) for keys in block_keys]
+            reused = [n * store.block for n in hits]
+            store.hit_tokens += sum(reused[i] for i in inverse)
+            store.prompt_tokens += sum(len(p) for p in prompts)
+            cache = DynamicCache(gather_prefixes(store, block_keys, hits, self.device))
+        else:
+            reused, cache = [0] * len(unique), DynamicCache()
+        suffixes = [p[r:] for p, r in zip(unique, reused)]
+
+        input_ids, attention, positions = left_pad(suffixes, self.pad_id)
+        positions = positions + np.asarray(reused, dtype=np.int64)[:, None]
+        width = max(reused)
+        prefix_mask = np.arange(width)[None, :] >= (width - np.asarray(reused))[:, None]
+        attention = np.concatenate([prefix_mask.astype(np.int64), attention], axis=1)
+        input_ids, attention, positions = (torch.from_numpy(a).to(self.device)
+                                           for a in (input_ids, attention, positions))
+        out = self.model(input_ids=input_ids, attention_mask=self._mask(attention, input_ids.shape[1]),
+                         position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+        if store:
+            store_new_blocks(store, cache, block_keys, hits, [len(x) for x in suffixes])
+        positions = positions[:, -1:]
+        if len(unique) < len(prompts):
+            index = torch.tensor(inverse, device=self.device)
+            cache.batch_select_indices(index)
+            logits, attention, positions = logits[index], attention[index], positions[index]
+        return logits, cache, attention, positions
+
+    def _store_common_prefix(self, prompts, block_keys) -> None:
+        """When the prompts share leading blocks that the store lacks (the first turn: the
+        system instruction), compute those once, with a batch of one, and store them."""
+        from transformers import DynamicCache
+
+        from atod_edge.prefix_cache import store_new_blocks
+
+        store = self._store
+        if len(prompts) < 2:
+            return
+        common = 0
+        for key in block_keys[0]:
+            if any(len(keys) <= common or keys[common] != key for keys in block_keys[1:]):
+                break
+            common += 1
+        if common == 0 or store.match(block_keys[0][:common]) == common:
+            return
+        import torch
+
+        ids = torch.tensor([prompts[0][:common * store.block]], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, past_key_values=DynamicCache(), logits_to_keep=1)
+        store_new_blocks(store, out.past_key_values, [block_keys[0][:common]], [0], [ids.shape[1]])
+
+    def _mask(self, attention, query_length: int):
+        if getattr(self.model.config, "_attn_implementation", None) == "sdpa":
+            return _mask_4d(attention, query_length)
+        return attention
+
+
+def _mask_4d(attention, query_length: int):
+    """The boolean [B, 1, Q, KV] attention mask for SDPA, built directly (transformers' generic
+    mask builder costs more than a tiny model's decode step): a query attends to the non-padding
+    keys at or before its own cache index. A padding query attends to itself only, which keeps
+    its (unused) output finite."""
+    import torch
+
+    keep = attention.bool()[:, None, None, :]
+    if query_length == 1:
+        return keep
+    width = attention.shape[1]
+    k_index = torch.arange(width, device=attention.device)[None, :]
+    q_index = torch.arange(width - query_length, width, device=attention.device)[:, None]
+    return (keep & (k_index <= q_index)) | (k_index == q_index)
 
 
 def torch_device(name: str):

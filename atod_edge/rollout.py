@@ -114,6 +114,13 @@ def run_episodes(policy: Policy, env: str | Callable[[], Env], tasks: Sequence[T
              for _ in range(group_size)]
     for live in lives:
         live.episode.step = step
+    with policy.reusing_prefixes():       # every turn's prompt starts with its episode's first tokens
+        _roll(policy, lives, instructions, history_turns, sampling, seed, turn_limit, progress, timings)
+    return [lv.episode for lv in lives]
+
+
+def _roll(policy, lives, instructions, history_turns, sampling, seed, turn_limit, progress, timings) -> None:
+    """The turn loop of run_episodes: one batched generate call per turn over the live episodes."""
     tokenizer = policy.tokenizer
     turn_index = 0
     while True:
@@ -139,7 +146,6 @@ def run_episodes(policy: Policy, env: str | Callable[[], Env], tasks: Sequence[T
         turn_index += 1
         if progress:
             progress(sum(lv.done for lv in lives), len(lives))
-    return [lv.episode for lv in lives]
 
 
 def run_scripted(kind: str, env: str | Callable[[], Env], tasks: Sequence[Task], seed: int = 0,

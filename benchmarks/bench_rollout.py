@@ -3,7 +3,12 @@ episode per turn. Same model, same tasks, same sampling settings, measured in on
 
     python benchmarks/bench_rollout.py [--model tiny-student] [--episodes 64] [--max-turns 8]
 
-Prints episodes/s and generated tokens/s of each and the ratio.
+Prints episodes/s and generated tokens/s of each and the ratios. The engine runs twice: with
+prefix reuse (the default: each prompt's KV up to its longest block-aligned prefix seen earlier in
+the batch of episodes is reused, see atod_edge/prefix_cache.py) and without, to show what that
+reuse is worth. The share of prompt tokens reused is printed: an untrained model repeats invalid
+actions, so its prompts change less from turn to turn than a trained agent's (pass a trained
+checkpoint dir as --model to measure that case).
 """
 
 from __future__ import annotations
@@ -65,26 +70,33 @@ def main() -> None:
     tasks = env_cls().tasks("eval", args.episodes)
     print(f"model {args.model}, env {args.env}, torch threads {torch.get_num_threads()}")
 
-    policy = TorchPolicy(model, tokenizer)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0)
-    t0 = time.perf_counter()
-    episodes = run_episodes(policy, env_cls, tasks, sampling=sampling, max_turns=args.max_turns)
-    engine_s = time.perf_counter() - t0
-    engine_tokens = sum(len(t.response_ids) for ep in episodes for t in ep.turns)
+    rows, reuse = [], 0.0
+    for label, megabytes in (("engine (batched, KV cache, prefix reuse)", 256),
+                             ("engine without prefix reuse", 0)):
+        policy = TorchPolicy(model, tokenizer, prefix_cache_mb=megabytes)
+        t0 = time.perf_counter()
+        episodes = run_episodes(policy, env_cls, tasks, sampling=sampling, max_turns=args.max_turns)
+        seconds = time.perf_counter() - t0
+        rows.append((label, len(episodes), seconds, sum(len(t.response_ids) for ep in episodes for t in ep.turns)))
+        if policy.last_store is not None:
+            reuse = policy.last_store.hit_rate
 
     t0 = time.perf_counter()
     with torch.inference_mode():
         n_naive, naive_tokens = naive_rollouts(model, tokenizer, env_cls, tasks[:args.naive_episodes],
                                                args.max_turns, args.max_new_tokens)
     naive_s = time.perf_counter() - t0
+    rows.append(("naive (generate per episode per turn)", n_naive, naive_s, naive_tokens))
 
-    rows = [("engine (batched, KV cache)", len(episodes), engine_s, engine_tokens),
-            ("naive (generate per episode per turn)", n_naive, naive_s, naive_tokens)]
-    print(f"{'':40s} {'episodes':>8s} {'seconds':>8s} {'episodes/s':>10s} {'tokens/s':>9s}")
+    print(f"{'':42s} {'episodes':>8s} {'seconds':>8s} {'episodes/s':>10s} {'tokens/s':>9s} {'vs naive':>8s}")
+    naive_rate = n_naive / naive_s
     for name, n, s, tok in rows:
-        print(f"{name:40s} {n:8d} {s:8.1f} {n / s:10.2f} {tok / s:9.0f}")
-    print(f"ratio engine/naive: {(len(episodes) / engine_s) / (n_naive / naive_s):.1f}x episodes/s, "
-          f"{(engine_tokens / engine_s) / (naive_tokens / naive_s):.1f}x tokens/s")
+        print(f"{name:42s} {n:8d} {s:8.1f} {n / s:10.2f} {tok / s:9.0f} {n / s / naive_rate:7.1f}x")
+    print(f"prompt tokens reused from the prefix store: {reuse:.0%}")
+    (_, n, s, tok), naive = rows[0], rows[-1]
+    print(f"ratio engine/naive: {(n / s) / naive_rate:.1f}x episodes/s, "
+          f"{(tok / s) / (naive[3] / naive[2]):.1f}x tokens/s")
 
 
 if __name__ == "__main__":

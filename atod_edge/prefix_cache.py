@@ -1,0 +1,121 @@
+"""Automatic prefix caching for the torch policy: reuse the attention keys/values of prompt
+prefixes across generate calls.
+
+Every prompt of an episode starts with the same system instruction and task, and the G
+rollouts of a group share all of their first prompt; recomputing those tokens at every turn is
+most of the rollout engine's prefill. The store keeps the KV of each full block of `block`
+prompt tokens, keyed by *all* the tokens up to the block's end (the scheme of vLLM's automatic
+prefix caching), so a hit on block b means the prompt's first (b + 1) * block tokens are the
+same as those of an earlier prompt, positions included. Least recently used blocks are evicted
+beyond a size budget.
+
+Cached keys were computed with the weights of the moment: a store is only valid while the
+weights do not change, which is why TorchPolicy opens one per `reusing_prefixes()` scope (one
+batch of episodes) and drops it at the end.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+class PrefixStore:
+    """KV blocks of prompt prefixes. A block is one tensor [layers, 2 (k, v), kv_heads, block, head_dim]."""
+
+    def __init__(self, block: int = 16, max_bytes: int = 256 << 20):
+        if block < 1:
+            raise ValueError("block must be >= 1")
+        self.block = block
+        self.max_bytes = max_bytes
+        self.blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hit_tokens = 0       # prompt tokens whose KV came from the store
+        self.prompt_tokens = 0    # prompt tokens seen
+
+    def keys(self, prompt: Sequence[int]) -> list[bytes]:
+        """Keys of the prompt's full blocks, leaving at least one token to compute (its logits
+        start the response)."""
+        ids = np.asarray(prompt, dtype=np.int64)
+        return [ids[:end].tobytes() for end in range(self.block, len(ids), self.block)]
+
+    def match(self, keys: list[bytes]) -> int:
+        """How many leading blocks are stored (marks them recently used)."""
+        n = 0
+        for key in keys:
+            if key not in self.blocks:
+                break
+            self.blocks.move_to_end(key)
+            n += 1
+        return n
+
+    def prefix(self, keys: list[bytes]) -> torch.Tensor:
+        """The stored KV of these leading blocks: [layers, 2, kv_heads, n * block, head_dim]."""
+        return torch.cat([self.blocks[k] for k in keys], dim=3)
+
+    def add(self, key: bytes, kv: torch.Tensor) -> None:
+        if key in self.blocks:
+            self.blocks.move_to_end(key)
+            return
+        kv = kv.clone()           # own memory: a view would pin the whole batch's cache
+        size = kv.numel() * kv.element_size()
+        if size > self.max_bytes:
+            return
+        self.blocks[key] = kv
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.blocks.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+def supports_prefix_cache(config) -> bool:
+    """Only models whose every layer attends to the full context (a sliding-window layer's cache
+    is not a plain prefix)."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(t == "full_attention" for t in layer_types)
+    if getattr(config, "sliding_window", None) is None:
+        return True
+    return getattr(config, "use_sliding_window", True) is False
+
+
+def gather_prefixes(store: PrefixStore, block_keys: list[list[bytes]], hits: list[int],
+                    device) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The batch's reused prefixes as per-layer (keys, values) [B, kv_heads, M, head_dim], each row
+    left-padded with zeros to the longest reused prefix M (masked out by the caller)."""
+    width = max(hits) * store.block
+    if width == 0:
+        return None
+    rows = [store.prefix(keys[:n]) if n else None for keys, n in zip(block_keys, hits)]
+    sample = next(r for r in rows if r is not None)
+    layers, _, heads, _, dim = sample.shape
+    buffer = sample.new_zeros((layers, 2, len(rows), heads, width, dim))
+    for i, row in enumerate(rows):
+        if row is not None:
+            buffer[:, :, i, :, width - row.shape[3]:] = row
+    buffer = buffer.to(device, non_blocking=True)
+    return [(buffer[layer, 0], buffer[layer, 1]) for layer in range(layers)]
+
+
+def store_new_blocks(store: PrefixStore, cache, block_keys: list[list[bytes]], hits: list[int],
+                     suffix_lengths: list[int]) -> None:
+    """Put the freshly computed full blocks of each prompt into the store. `cache` holds, per
+    layer, [B, kv_heads, T, head_dim] after the prefill, each prompt's suffix (its tokens after
+    the hits[i] reused blocks) right-aligned; new blocks all lie in the suffixes."""
+    if all(len(keys) == n for keys, n in zip(block_keys, hits)):
+        return
+    width = max(suffix_lengths)
+    kv = torch.stack([torch.stack((layer.keys[:, :, -width:], layer.values[:, :, -width:]))
+                      for layer in cache.layers])          # [layers, 2, B, kv_heads, width, head_dim]
+    for i, (keys, n, s) in enumerate(zip(block_keys, hits, suffix_lengths)):
+        for b in range(n, len(keys)):
+            offset = width - s + (b - n) * store.block
+            store.add(keys[b], kv[:, :, i, :, offset:offset + store.block])

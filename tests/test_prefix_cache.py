@@ -1,0 +1,107 @@
+"""Tests for atod_edge/prefix_cache.py and TorchPolicy's reuse of prompt prefixes: whatever the
+store holds, generation must equal a run that recomputes every prompt token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atod_edge.envs import make_env
+from atod_edge.policy import SamplingParams, TorchPolicy
+from atod_edge.prefix_cache import PrefixStore, supports_prefix_cache
+from atod_edge.prompts import build_messages, encode_prompt
+from atod_edge.rollout import run_episodes
+
+GREEDY = SamplingParams(max_new_tokens=5, temperature=0.0, stop=())
+
+
+@pytest.fixture(scope="module")
+def turn_prompts(tiny_student):
+    """Prompts of a household episode's first turns: they share the system text and the task."""
+    _, tokenizer = tiny_student
+    env = make_env("household")
+    task_obs = obs = env.reset(env.tasks("eval", 1)[0])
+    history, prompts = [], []
+    for _ in range(3):
+        prompts.append(encode_prompt(tokenizer, build_messages(env.instructions, task_obs, history,
+                                                               obs if history else None,
+                                                               env.admissible_actions())))
+        action = env.admissible_actions()[0]
+        obs = env.step(action).observation
+        history.append((action, obs))
+    return prompts
+
+
+def _assert_same(cached, fresh):
+    for a, b in zip(cached, fresh, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_reused_prefixes_give_the_same_generations(tiny_student, turn_prompts):
+    model, tokenizer = tiny_student
+    fresh = TorchPolicy(model, tokenizer, prefix_cache_mb=0)
+    policy = TorchPolicy(model, tokenizer)
+    with policy.reusing_prefixes():
+        first = policy.generate(turn_prompts[:1], GREEDY)
+        assert policy.last_store.hit_tokens == 0 and len(policy.last_store.blocks) > 0
+        # Later turns: their prompts start with the first one's system text and task; a short
+        # prompt and a duplicate ride in the same batch (uneven prefix hits, middle padding).
+        later = turn_prompts[1:] + [turn_prompts[0][:20], turn_prompts[1]]
+        cached = policy.generate(later, GREEDY)
+        store = policy.last_store
+    assert store.hit_tokens > 0.3 * store.prompt_tokens
+    _assert_same(first, fresh.generate(turn_prompts[:1], GREEDY))
+    _assert_same(cached, fresh.generate(later, GREEDY))
+    assert policy._store is None            # the scope ended: nothing is reused outside it
+
+
+def test_duplicate_prompts_are_computed_once_but_sampled_apart(student_policy, turn_prompts):
+    sampling = SamplingParams(max_new_tokens=8, temperature=1.0, stop=())
+    group = student_policy.generate([turn_prompts[0]] * 4, sampling, seed=5)
+    assert len({tuple(g.token_ids) for g in group}) > 1      # each row draws its own tokens
+    alone = student_policy.generate([turn_prompts[0]], GREEDY)[0]
+    for row in student_policy.generate([turn_prompts[1], turn_prompts[0], turn_prompts[0]], GREEDY)[1:]:
+        assert row.token_ids == alone.token_ids
+        assert row.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+def test_episodes_with_and_without_prefix_reuse_are_identical(tiny_student):
+    model, tokenizer = tiny_student
+    env = make_env("household")
+    tasks = env.tasks("eval", 3)
+    sampling = SamplingParams(max_new_tokens=12, temperature=1.0)
+    runs = {}
+    for megabytes in (0, 64):
+        policy = TorchPolicy(model, tokenizer, prefix_cache_mb=megabytes)
+        runs[megabytes] = run_episodes(policy, "household", tasks, group_size=2, sampling=sampling,
+                                       seed=9, max_turns=4)
+    assert policy.last_store.hit_rate > 0.5
+    for a, b in zip(runs[0], runs[64], strict=True):
+        assert [t.response_ids for t in a.turns] == [t.response_ids for t in b.turns]
+        for ta, tb in zip(a.turns, b.turns):
+            assert ta.student_logprobs == pytest.approx(tb.student_logprobs, abs=1e-4)
+
+
+def test_store_keys_match_only_whole_prefixes_and_evict_oldest():
+    store = PrefixStore(block=4, max_bytes=3 * 4 * 8)          # three blocks of 8 float32
+    assert len(store.keys(list(range(9)))) == 2               # the last token is always computed
+    assert len(store.keys(list(range(8)))) == 1
+    a, b = store.keys([1, 2, 3, 4, 5, 6, 7, 8, 9]), store.keys([1, 2, 3, 4, 0, 6, 7, 8, 9])
+    assert a[0] == b[0] and a[1] != b[1]                      # block 2 differs by an earlier token
+    for key in a:
+        store.add(key, torch.ones(1, 2, 1, 4, 1))
+    assert store.match(b) == 1 and store.match(a) == 2
+    assert store.prefix(a).shape == (1, 2, 1, 8, 1)
+    store.add(b[1], torch.zeros(1, 2, 1, 4, 1))
+    store.add(store.keys([5] * 9)[0], torch.zeros(1, 2, 1, 4, 1))
+    assert store.bytes <= store.max_bytes and len(store.blocks) == 3
+    assert store.match(a) == 0                                # a[0] was the least recently used
+
+
+def test_sliding_window_models_are_not_cached(tiny_student):
+    model, _ = tiny_student
+    assert supports_prefix_cache(model.config)
+    config = model.config.__class__.from_dict({**model.config.to_dict(), "layer_types": None})
+    config.sliding_window, config.use_sliding_window = 64, True
+    assert not supports_prefix_cache(config)
