@@ -125,7 +125,10 @@ def sample_next(logits, temperature: float, top_p: float, generator):
             drop = cumulative - sorted_probs > top_p
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        # The exponential race: argmax(p / E) with E ~ Exp(1) draws from p (the Gumbel-max
+        # trick in another form), several times cheaper than torch.multinomial on CPU.
+        race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-30)  # no 0/0
+        ids = (probs / race).argmax(dim=-1)
     return ids, logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
@@ -135,7 +138,7 @@ class TorchPolicy(Policy):
     Prompts are left-padded with explicit position ids, so each sequence sees exactly the
     positions it would see alone; finished sequences leave the batch (the cache is compacted).
     Inside a `reusing_prefixes()` scope, the KV of prompt prefixes seen earlier in the scope is
-    reused (atod_edge.prefix_cache): only each prompt's new tokens are prefilled.
+    reused (atod_edge.kv_cache): only each prompt's new tokens are prefilled.
     """
 
     def __init__(self, model, tokenizer, name: str = "torch", device: str | None = None,
@@ -163,7 +166,7 @@ class TorchPolicy(Policy):
 
     @contextlib.contextmanager
     def reusing_prefixes(self):
-        from atod_edge.prefix_cache import PrefixStore, supports_prefix_cache
+        from atod_edge.kv_cache import PrefixStore, supports_prefix_cache
 
         if self._store is not None or not self.prefix_cache_mb or not supports_prefix_cache(self.model.config):
             yield                               # nested scope (reuse the outer one) or not applicable
@@ -192,7 +195,7 @@ class TorchPolicy(Policy):
         live = list(range(len(prompts)))        # original index of each row still in the batch
 
         with torch.inference_mode(), _autocast(device):
-            logits, cache, attention, positions = self._prefill(prompts)
+            logits, cache, attention, positions = self._prefill(prompts, sampling.max_new_tokens)
             while True:
                 ids, lps = sample_next(logits, sampling.temperature, sampling.top_p, generator)
                 ids_list, lps_list = ids.tolist(), lps.tolist()   # one host sync per decode step
@@ -219,15 +222,14 @@ class TorchPolicy(Policy):
         return [Generation(outputs[i], logprobs[i], checker.text(outputs[i]), finish[i] or "length")
                 for i in range(len(prompts))]
 
-    def _prefill(self, prompts):
+    def _prefill(self, prompts, max_new_tokens: int):
         """One forward over the prompts. Identical prompts (a group's first turn) are computed
         once; inside a reusing_prefixes scope, only the tokens after each prompt's longest stored
         prefix are. Returns the last position's float32 logits [B, V], the cache, the attention
         mask [B, T] and the last position ids [B, 1], every row in the order of `prompts`."""
         import torch
-        from transformers import DynamicCache
 
-        from atod_edge.prefix_cache import gather_prefixes, store_new_blocks
+        from atod_edge.kv_cache import gather_prefixes, store_new_blocks
 
         distinct: dict[tuple[int, ...], int] = {}
         inverse = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
@@ -240,10 +242,11 @@ class TorchPolicy(Policy):
             reused = [n * store.block for n in hits]
             store.hit_tokens += sum(reused[i] for i in inverse)
             store.prompt_tokens += sum(len(p) for p in prompts)
-            cache = DynamicCache(gather_prefixes(store, block_keys, hits, self.device))
+            prefixes = gather_prefixes(store, block_keys, hits, self.device)
         else:
-            reused, cache = [0] * len(unique), DynamicCache()
+            reused, prefixes = [0] * len(unique), None
         suffixes = [p[r:] for p, r in zip(unique, reused)]
+        cache = self._new_cache(max(reused) + max(len(x) for x in suffixes) + max_new_tokens, prefixes)
 
         input_ids, attention, positions = left_pad(suffixes, self.pad_id)
         positions = positions + np.asarray(reused, dtype=np.int64)[:, None]
@@ -269,7 +272,7 @@ class TorchPolicy(Policy):
         system instruction), compute those once, with a batch of one, and store them."""
         from transformers import DynamicCache
 
-        from atod_edge.prefix_cache import store_new_blocks
+        from atod_edge.kv_cache import store_new_blocks
 
         store = self._store
         if len(prompts) < 2:
@@ -286,6 +289,17 @@ class TorchPolicy(Policy):
         ids = torch.tensor([prompts[0][:common * store.block]], device=self.device)
         out = self.model(input_ids=ids, use_cache=True, past_key_values=DynamicCache(), logits_to_keep=1)
         store_new_blocks(store, out.past_key_values, [block_keys[0][:common]], [0], [ids.shape[1]])
+
+    def _new_cache(self, capacity: int, prefixes=None):
+        """A KV cache with room for `capacity` positions (transformers' DynamicCache where the
+        model has sliding-window layers, which the buffer cache does not model)."""
+        from transformers import DynamicCache
+
+        from atod_edge.kv_cache import buffer_cache, supports_prefix_cache
+
+        if supports_prefix_cache(self.model.config):
+            return buffer_cache(self.model.config.get_text_config(decoder=True).num_hidden_layers, capacity, prefixes)
+        return DynamicCache(prefixes)
 
     def _mask(self, attention, query_length: int):
         if getattr(self.model.config, "_attn_implementation", None) == "sdpa":

@@ -5,7 +5,7 @@ episode per turn. Same model, same tasks, same sampling settings, measured in on
 
 Prints episodes/s and generated tokens/s of each and the ratios. The engine runs twice: with
 prefix reuse (the default: each prompt's KV up to its longest block-aligned prefix seen earlier in
-the batch of episodes is reused, see atod_edge/prefix_cache.py) and without, to show what that
+the batch of episodes is reused, see atod_edge/kv_cache.py) and without, to show what that
 reuse is worth. The share of prompt tokens reused is printed: an untrained model repeats invalid
 actions, so its prompts change less from turn to turn than a trained agent's (pass a trained
 checkpoint dir as --model to measure that case).

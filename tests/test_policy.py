@@ -136,6 +136,16 @@ def test_sample_next_greedy_and_top_p():
         assert ids.tolist() == [1, 0]
 
 
+def test_sample_next_draws_from_the_tempered_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(20_000, 1)
+    generator = torch.Generator().manual_seed(1)
+    for temperature in (1.0, 0.5):
+        ids, logprobs = sample_next(logits, temperature, 1.0, generator)
+        frequencies = torch.bincount(ids, minlength=4).float() / len(ids)
+        assert frequencies == pytest.approx(torch.softmax(logits[0] / temperature, -1), abs=0.015)
+        assert logprobs == pytest.approx(torch.log_softmax(logits[0], -1)[ids])   # temperature-1 log-probs
+
+
 def test_empty_inputs(student_policy):
     assert student_policy.generate([], GREEDY) == []
     with pytest.raises(UserError, match="empty prompt"):

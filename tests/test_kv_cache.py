@@ -1,4 +1,4 @@
-"""Tests for atod_edge/prefix_cache.py and TorchPolicy's reuse of prompt prefixes: whatever the
+"""Tests for atod_edge/kv_cache.py and TorchPolicy's reuse of prompt prefixes: whatever the
 store holds, generation must equal a run that recomputes every prompt token."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from atod_edge.envs import make_env
 from atod_edge.policy import SamplingParams, TorchPolicy
-from atod_edge.prefix_cache import PrefixStore, supports_prefix_cache
+from atod_edge.kv_cache import PrefixStore, supports_prefix_cache
 from atod_edge.prompts import build_messages, encode_prompt
 from atod_edge.rollout import run_episodes
 
@@ -105,3 +105,18 @@ def test_sliding_window_models_are_not_cached(tiny_student):
     config = model.config.__class__.from_dict({**model.config.to_dict(), "layer_types": None})
     config.sliding_window, config.use_sliding_window = 64, True
     assert not supports_prefix_cache(config)
+
+
+def test_buffer_cache_equals_concatenation_and_grows():
+    from atod_edge.kv_cache import buffer_cache
+
+    cache = buffer_cache(num_layers=1, capacity=3)
+    chunks = [torch.randn(2, 1, n, 4) for n in (2, 1, 4)]          # 7 positions: grows past 3
+    for chunk in chunks:
+        keys, values = cache.update(chunk, -chunk, 0)
+    assert torch.equal(keys, torch.cat(chunks, dim=2)) and torch.equal(values, -keys)
+    assert cache.get_seq_length() == 7
+    cache.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(cache.layers[0].keys, torch.cat(chunks, dim=2)[1:])
+    keys, _ = cache.update(torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4), 0)
+    assert keys.shape == (1, 1, 8, 4) and torch.equal(keys[:, :, :7], torch.cat(chunks, dim=2)[1:])

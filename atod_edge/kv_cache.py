@@ -1,5 +1,8 @@
-"""Automatic prefix caching for the torch policy: reuse the attention keys/values of prompt
-prefixes across generate calls.
+"""The torch policy's KV-cache machinery: a decode cache that grows in place, and automatic
+prefix caching (reuse of the attention keys/values of prompt prefixes across generate calls).
+
+transformers' DynamicCache appends each decode step's keys with torch.cat, copying the whole
+cache every step; `BufferCache` writes into preallocated room instead (it doubles when full).
 
 Every prompt of an episode starts with the same system instruction and task, and the G
 rollouts of a group share all of their first prompt; recomputing those tokens at every turn is
@@ -9,7 +12,7 @@ prefix caching), so a hit on block b means the prompt's first (b + 1) * block to
 same as those of an earlier prompt, positions included. Least recently used blocks are evicted
 beyond a size budget.
 
-Cached keys were computed with the weights of the moment: a store is only valid while the
+Prefix keys were computed with the weights of the moment: a store is only valid while the
 weights do not change, which is why TorchPolicy opens one per `reusing_prefixes()` scope (one
 batch of episodes) and drops it at the end.
 """
@@ -21,6 +24,53 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class BufferLayer(DynamicLayer):
+    """One layer's keys and values [B, kv_heads, T, head_dim], written into a buffer with room
+    for `capacity` positions; `keys`/`values` are views of the filled part."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor):
+        super().lazy_initialization(key_states)
+        batch, heads, _, dim = key_states.shape
+        self._k = key_states.new_empty((batch, heads, self.capacity, dim))
+        self._v = key_states.new_empty((batch, heads, self.capacity, dim))
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        if end > self._k.shape[2]:                  # out of room: double it
+            room = max(end, 2 * self._k.shape[2]) - self._k.shape[2]
+            self._k = torch.cat([self._k, self._k.new_empty((*self._k.shape[:2], room, self._k.shape[3]))], 2)
+            self._v = torch.cat([self._v, self._v.new_empty((*self._v.shape[:2], room, self._v.shape[3]))], 2)
+        self._k[:, :, start:end] = key_states
+        self._v[:, :, start:end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+
+def buffer_cache(num_layers: int, capacity: int, prefixes=None) -> Cache:
+    """A cache of BufferLayers, optionally starting with per-layer (keys, values) prefixes."""
+    cache = Cache(layers=[BufferLayer(capacity) for _ in range(num_layers)])
+    for layer, (keys, values) in zip(cache.layers, prefixes or []):
+        layer.update(keys, values)
+    return cache
 
 
 class PrefixStore:
