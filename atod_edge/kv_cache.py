@@ -56,6 +56,12 @@ class BufferLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
         return self.keys, self.values
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Take buffers [B, kv_heads, capacity, head_dim] whose first `length` positions are filled."""
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._k, self._v, self.length = keys, values, length
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
     def get_seq_length(self) -> int:
         return self.length
 
@@ -65,11 +71,14 @@ class BufferLayer(DynamicLayer):
             self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
 
 
-def buffer_cache(num_layers: int, capacity: int, prefixes=None) -> Cache:
-    """A cache of BufferLayers, optionally starting with per-layer (keys, values) prefixes."""
+def buffer_cache(num_layers: int, capacity: int, prefix: tuple[torch.Tensor, int] | None = None) -> Cache:
+    """A cache of BufferLayers with room for `capacity` positions. `prefix`, from gather_prefixes:
+    (kv [layers, 2, B, kv_heads, capacity, head_dim], filled width) to start from."""
     cache = Cache(layers=[BufferLayer(capacity) for _ in range(num_layers)])
-    for layer, (keys, values) in zip(cache.layers, prefixes or []):
-        layer.update(keys, values)
+    if prefix is not None:
+        kv, width = prefix
+        for index, layer in enumerate(cache.layers):
+            layer.adopt(kv[index, 0], kv[index, 1], width)
     return cache
 
 
@@ -138,21 +147,24 @@ def supports_prefix_cache(config) -> bool:
 
 
 def gather_prefixes(store: PrefixStore, block_keys: list[list[bytes]], hits: list[int],
-                    device) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """The batch's reused prefixes as per-layer (keys, values) [B, kv_heads, M, head_dim], each row
-    left-padded with zeros to the longest reused prefix M (masked out by the caller)."""
+                    capacity: int) -> tuple[torch.Tensor, int] | None:
+    """The batch's reused prefixes, laid out for buffer_cache: kv [layers, 2, B, kv_heads, capacity,
+    head_dim] where row i holds its hits[i] blocks right-aligned in the first `width` positions
+    (width: the longest reused prefix), zeros before them (masked out by the caller, and finite,
+    as masked values must be), and room after. Returns (kv, width), or None when nothing is reused."""
     width = max(hits) * store.block
     if width == 0:
         return None
     rows = [store.prefix(keys[:n]) if n else None for keys, n in zip(block_keys, hits)]
     sample = next(r for r in rows if r is not None)
     layers, _, heads, _, dim = sample.shape
-    buffer = sample.new_zeros((layers, 2, len(rows), heads, width, dim))
+    kv = sample.new_empty((layers, 2, len(rows), heads, max(capacity, width), dim))
     for i, row in enumerate(rows):
+        start = width - (row.shape[3] if row is not None else 0)
+        kv[:, :, i, :, :start] = 0
         if row is not None:
-            buffer[:, :, i, :, width - row.shape[3]:] = row
-    buffer = buffer.to(device, non_blocking=True)
-    return [(buffer[layer, 0], buffer[layer, 1]) for layer in range(layers)]
+            kv[:, :, i, :, start:width] = row
+    return kv, width
 
 
 def store_new_blocks(store: PrefixStore, cache, block_keys: list[list[bytes]], hits: list[int],

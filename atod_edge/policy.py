@@ -242,11 +242,11 @@ class TorchPolicy(Policy):
             reused = [n * store.block for n in hits]
             store.hit_tokens += sum(reused[i] for i in inverse)
             store.prompt_tokens += sum(len(p) for p in prompts)
-            prefixes = gather_prefixes(store, block_keys, hits, self.device)
         else:
-            reused, prefixes = [0] * len(unique), None
+            reused = [0] * len(unique)
         suffixes = [p[r:] for p, r in zip(unique, reused)]
-        cache = self._new_cache(max(reused) + max(len(x) for x in suffixes) + max_new_tokens, prefixes)
+        capacity = max(reused) + max(len(x) for x in suffixes) + max_new_tokens
+        cache = self._new_cache(capacity, gather_prefixes(store, block_keys, hits, capacity) if store else None)
 
         input_ids, attention, positions = left_pad(suffixes, self.pad_id)
         positions = positions + np.asarray(reused, dtype=np.int64)[:, None]
@@ -290,16 +290,17 @@ class TorchPolicy(Policy):
         out = self.model(input_ids=ids, use_cache=True, past_key_values=DynamicCache(), logits_to_keep=1)
         store_new_blocks(store, out.past_key_values, [block_keys[0][:common]], [0], [ids.shape[1]])
 
-    def _new_cache(self, capacity: int, prefixes=None):
-        """A KV cache with room for `capacity` positions (transformers' DynamicCache where the
-        model has sliding-window layers, which the buffer cache does not model)."""
+    def _new_cache(self, capacity: int, prefix=None):
+        """A KV cache with room for `capacity` positions, starting from a gathered prefix
+        (transformers' DynamicCache where the model has sliding-window layers, which the buffer
+        cache does not model, and where prefixes are never reused)."""
         from transformers import DynamicCache
 
         from atod_edge.kv_cache import buffer_cache, supports_prefix_cache
 
         if supports_prefix_cache(self.model.config):
-            return buffer_cache(self.model.config.get_text_config(decoder=True).num_hidden_layers, capacity, prefixes)
-        return DynamicCache(prefixes)
+            return buffer_cache(self.model.config.get_text_config(decoder=True).num_hidden_layers, capacity, prefix)
+        return DynamicCache()
 
     def _mask(self, attention, query_length: int):
         if getattr(self.model.config, "_attn_implementation", None) == "sdpa":
