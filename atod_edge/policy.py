@@ -270,7 +270,7 @@ class TorchPolicy(Policy):
     def _store_common_prefix(self, prompts, block_keys) -> None:
         """When the prompts share leading blocks that the store lacks (the first turn: the
         system instruction), compute those once, with a batch of one, and store them."""
-        from transformers import DynamicCache
+        import torch
 
         from atod_edge.kv_cache import store_new_blocks
 
@@ -284,10 +284,9 @@ class TorchPolicy(Policy):
             common += 1
         if common == 0 or store.match(block_keys[0][:common]) == common:
             return
-        import torch
-
         ids = torch.tensor([prompts[0][:common * store.block]], device=self.device)
-        out = self.model(input_ids=ids, use_cache=True, past_key_values=DynamicCache(), logits_to_keep=1)
+        out = self.model(input_ids=ids, use_cache=True, past_key_values=self._new_cache(ids.shape[1]),
+                         logits_to_keep=1)
         store_new_blocks(store, out.past_key_values, [block_keys[0][:common]], [0], [ids.shape[1]])
 
     def _new_cache(self, capacity: int, prefix=None):
