@@ -100,11 +100,13 @@ def run_episodes(policy: Policy, env: str | Callable[[], Env], tasks: Sequence[T
                  group_size: int = 1, sampling: SamplingParams | None = None, seed: int = 0,
                  history_turns: int = 2, max_turns: int | None = None, step: int | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 timings: dict[str, float] | None = None) -> list[Episode]:
+                 timings: dict[str, float] | None = None, label_expert: bool = False) -> list[Episode]:
     """Roll out `group_size` episodes for every task with a token-level policy.
 
     Episodes come back grouped: tasks[0]'s G rollouts first (group index 0), then tasks[1]'s...
     `timings`, if given, accumulates seconds spent building prompts, generating and stepping envs.
+    label_expert=True also records, on every turn, the env's scripted expert action in that state
+    (`Turn.expert_action`: DAgger labels for SFT on the policy's own states).
     """
     sampling = sampling or SamplingParams()
     env_cls = env_class(env) if isinstance(env, str) else env
@@ -115,11 +117,13 @@ def run_episodes(policy: Policy, env: str | Callable[[], Env], tasks: Sequence[T
     for live in lives:
         live.episode.step = step
     with policy.reusing_prefixes():       # every turn's prompt starts with its episode's first tokens
-        _roll(policy, lives, instructions, history_turns, sampling, seed, turn_limit, progress, timings)
+        _roll(policy, lives, instructions, history_turns, sampling, seed, turn_limit, progress, timings,
+              label_expert)
     return [lv.episode for lv in lives]
 
 
-def _roll(policy, lives, instructions, history_turns, sampling, seed, turn_limit, progress, timings) -> None:
+def _roll(policy, lives, instructions, history_turns, sampling, seed, turn_limit, progress, timings,
+          label_expert=False) -> None:
     """The turn loop of run_episodes: one batched generate call per turn over the live episodes."""
     tokenizer = policy.tokenizer
     turn_index = 0
@@ -138,6 +142,8 @@ def _roll(policy, lives, instructions, history_turns, sampling, seed, turn_limit
                         valid=parsed.action is not None, feedback=parsed.reason,
                         admissible=live.admissible or None, prompt_ids=list(prompt_ids),
                         response_ids=list(gen.token_ids), student_logprobs=list(gen.logprobs))
+            if label_expert:
+                turn.expert_action = _expert_label(live)
             _apply(live, turn, parsed.action or "", turn_limit)
         if timings is not None:
             t3 = time.perf_counter()
@@ -146,6 +152,15 @@ def _roll(policy, lives, instructions, history_turns, sampling, seed, turn_limit
         turn_index += 1
         if progress:
             progress(sum(lv.done for lv in lives), len(lives))
+
+
+def _expert_label(live: _Live) -> str | None:
+    """The scripted expert's action in this episode's current state; None when the expert fails
+    (a label is lost, not the episode)."""
+    try:
+        return live.env.expert_action()
+    except Exception:
+        return None
 
 
 def run_scripted(kind: str, env: str | Callable[[], Env], tasks: Sequence[Task], seed: int = 0,

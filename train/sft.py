@@ -5,13 +5,15 @@ unless prompt_loss_weight adds a language-modelling loss on it);
 prompts are built exactly as the rollout engine builds them, so the model is trained on what it
 will see. Demonstrations come from the env's scripted expert, a noisy expert (imperfect demos),
 DART-style demos (noisy execution, every state labelled with the expert's action: the model also
-learns to recover from off-path states, which pure expert demos never show), or an episodes JSONL
-file.
+learns to recover from off-path states, which pure expert demos never show), DAgger demos (the
+start model's own sampled episodes, every state labelled with the expert's action: the states its
+own mistakes lead to, e.g. a loop of one invalid action), or an episodes JSONL file.
 
 The final model goes to `out` (HF layout, written atomically); the run's records go beside it,
 to `<out>.work/`:
     config.yaml        the resolved SFTConfig
     data.json          counts and a fingerprint of the training examples (checked on resume)
+    dagger_demos.jsonl dagger demos only: the start model's labelled episodes (a resume reads them back)
     metrics.jsonl      loss rows every log_every steps, eval rows (periodic and final)
     checkpoints/       step_XXXXXX/: weights + trainer state, the newest only, for --resume;
                        removed once the final model is saved
@@ -30,6 +32,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,11 +53,15 @@ LR_SCHEDULES = ("linear", "constant", "cosine")
 class SFTConfig:
     env: str = opt("household", "environment name or pkg.module:Class")
     model: str = opt("tiny-teacher", "preset name or checkpoint dir to start from")
-    demos: str = opt("expert", "expert | noisy | dart | path to an episodes JSONL")
+    demos: str = opt("expert", "expert | noisy | dart | dagger | path to an episodes JSONL")
     noise: float = opt(0.3, "noisy/dart demos: probability of a random (dart: maybe stale) action",
                        min=0.0, max=1.0)
     successful_only: bool = opt(False, "train only on demonstrations that succeeded")
     episodes: int = opt(200, "number of demonstration episodes", min=1)
+    demo_start: int = opt(0, "index of the first train-split task of generated demos (a later run can "
+                          "take tasks an earlier one did not)", min=0)
+    rollout_temperature: float = opt(0.4, "dagger demos: sampling temperature of the start model's episodes",
+                                     min=0.0)
     epochs: int = opt(2, "passes over the demonstrations", min=1)
     lr: float = opt(1e-3, "AdamW learning rate", min=0.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
@@ -79,18 +86,24 @@ class SFTConfig:
                                 "(0 = none)", min=0)
 
 
-def demo_episodes(cfg: SFTConfig) -> list[Episode]:
+def demo_episodes(cfg: SFTConfig, dagger: Callable[[list], list[Episode]] | None = None) -> list[Episode]:
+    """The demonstrations cfg.demos names. `dagger(tasks)` makes the dagger demos (it needs the model)."""
     from atod_edge.envs import env_class
     from atod_edge.rollout import run_scripted
 
-    if cfg.demos in ("expert", "noisy", "dart"):
+    if cfg.demos in ("expert", "noisy", "dart", "dagger"):
         env_cls = env_class(cfg.env)
-        tasks = env_cls().tasks("train", cfg.episodes)
-        episodes = run_scripted(cfg.demos, env_cls, tasks, seed=cfg.seed, noise=cfg.noise)
+        tasks = env_cls().tasks("train", cfg.episodes, start=cfg.demo_start)
+        if cfg.demos == "dagger":
+            if dagger is None:
+                raise UserError("dagger demos need a model to roll out (train_sft makes them)")
+            episodes = dagger(tasks)
+        else:
+            episodes = run_scripted(cfg.demos, env_cls, tasks, seed=cfg.seed, noise=cfg.noise)
     else:
         path = Path(cfg.demos)
         if not path.is_file():
-            raise UserError(f"demos '{cfg.demos}': not expert, noisy, dart or an existing episodes file")
+            raise UserError(f"demos '{cfg.demos}': not expert, noisy, dart, dagger or an existing episodes file")
         try:
             episodes, _ = read_episodes(path)
         except OSError as e:
@@ -104,6 +117,51 @@ def demo_episodes(cfg: SFTConfig) -> list[Episode]:
         episodes = [ep for ep in episodes if ep.success]
     if not episodes:
         raise UserError(f"no demonstration episodes to train on (demos={cfg.demos})")
+    return episodes
+
+
+def dagger_episodes(cfg: SFTConfig, tasks: list, work: Path, model=None, tokenizer=None, log=print,
+                    ) -> list[Episode]:
+    """DAgger demos (Ross et al., 2011): the start model's own episodes on `tasks`, sampled at
+    cfg.rollout_temperature by the batched engine, every turn labelled with the scripted expert's
+    action in that state. SFT on them teaches recovery from the states the model's own mistakes
+    reach, which expert and DART demos cover only by chance.
+
+    Saved to <work>/dagger_demos.jsonl (atomically). `model`/`tokenizer`: the start model, in a
+    fresh run. A resumed run, whose model is a checkpoint and no longer the start model, passes
+    none: the saved demos are read back (or, if they are missing, cfg.model is loaded to redo them)."""
+    from atod_edge.episode import write_episodes
+    from atod_edge.evaluate import summarize
+    from atod_edge.models import load_model
+    from atod_edge.policy import SamplingParams, TorchPolicy
+    from atod_edge.rollout import run_episodes
+
+    path = work / "dagger_demos.jsonl"
+    if model is None and path.is_file():
+        episodes, skipped = read_episodes(path)
+        if not skipped and len(episodes) == len(tasks):
+            log(f"sft: {len(episodes)} dagger demos read back from {path}")
+            return episodes
+    if model is None:
+        model, tokenizer = load_model(cfg.model, device=cfg.device)
+    was_training = model.training
+    model.eval()
+    policy = TorchPolicy(model, tokenizer, name=f"dagger:{cfg.model}")
+    sampling = SamplingParams(temperature=cfg.rollout_temperature)
+    started, episodes = time.perf_counter(), []
+    for first in range(0, len(tasks), 64):      # 64 concurrent episodes, as evaluation rolls them out
+        episodes += run_episodes(policy, cfg.env, tasks[first:first + 64], sampling=sampling,
+                                 seed=cfg.seed + first, history_turns=cfg.history_turns, label_expert=True)
+        rate = len(episodes) / (time.perf_counter() - started)
+        print(f"\rsft: dagger demos {len(episodes)}/{len(tasks)} | {rate:.1f} episodes/s | "
+              f"ETA {_fmt_time((len(tasks) - len(episodes)) / rate)}   ", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    model.train(was_training)
+    summary = summarize(episodes)
+    log(f"sft: dagger demos from {cfg.model}: success {summary['success']:.1%}, invalid actions "
+        f"{summary['invalid_rate']:.1%}, {summary['turns']:.1f} turns")
+    with atomic_path(path) as tmp:
+        write_episodes(tmp, episodes)
     return episodes
 
 
@@ -193,7 +251,9 @@ def train_sft(cfg: SFTConfig, log=print, resume: bool = False) -> Path:
     model, tokenizer = load_model(start, device=cfg.device)
     model.train()
     instructions = env_class(cfg.env).instructions
-    episodes = demo_episodes(cfg)
+    # a resumed run's model is a checkpoint, not the start model: dagger_episodes reads its demos back
+    start_model = (model, tokenizer) if not done_steps else (None, None)
+    episodes = demo_episodes(cfg, lambda tasks: dagger_episodes(cfg, tasks, work, *start_model, log=log))
     examples = build_examples(episodes, tokenizer, instructions, cfg.history_turns)
     if not examples:
         raise UserError("the demonstrations hold no valid turns to train on")

@@ -4,6 +4,7 @@ interruption, and clean errors for bad demonstration files and options."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from train_fixtures import load_weights, same_weights
 from atod_edge import cli
 from atod_edge.config import load_config
 from atod_edge.envs import env_class
+from atod_edge.episode import read_episodes
 from atod_edge.io import read_jsonl
 from atod_edge.models import check_same_tokenizer, load_model, resolve_model
 from atod_edge.scoring import response_logprobs
@@ -230,3 +232,35 @@ def test_dart_demos_train_on_the_expert_label_of_every_turn(atod_cache):
     assert len(examples) == len(turns)
     targets = [tokenizer.decode(r[:-1]) for _, r in examples]
     assert targets == [f"<action>{t.expert_action}</action>" for t in turns]
+
+
+def test_dagger_demos_label_the_models_own_states_with_the_expert_and_are_read_back(
+        atod_cache, one_thread, tmp_path, capsys):
+    """dagger demos: the start model's own episodes, every turn labelled with the expert's action
+    in that state (checked by replaying the episode in a fresh env); a fresh run trains on all of
+    them; a resumed run (no model given) reads the saved demos back instead of rolling out again."""
+    from atod_edge.train.sft import dagger_episodes
+
+    out = tmp_path / "sft"
+    cfg = SFTConfig(env="household", model="tiny-student", demos="dagger", episodes=1, demo_start=5, epochs=1,
+                    eval_episodes=0, out=str(out))
+    train_sft(cfg, log=print)
+    saved = work_dir(out) / "dagger_demos.jsonl"
+    episodes, skipped = read_episodes(saved)
+    tasks = env_class("household")().tasks("train", 1, start=5)
+    assert skipped == 0 and [ep.task_id for ep in episodes] == [t.task_id for t in tasks]
+    turns = [t for ep in episodes for t in ep.turns]
+    assert any(not t.valid for t in turns)          # an untrained model's own mistakes are in the demos
+    for ep, task in zip(episodes, tasks):
+        env = env_class("household")()
+        env.reset(task)
+        for turn in ep.turns:
+            assert turn.expert_action == env.expert_action()
+            env.step(turn.action or "")
+    data = json.loads((work_dir(out) / "data.json").read_text())
+    assert data["examples"] == len(turns)
+    assert f"dagger demos from tiny-student: success {float(episodes[0].success):.1%}" in capsys.readouterr().out
+
+    cfg.model = "no-such-model"   # a resumed run must not load (or roll out) the start model again
+    again = dagger_episodes(cfg, tasks, work_dir(out), log=lambda *a: None)
+    assert [ep.to_dict() for ep in again] == [ep.to_dict() for ep in episodes]
