@@ -53,7 +53,8 @@ LR_SCHEDULES = ("linear", "constant", "cosine")
 class SFTConfig:
     env: str = opt("household", "environment name or pkg.module:Class")
     model: str = opt("tiny-teacher", "preset name or checkpoint dir to start from")
-    demos: str = opt("expert", "expert | noisy | dart | dagger | path to an episodes JSONL")
+    demos: str = opt("expert", "expert | noisy | dart | dagger | a mix of them, e.g. dart+dagger | path to an "
+                     "episodes JSONL")
     noise: float = opt(0.3, "noisy/dart demos: probability of a random (dart: maybe stale) action",
                        min=0.0, max=1.0)
     successful_only: bool = opt(False, "train only on demonstrations that succeeded")
@@ -86,24 +87,34 @@ class SFTConfig:
                                 "(0 = none)", min=0)
 
 
+GENERATED_DEMOS = ("expert", "noisy", "dart", "dagger")
+
+
 def demo_episodes(cfg: SFTConfig, dagger: Callable[[list], list[Episode]] | None = None) -> list[Episode]:
-    """The demonstrations cfg.demos names. `dagger(tasks)` makes the dagger demos (it needs the model)."""
+    """The demonstrations cfg.demos names: one generated kind, a mix of kinds joined by "+"
+    (e.g. "dart+dagger": consecutive equal shares of the train tasks, one per kind), or a
+    file. `dagger(tasks)` makes the dagger demos (it needs the model)."""
     from atod_edge.envs import env_class
     from atod_edge.rollout import run_scripted
 
-    if cfg.demos in ("expert", "noisy", "dart", "dagger"):
+    kinds = cfg.demos.split("+")
+    if all(kind in GENERATED_DEMOS for kind in kinds):
         env_cls = env_class(cfg.env)
         tasks = env_cls().tasks("train", cfg.episodes, start=cfg.demo_start)
-        if cfg.demos == "dagger":
-            if dagger is None:
+        episodes = []
+        for i, kind in enumerate(kinds):
+            share = tasks[i * len(tasks) // len(kinds):(i + 1) * len(tasks) // len(kinds)]
+            if kind != "dagger":
+                episodes += run_scripted(kind, env_cls, share, seed=cfg.seed, noise=cfg.noise)
+            elif dagger is None:
                 raise UserError("dagger demos need a model to roll out (train_sft makes them)")
-            episodes = dagger(tasks)
-        else:
-            episodes = run_scripted(cfg.demos, env_cls, tasks, seed=cfg.seed, noise=cfg.noise)
+            else:
+                episodes += dagger(share)
     else:
         path = Path(cfg.demos)
         if not path.is_file():
-            raise UserError(f"demos '{cfg.demos}': not expert, noisy, dart, dagger or an existing episodes file")
+            raise UserError(f"demos '{cfg.demos}': not expert, noisy, dart, dagger (or a mix like dart+dagger) "
+                            "or an existing episodes file")
         try:
             episodes, _ = read_episodes(path)
         except OSError as e:
