@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, "recipe YAML (optional)")
     p.add_argument("--env", help="environment (shortcut for --set env=...)")
     p.add_argument("--model", help="preset name or checkpoint dir to start from")
-    p.add_argument("--demos", help="expert | noisy | dart | dagger | FILE.jsonl")
+    p.add_argument("--demos", help="expert | noisy | dart | dagger | a mix (dart+dagger) | FILE.jsonl")
     p.add_argument("--episodes", type=int, help="number of demonstration episodes")
     p.add_argument("--out", help="output model dir (metrics, checkpoints, curves go to OUT.work/)")
     p.add_argument("--resume", metavar="OUT", help="continue an interrupted run from its last checkpoint")

@@ -15,6 +15,7 @@ from atod_edge import cli
 from atod_edge.config import load_config
 from atod_edge.envs import env_class
 from atod_edge.episode import read_episodes
+from atod_edge.errors import UserError
 from atod_edge.io import read_jsonl
 from atod_edge.models import check_same_tokenizer, load_model, resolve_model
 from atod_edge.scoring import response_logprobs
@@ -264,3 +265,16 @@ def test_dagger_demos_label_the_models_own_states_with_the_expert_and_are_read_b
     cfg.model = "no-such-model"   # a resumed run must not load (or roll out) the start model again
     again = dagger_episodes(cfg, tasks, work_dir(out), log=lambda *a: None)
     assert [ep.to_dict() for ep in again] == [ep.to_dict() for ep in episodes]
+
+
+def test_mixed_demos_take_consecutive_shares_of_the_tasks_one_kind_each():
+    cfg = SFTConfig(env="household", demos="dart+expert", episodes=5, demo_start=7, noise=0.4, seed=1)
+    episodes = demo_episodes(cfg)
+    assert [ep.task_id for ep in episodes] == [f"household/train/{i}" for i in range(7, 12)]
+    dart, expert = episodes[:2], episodes[2:]
+    assert all(t.expert_action for ep in dart for t in ep.turns)          # dart labels every state
+    assert all(t.expert_action is None and t.valid for ep in expert for t in ep.turns)
+    alone = demo_episodes(SFTConfig(env="household", demos="expert", episodes=3, demo_start=9, seed=1))
+    assert [ep.to_dict() for ep in alone] == [ep.to_dict() for ep in expert]   # each share is that kind's demos
+    with pytest.raises(UserError, match="dart\\+dagger"):
+        demo_episodes(SFTConfig(env="household", demos="dart+nonsense", episodes=2))
