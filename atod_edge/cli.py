@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     play.add_argument("--seed", type=int, default=0, help="task index")
     play.add_argument("--split", default="eval", choices=["train", "eval", "unseen"])
 
-    p = sub.add_parser("models", help="list, inspect and shrink models")
+    p = sub.add_parser("models", help="list, inspect, shrink and average models")
     m_sub = p.add_subparsers(dest="models_command", metavar="ACTION")
     m_sub.add_parser("list", help="list presets and cached models")
     info = m_sub.add_parser("info", help="describe a model")
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     shrink.add_argument("model")
     shrink.add_argument("--keep-layers", required=True, help='e.g. "0,2,4" or "every:3"')
     shrink.add_argument("--out", required=True)
+    average = m_sub.add_parser("average", help="average the weights of checkpoints of one architecture")
+    average.add_argument("models", nargs="+", metavar="MODEL")
+    average.add_argument("--out", required=True)
 
     p = sub.add_parser("config", help="show resolved configs")
     c_sub = p.add_subparsers(dest="config_command", metavar="ACTION")
@@ -237,6 +240,10 @@ def cmd_models(args) -> int:
     if args.models_command == "info":
         for key, value in models.model_info(args.model).items():
             print(f"{key:18s} {value}")
+        return 0
+    if args.models_command == "average":
+        models.average_models(args.models, args.out)
+        print(f"averaged {len(args.models)} models: {args.out}")
         return 0
     src = models.resolve_model(args.model)
     from transformers import AutoConfig

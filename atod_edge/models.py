@@ -1,4 +1,5 @@
-"""Models and tokenizers: built-in presets, local checkpoints, tokenizer checks, layer shrinking.
+"""Models and tokenizers: built-in presets, local checkpoints, tokenizer checks, layer shrinking,
+checkpoint averaging.
 
 A model is a directory transformers can load (config.json, safetensors weights, tokenizer files
 with a chat template). Three presets need no hub access:
@@ -29,7 +30,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from atod_edge.errors import UserError
 from atod_edge.io import atomic_path, atomic_write_json
@@ -584,6 +585,42 @@ def shrink_model(src: str | os.PathLike, keep_layers: list[int] | str,
         atomic_write_json(tmp / PRESET_CARD, {
             "shrunk_from": str(src), "source_layers": source_layers, "kept_layers": keep_layers,
             "params": sum(p.numel() for p in model.parameters())})
+    return out
+
+
+def average_models(srcs: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Save the uniform average of the weights of `srcs` (checkpoint averaging, a "model soup":
+    e.g. the outputs of consecutive SFT runs from one start, which sit in one basin). They must be
+    one architecture (the same parameter names and shapes) with one tokenizer; the output takes
+    the first one's config and tokenizer."""
+    import torch
+
+    if len(srcs) < 2:
+        raise UserError("average needs at least two models")
+    model, tokenizer = load_model(srcs[0], dtype="auto")
+    total = {name: p.detach().float().clone() for name, p in model.state_dict().items()}
+    for src in srcs[1:]:
+        other, other_tokenizer = load_model(src, dtype="auto")
+        check_same_tokenizer(tokenizer, other_tokenizer, str(srcs[0]), str(src))
+        state = other.state_dict()
+        if state.keys() != total.keys():
+            missing = sorted(set(total) ^ set(state))[0]
+            raise UserError(f"cannot average '{srcs[0]}' and '{src}': parameter {missing} is in only one of them")
+        for name, tensor in state.items():
+            if tensor.shape != total[name].shape:
+                raise UserError(f"cannot average '{srcs[0]}' and '{src}': {name} is {tuple(total[name].shape)} "
+                                f"vs {tuple(tensor.shape)}")
+            total[name] += tensor.float()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            tensor.copy_(total[name] / len(srcs))
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / PRESET_CARD, {"averaged_from": [str(s) for s in srcs],
+                                              "params": sum(p.numel() for p in model.parameters())})
     return out
 
 

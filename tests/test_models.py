@@ -183,6 +183,32 @@ def test_shrink_keeps_chosen_layers(cache, tmp_path):
     assert models.model_info(out)["layers"] == 3
 
 
+def test_average_is_the_mean_of_the_weights_and_refuses_other_architectures(cache, tmp_path, capsys):
+    from atod_edge import cli
+
+    student, tokenizer = models.load_model("tiny-student")
+    shifted = tmp_path / "shifted"
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    student.save_pretrained(shifted)
+    tokenizer.save_pretrained(shifted)
+    out = tmp_path / "soup"
+    assert cli.main(["models", "average", "tiny-student", str(shifted), "--out", str(out)]) == 0
+    original = models.load_model("tiny-student")[0].state_dict()
+    averaged = models.load_model(out)[0].state_dict()
+    for name, tensor in student.state_dict().items():
+        assert torch.allclose(averaged[name], (original[name] + tensor) / 2, atol=1e-6), name
+    assert json.loads((out / models.PRESET_CARD).read_text())["averaged_from"] == ["tiny-student", str(shifted)]
+    capsys.readouterr()
+
+    for args in (["tiny-student", "tiny-teacher"], ["tiny-student"]):
+        assert cli.main(["models", "average", *args, "--out", str(tmp_path / "bad")]) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and ("cannot average" in err or "at least two" in err), err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_resolve_model_errors(tmp_path, cache):
     with pytest.raises(UserError, match="not found"):
         models.resolve_model(tmp_path / "nope")
