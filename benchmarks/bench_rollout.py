@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-student")
     parser.add_argument("--env", default="household")
     parser.add_argument("--episodes", type=int, default=64)
-    parser.add_argument("--naive-episodes", type=int, default=8, help="the naive loop is slow: time fewer")
+    parser.add_argument("--naive-episodes", type=int, default=16, help="the naive loop is slow: time fewer")
     parser.add_argument("--max-turns", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     args = parser.parse_args()
