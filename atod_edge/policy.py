@@ -125,12 +125,7 @@ def sample_next(logits, temperature: float, top_p: float, generator):
             drop = cumulative - sorted_probs > top_p
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        # inverse-CDF sampling: one uniform number per row. torch.multinomial on CPU took 2.1 ms
-        # for [64, 2182] probabilities (16% of the engine's time), this 0.08 ms; right=True never
-        # picks a zero-probability token (its cumulative sum equals its predecessor's).
-        cumulative = probs.cumsum(dim=-1)
-        u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device) * cumulative[:, -1:]
-        ids = torch.searchsorted(cumulative, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+        ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return ids, logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
