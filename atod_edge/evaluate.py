@@ -68,8 +68,9 @@ def summarize(episodes: Sequence[Episode], seconds: float | None = None) -> dict
 
 
 def evaluate(policy, cfg: EvalConfig, progress: Callable[[int, int], None] | None = None,
-             ) -> tuple[dict, list[Episode]]:
-    """`policy` is a Policy (token-level) or one of "expert", "random"."""
+             label_expert: bool = False) -> tuple[dict, list[Episode]]:
+    """`policy` is a Policy (token-level) or one of "expert", "random". label_expert: record the
+    scripted expert's action on every turn of a token-level policy (DAgger demos)."""
     from atod_edge.envs import env_class
     from atod_edge.policy import SamplingParams
     from atod_edge.rollout import run_episodes, run_scripted
@@ -87,7 +88,7 @@ def evaluate(policy, cfg: EvalConfig, progress: Callable[[int, int], None] | Non
             chunk = tasks[start:start + cfg.batch_episodes]
             episodes += run_episodes(policy, env_cls, chunk, sampling=sampling,
                                      seed=cfg.seed + start, history_turns=cfg.history_turns,
-                                     max_turns=cfg.max_turns or None)
+                                     max_turns=cfg.max_turns or None, label_expert=label_expert)
             if progress:
                 progress(len(episodes), len(tasks))
     summary = summarize(episodes, time.perf_counter() - started)

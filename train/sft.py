@@ -133,20 +133,21 @@ def demo_episodes(cfg: SFTConfig, dagger: Callable[[list], list[Episode]] | None
 
 def dagger_episodes(cfg: SFTConfig, tasks: list, work: Path, model=None, tokenizer=None, log=print,
                     ) -> list[Episode]:
-    """DAgger demos (Ross et al., 2011): the start model's own episodes on `tasks`, sampled at
-    cfg.rollout_temperature by the batched engine, every turn labelled with the scripted expert's
-    action in that state. SFT on them teaches recovery from the states the model's own mistakes
+    """DAgger demos (Ross et al., 2011): the start model's own episodes on `tasks` (consecutive
+    train-split tasks), sampled at cfg.rollout_temperature by the batched engine, every turn
+    labelled with the scripted expert's action in that state. SFT on them teaches recovery from the states the model's own mistakes
     reach, which expert and DART demos cover only by chance.
 
     Saved to <work>/dagger_demos.jsonl (atomically). `model`/`tokenizer`: the start model, in a
     fresh run. A resumed run, whose model is a checkpoint and no longer the start model, passes
     none: the saved demos are read back (or, if they are missing, cfg.model is loaded to redo them)."""
     from atod_edge.episode import write_episodes
-    from atod_edge.evaluate import summarize
+    from atod_edge.evaluate import EvalConfig, evaluate
     from atod_edge.models import load_model
-    from atod_edge.policy import SamplingParams, TorchPolicy
-    from atod_edge.rollout import run_episodes
+    from atod_edge.policy import TorchPolicy
 
+    if not tasks:
+        return []
     path = work / "dagger_demos.jsonl"
     if model is None and path.is_file():
         episodes, skipped = read_episodes(path)
@@ -157,18 +158,20 @@ def dagger_episodes(cfg: SFTConfig, tasks: list, work: Path, model=None, tokeniz
         model, tokenizer = load_model(cfg.model, device=cfg.device)
     was_training = model.training
     model.eval()
-    policy = TorchPolicy(model, tokenizer, name=f"dagger:{cfg.model}")
-    sampling = SamplingParams(temperature=cfg.rollout_temperature)
-    started, episodes = time.perf_counter(), []
-    for first in range(0, len(tasks), 64):      # 64 concurrent episodes, as evaluation rolls them out
-        episodes += run_episodes(policy, cfg.env, tasks[first:first + 64], sampling=sampling,
-                                 seed=cfg.seed + first, history_turns=cfg.history_turns, label_expert=True)
-        rate = len(episodes) / (time.perf_counter() - started)
-        print(f"\rsft: dagger demos {len(episodes)}/{len(tasks)} | {rate:.1f} episodes/s | "
-              f"ETA {_fmt_time((len(tasks) - len(episodes)) / rate)}   ", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+    started = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        rate = done / (time.perf_counter() - started)
+        print(f"\rsft: dagger demos {done}/{total} | {rate:.1f} episodes/s | ETA {_fmt_time((total - done) / rate)}   ",
+              end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    # the eval code path on consecutive train tasks (64 concurrent episodes, the same seeds)
+    rollouts = EvalConfig(env=cfg.env, split="train", episodes=len(tasks), start=tasks[0].index,
+                          temperature=cfg.rollout_temperature, history_turns=cfg.history_turns,
+                          seed=cfg.seed, device=cfg.device)
+    summary, episodes = evaluate(TorchPolicy(model, tokenizer, name=f"dagger:{cfg.model}"), rollouts,
+                                 progress=progress, label_expert=True)
     model.train(was_training)
-    summary = summarize(episodes)
     log(f"sft: dagger demos from {cfg.model}: success {summary['success']:.1%}, invalid actions "
         f"{summary['invalid_rate']:.1%}, {summary['turns']:.1f} turns")
     with atomic_path(path) as tmp:
