@@ -18,7 +18,8 @@ from typing import Any, Iterable
 
 from atod_edge.io import append_line, read_jsonl
 
-SCHEMA_VERSION = 1
+# 1: the first schema; 2: Turn.finish_reason (schema-1 files read with finish_reason None)
+SCHEMA_VERSION = 2
 log = logging.getLogger(__name__)
 
 
@@ -34,6 +35,9 @@ class Turn:
     admissible: list[str] | None = None
     expert_action: str | None = None  # the scripted expert's action in this state: the SFT label of
                                       # "dart" demos, whose executed action may be noise
+    finish_reason: str | None = None  # how the response ended: "stop" (stop string or end-of-turn
+                                      # token) or "length" (max_new_tokens reached: truncated);
+                                      # None where not recorded (scripted turns, schema-1 files)
     # token-level fields (optional)
     prompt_ids: list[int] | None = None
     response_ids: list[int] | None = None
@@ -42,6 +46,11 @@ class Turn:
     disagreement: float | None = None   # T-DUR d_k
     uncertainty: float | None = None    # T-DUR h_k
     weight: float | None = None         # T-DUR w_k
+
+    @property
+    def truncated(self) -> bool:
+        """The response was cut at max_new_tokens (finish_reason "length")."""
+        return self.finish_reason == "length"
 
 
 @dataclass
@@ -68,6 +77,10 @@ class Episode:
     @property
     def num_invalid(self) -> int:
         return sum(1 for t in self.turns if not t.valid)
+
+    @property
+    def num_truncated(self) -> int:
+        return sum(1 for t in self.turns if t.truncated)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -57,6 +57,8 @@ def summarize(episodes: Sequence[Episode], seconds: float | None = None) -> dict
         "score": sum(ep.score for ep in episodes) / n if n else 0.0,
         "turns": turns / n if n else 0.0,
         "invalid_rate": invalid / turns if turns else 0.0,
+        # responses cut at max_new_tokens (Turn.finish_reason "length"), as a share of all turns
+        "truncated_rate": sum(ep.num_truncated for ep in episodes) / turns if turns else 0.0,
         "errors": sum(1 for ep in episodes if "error" in ep.meta),
         "generated_tokens": tokens,
     }
@@ -114,6 +116,8 @@ def format_summary(summary: dict) -> str:
             f"success {summary['success']:.1%} [{low:.1%}, {high:.1%}] over {summary['episodes']} episodes, "
             f"score {summary['score']:.3f}, turns {summary['turns']:.1f}, "
             f"invalid {summary['invalid_rate']:.1%}")
+    if summary.get("truncated_rate"):
+        line += f", truncated {summary['truncated_rate']:.1%}"
     if "tokens_per_s" in summary and summary["generated_tokens"]:
         line += f", {summary['tokens_per_s']:.0f} tok/s"
     return line

@@ -210,6 +210,8 @@ class InspectorScreen(Screen):
         out.append(f"  score {fmt(ep.score)}  reward {fmt(ep.reward)}  {stats.turns} turns")
         if stats.invalid:
             out.append(f" ({stats.invalid} invalid)", style="yellow")
+        if ep.num_truncated:
+            out.append(f" ({ep.num_truncated} truncated)", style="yellow")
         out.append(f"  {stats.tokens} tokens\n")
         if stats.mean_disagreement is not None:
             out.append(f"mean d {fmt(stats.mean_disagreement)}  ")
@@ -245,6 +247,8 @@ class InspectorScreen(Screen):
             line.append("none (unparsable response)", style="red")
         if turn.feedback:
             line.append(f"  {turn.feedback}", style="yellow")
+        if turn.truncated:
+            line.append("  truncated: the response reached max_new_tokens", style="yellow")
         action_line.update(line)
         text = Text()
         text.append("observation before this turn\n", style="bold")
