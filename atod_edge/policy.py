@@ -130,7 +130,8 @@ def sample_next(logits, temperature: float, top_p: float, generator):
 
 
 class TorchPolicy(Policy):
-    """transformers causal LM with a batched KV-cache decode loop (CPU fp32, CUDA bf16 autocast).
+    """transformers causal LM with a batched KV-cache decode loop (CPU fp32, CUDA bf16 autocast;
+    `precision` as in atod_edge.scoring.compute_autocast: "bf16" autocasts on CPU too).
 
     Prompts are left-padded with explicit position ids, so each sequence sees exactly the
     positions it would see alone; finished sequences leave the batch (the cache is compacted).
@@ -139,7 +140,7 @@ class TorchPolicy(Policy):
     """
 
     def __init__(self, model, tokenizer, name: str = "torch", device: str | None = None,
-                 prefix_cache_mb: int = 256):
+                 prefix_cache_mb: int = 256, precision: str = "auto"):
         import torch
 
         from atod_edge.kv_cache import supports_prefix_cache
@@ -151,6 +152,7 @@ class TorchPolicy(Policy):
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
         self.prefix_cache_mb = prefix_cache_mb
+        self.precision = precision              # the forward's autocast (scoring.compute_autocast)
         self._full_attention = supports_prefix_cache(model.config)   # buffer cache and prefix reuse apply
         self._store = None                      # a PrefixStore inside a reusing_prefixes() scope
         self.last_store = None                  # the last scope's store, for its hit statistics
@@ -192,7 +194,7 @@ class TorchPolicy(Policy):
         finish: list[str | None] = [None] * len(prompts)
         live = list(range(len(prompts)))        # original index of each row still in the batch
 
-        with torch.inference_mode(), _autocast(device):
+        with torch.inference_mode(), _autocast(device, self.precision):
             logits, cache, attention, positions = self._prefill(prompts, sampling.max_new_tokens)
             while True:
                 ids, lps = sample_next(logits, sampling.temperature, sampling.top_p, generator)
@@ -339,14 +341,10 @@ def torch_device(name: str):
     return device
 
 
-def _autocast(device):
-    import contextlib
+def _autocast(device, precision: str = "auto"):
+    from atod_edge.scoring import compute_autocast
 
-    import torch
-
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return compute_autocast(device, precision)
 
 
 def load_policy(path: str, device: str = "cpu", **kwargs) -> Policy:
