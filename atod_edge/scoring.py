@@ -170,15 +170,22 @@ def turn_pairs(episodes: Sequence[Episode]) -> tuple[list[list[int]], list[list[
 
 
 def score_episodes(teacher, episodes: Sequence[Episode], pad_id: int = 0, micro_batch: int = 16,
-                   precision: str = "auto") -> None:
+                   precision: str = "auto", prefix_reuse: bool = True) -> None:
     """Fill `teacher_logprobs` of every token-level turn: one no-grad forward per micro-batch,
-    one copy to the host at the end."""
+    one copy to the host at the end. prefix_reuse: each micro-batch's shared prompt prefixes are
+    computed once (atod_edge.shared_prefix; same log-probs), where the teacher allows it."""
+    from atod_edge.shared_prefix import prefix_reuse_applies, shared_response_logprobs
+
     prompts, responses, where = turn_pairs(episodes)
     if not prompts:
         return
     with torch.inference_mode():
-        scores = response_logprobs(teacher, prompts, responses, pad_id=pad_id, micro_batch=micro_batch,
-                                   precision=precision)
+        if prefix_reuse and prefix_reuse_applies(teacher):
+            scores = shared_response_logprobs(teacher, prompts, responses, pad_id=pad_id, micro_batch=micro_batch,
+                                              precision=precision)
+        else:
+            scores = response_logprobs(teacher, prompts, responses, pad_id=pad_id, micro_batch=micro_batch,
+                                       precision=precision)
     flat = torch.cat(scores).cpu().tolist()
     offset = 0
     for (e, t), lp in zip(where, scores):

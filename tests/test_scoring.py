@@ -30,7 +30,8 @@ def direct(model, prompt, response):
     return picked, -(logp.exp() * logp).sum(-1)
 
 
-def test_teacher_scoring_equals_a_direct_forward_of_each_sequence(tiny_teacher):
+@pytest.mark.parametrize("prefix_reuse", [True, False])
+def test_teacher_scoring_equals_a_direct_forward_of_each_sequence(tiny_teacher, prefix_reuse):
     model, tokenizer = tiny_teacher
     prompts, responses = token_pairs(model.config.vocab_size)
     episodes = [Episode(env="household", task_id="t0", seed=0, split="eval", turns=[
@@ -40,7 +41,7 @@ def test_teacher_scoring_equals_a_direct_forward_of_each_sequence(tiny_teacher):
                 Episode(env="household", task_id="t1", seed=1, split="eval", turns=[
                     Turn("obs", prompt_ids=p, response_ids=r) for p, r in zip(prompts[2:], responses[2:])])]
     # micro_batch=2 puts a 3-token and a 150-token prompt in one right-padded batch
-    score_episodes(model, episodes, pad_id=tokenizer.pad_token_id, micro_batch=2)
+    score_episodes(model, episodes, pad_id=tokenizer.pad_token_id, micro_batch=2, prefix_reuse=prefix_reuse)
     scored = [episodes[0].turns[0], episodes[0].turns[2]] + episodes[1].turns
     assert episodes[0].turns[1].teacher_logprobs is None
     for turn, prompt, response in zip(scored, prompts, responses):

@@ -68,6 +68,8 @@ class SFTConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
     batch_size: int = opt(16, "turns per optimizer step", min=1)
     micro_batch: int = opt(16, "turns per forward pass", min=1)
+    prefix_reuse: bool = opt(True, "encode the prompt prefixes a micro-batch's turns share once (same loss and "
+                             "gradients); false: every turn on its own")
     warmup_steps: int = opt(10, "linear warmup steps", min=0)
     history_turns: int = opt(2, "past turns in the prompt", min=0)
     prompt_loss_weight: float = opt(0.0, "weight of a language-modelling loss on the prompt tokens (0: "
@@ -310,8 +312,8 @@ def train_sft(cfg: SFTConfig, log=print, resume: bool = False) -> Path:
                     continue
                 t0 = time.perf_counter()
                 batch = [examples[i] for i in order[first:first + cfg.batch_size]]
-                # sort by length so micro-batches pad little
-                batch.sort(key=lambda ex: len(ex[0]) + len(ex[1]))
+                # sorted by length, micro-batches pad little; by tokens, they share the most prefix
+                batch.sort(key=(lambda ex: ex[0] + ex[1]) if cfg.prefix_reuse else (lambda ex: len(ex[0]) + len(ex[1])))
                 n_tokens = sum(len(r) for _, r in batch)
                 n_prompt = sum(len(p) - 1 for p, _ in batch)
                 optimizer.zero_grad(set_to_none=True)
@@ -415,14 +417,22 @@ def _chunk_loss(model, chunk, pad: int, cfg: SFTConfig, n_tokens: int, n_prompt:
     observations and admissible lists: for a model trained from scratch, copying names from
     them is most of what acting needs, and the prompt holds ~20x more tokens than the response)."""
     from atod_edge.scoring import response_logprobs
+    from atod_edge.shared_prefix import prefix_reuse_applies, shared_prefix_logprobs
 
-    if not cfg.prompt_loss_weight:
+    if cfg.prefix_reuse and prefix_reuse_applies(model):
+        # one prefix tree: the system text (and a task, where turns share one) is encoded once
+        first = [1 if cfg.prompt_loss_weight else len(p) for p, _ in chunk]
+        lps = shared_prefix_logprobs(model, [list(p) + list(r) for p, r in chunk], first, pad_id=pad)
+        if not cfg.prompt_loss_weight:
+            return -torch.cat(lps).sum() / n_tokens
+    elif not cfg.prompt_loss_weight:
         lps = response_logprobs(model, [p for p, _ in chunk], [r for _, r in chunk], pad_id=pad,
                                 micro_batch=cfg.micro_batch)
         return -torch.cat(lps).sum() / n_tokens
-    # Score every token after the first: prompt[1:] and the response, in one forward.
-    lps = response_logprobs(model, [p[:1] for p, _ in chunk], [list(p[1:]) + list(r) for p, r in chunk],
-                            pad_id=pad, micro_batch=cfg.micro_batch)
+    else:
+        # Score every token after the first: prompt[1:] and the response, in one forward.
+        lps = response_logprobs(model, [p[:1] for p, _ in chunk], [list(p[1:]) + list(r) for p, r in chunk],
+                                pad_id=pad, micro_batch=cfg.micro_batch)
     prompt_nll = -sum(lp[:len(p) - 1].sum() for lp, (p, _) in zip(lps, chunk))
     response_nll = -sum(lp[len(p) - 1:].sum() for lp, (p, _) in zip(lps, chunk))
     return response_nll / n_tokens + cfg.prompt_loss_weight * prompt_nll / max(n_prompt, 1)

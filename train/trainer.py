@@ -255,7 +255,8 @@ def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistIn
     """ppo_epochs passes of the clipped surrogate over the batch in micro-batches, then one
     optimizer step per pass. Losses stay on the device until the end (no host sync per
     micro-batch). Under torchrun the returned stats cover every rank's tokens. fsdp: `student`
-    is sharded with FSDP2, which reduces the gradients itself."""
+    is sharded with FSDP2, which reduces the gradients itself. cfg.prefix_reuse: each micro-batch
+    encodes the prompt prefixes its turns share once (see _turn_logprobs)."""
     from atod_edge.scoring import response_logprobs
 
     device = next(student.parameters()).device
@@ -264,8 +265,12 @@ def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistIn
     total_tokens = _all_reduce_sum(torch.tensor(local_tokens, device=device), info)
     old = batch.old_logprobs.to(device)
     adv = batch.advantages.to(device)
-    order = sorted(range(len(batch.prompts)), key=lambda k: len(batch.prompts[k]) + len(batch.responses[k]))
     student.train()
+    reuse = _reuses_prefixes(student, cfg, fsdp)
+    if reuse:   # sorted by tokens: a micro-batch holds turns of one task, which share the most
+        order = sorted(range(len(batch.prompts)), key=lambda k: batch.prompts[k] + batch.responses[k])
+    else:       # by length: little padding
+        order = sorted(range(len(batch.prompts)), key=lambda k: len(batch.prompts[k]) + len(batch.responses[k]))
     # summed over micro-batches and epochs: loss, ratio, clipped tokens
     sums = torch.zeros(3, device=device)
     grad_norm = torch.zeros((), device=device)
@@ -280,9 +285,8 @@ def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistIn
                 new = torch.cat(response_logprobs(student, [[pad_id]], [[pad_id]], pad_id=pad_id, whole_model=True))
                 (new.sum() * 0.0).backward()
                 continue
-            new_lp = response_logprobs(student, [batch.prompts[k] for k in turns],
-                                       [batch.responses[k] for k in turns], pad_id=pad_id,
-                                       micro_batch=cfg.micro_batch, whole_model=fsdp)
+            new_lp = _turn_logprobs(student, [batch.prompts[k] for k in turns], [batch.responses[k] for k in turns],
+                                    pad_id, reuse, fsdp)
             index = torch.cat([torch.arange(batch.token_offsets[k], batch.token_offsets[k] + len(batch.responses[k]))
                                for k in turns]).to(device)
             new = torch.cat(new_lp)
@@ -311,6 +315,26 @@ def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistIn
     return {"loss": float(sums[0]) / cfg.ppo_epochs, "grad_norm": float(grad_norm),
             "mean_ratio": float(sums[1]) / counted, "clip_fraction": float(sums[2]) / counted,
             "tokens": int(total_tokens)}
+
+
+def _reuses_prefixes(student, cfg: TrainConfig, fsdp: bool) -> bool:
+    """The update's shared-prefix path applies: asked for, not under FSDP (every rank must run the
+    same number of forwards, and the tree's depth differs between ranks), and a model it runs
+    exactly (full attention, a cache: not under gradient checkpointing)."""
+    from atod_edge.shared_prefix import prefix_reuse_applies
+
+    return cfg.prefix_reuse and not fsdp and prefix_reuse_applies(student)
+
+
+def _turn_logprobs(student, prompts, responses, pad_id: int, reuse: bool, fsdp: bool) -> list[torch.Tensor]:
+    """One micro-batch's log-probs of its response tokens, with gradients: every turn on its own
+    (right-padded rows), or one prefix tree whose shared prompt prefixes are encoded once."""
+    from atod_edge.scoring import response_logprobs
+    from atod_edge.shared_prefix import shared_response_logprobs
+
+    if reuse:
+        return shared_response_logprobs(student, prompts, responses, pad_id=pad_id, micro_batch=len(prompts))
+    return response_logprobs(student, prompts, responses, pad_id=pad_id, micro_batch=len(prompts), whole_model=fsdp)
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -459,7 +483,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
                                 timings=rollout_timings)
         t1 = time.perf_counter()
         if teacher is not None:
-            score_episodes(teacher, episodes, pad_id=pad_id, micro_batch=cfg.micro_batch)
+            score_episodes(teacher, episodes, pad_id=pad_id, micro_batch=cfg.micro_batch,
+                           prefix_reuse=cfg.prefix_reuse)
         _sync(device)
         t2 = time.perf_counter()
         batch = build_batch(episodes, cfg, step)

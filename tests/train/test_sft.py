@@ -221,6 +221,30 @@ def test_prompt_loss_weight_adds_the_prompt_tokens_mean_nll(atod_cache, one_thre
     assert with_prompt > response_only + 0.1   # the prompt term is really there
 
 
+@pytest.mark.parametrize("prompt_loss_weight", [0.0, 0.5])
+def test_sft_loss_with_prefix_reuse_has_the_per_turn_value_and_gradients(atod_cache, one_thread, prompt_loss_weight):
+    """_chunk_loss over turns of two demo episodes (they share the system text and, within an
+    episode, the task) with prefix_reuse on and off: the same loss and gradients (1e-5 relative)."""
+    from atod_edge.train.sft import _chunk_loss
+
+    model, tokenizer = load_model("tiny-student")
+    cfg = SFTConfig(env="household", demos="noisy", episodes=2, prompt_loss_weight=prompt_loss_weight)
+    examples = build_examples(demo_episodes(cfg), tokenizer, env_class("household").instructions, 2)[:10]
+    n_resp, n_prompt = sum(len(r) for _, r in examples), sum(len(p) - 1 for p, _ in examples)
+    results = []
+    for reuse in (False, True):
+        cfg.prefix_reuse = reuse
+        model.zero_grad(set_to_none=True)
+        loss = _chunk_loss(model, examples, tokenizer.pad_token_id, cfg, n_resp, n_prompt)
+        loss.backward()
+        results.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_turns, expected), (loss_shared, got) = results
+    assert loss_shared == pytest.approx(loss_turns, rel=1e-5)
+    for name, grad in expected.items():
+        assert float(grad.norm()) > 0, name
+        assert float((got[name] - grad).norm() / grad.norm()) < 1e-5, name
+
+
 def test_dart_demos_train_on_the_expert_label_of_every_turn(atod_cache):
     """Every dart turn is an example (invalid executed actions included), and its target is the
     expert's action in that state, not the executed one."""

@@ -15,6 +15,7 @@ from atod_edge import cli
 from atod_edge.config import load_config
 from atod_edge.episode import Episode, Turn, read_episodes
 from atod_edge.train.config import TrainConfig
+from atod_edge.train.lora import peft_available
 from atod_edge.train.schedule import ScheduleConfig, coefficients
 from atod_edge.train.trainer import DistInfo, build_batch, latest_checkpoint, train, update
 
@@ -174,6 +175,66 @@ def test_update_raises_the_logprob_of_a_positive_advantage_response(tiny_student
     assert stats["tokens"] == len(good) + len(bad)
     assert stats["mean_ratio"] == pytest.approx(1.0) and stats["clip_fraction"] == 0.0
     assert stats["grad_norm"] > 0 and math.isfinite(stats["loss"])
+
+
+def _household_batch(tokenizer, model) -> "TokenBatch":
+    """Real household turns (two tasks, two noisy-expert episodes each: the turns share prompt
+    prefixes), the model's own log-probs as lp_S and random advantages."""
+    from atod_edge.envs import env_class
+    from atod_edge.prompts import encode_prompt
+    from atod_edge.rollout import episode_messages, run_scripted
+    from atod_edge.scoring import response_logprobs
+    from atod_edge.train.trainer import TokenBatch
+
+    env = env_class("household")
+    prompts, responses = [], []
+    for seed in (0, 1):
+        for ep in run_scripted("noisy", env, env().tasks("train", 2), seed=seed, noise=0.5):
+            for k, turn in enumerate(ep.turns[:4]):
+                prompts.append(encode_prompt(tokenizer, episode_messages(ep, k, env.instructions)))
+                responses.append(tokenizer(turn.response, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        old = torch.cat(response_logprobs(model, prompts, responses, pad_id=tokenizer.pad_token_id))
+    offsets = [sum(map(len, responses[:k])) for k in range(len(responses))]
+    advantages = torch.randn(len(old), generator=torch.Generator().manual_seed(0))
+    return TokenBatch(prompts, responses, offsets, old, advantages, {})
+
+
+@pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not peft_available(), reason="peft is not installed (extra: lora)"))])
+def test_update_with_prefix_reuse_has_the_per_turn_gradients(tiny_student, one_thread, lora):
+    """The same batch through update() with and without prefix reuse: the same gradients (to 1e-5
+    relative per parameter), loss and stats. lr 0 and no clipping: the gradients stay in .grad."""
+    from copy import deepcopy
+
+    model, tokenizer = tiny_student
+    batch = _household_batch(tokenizer, model)
+    results = []
+    for reuse in (False, True):
+        student = deepcopy(model)
+        if lora:
+            from atod_edge.train.lora import add_adapters
+
+            torch.manual_seed(0)   # the same adapter initialisation for both paths
+            student = add_adapters(student, 4, 8.0, 0.0, ["q_proj", "v_proj", "down_proj"]).get_base_model()
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():   # B starts at zero, which would leave A without gradient
+                for name, param in student.named_parameters():
+                    if "lora_B" in name:
+                        param.copy_(0.05 * torch.randn(param.shape, generator=gen))
+        cfg = _cfg("algo=grpo", "lr=0", "max_grad_norm=0", "micro_batch=6", f"prefix_reuse={str(reuse).lower()}")
+        optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=0.0)
+        stats = update(student, optimizer, batch, cfg, DistInfo(), pad_id=tokenizer.pad_token_id)
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}
+        results.append((stats, grads))
+    (per_turn, expected), (shared, got) = results
+    assert set(got) == set(expected) and (not lora or all("lora" in n for n in got))
+    for name, grad in expected.items():
+        assert float(grad.norm()) > 0, name
+        assert float((got[name] - grad).norm() / grad.norm()) < 1e-5, name
+    for key in ("loss", "grad_norm", "mean_ratio"):
+        assert shared[key] == pytest.approx(per_turn[key], rel=1e-5), key
+    assert shared["tokens"] == per_turn["tokens"] == sum(map(len, batch.responses))
 
 
 # --- 3-step smoke runs of every algorithm and ablation ----------------------------------------
