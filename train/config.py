@@ -65,6 +65,10 @@ class TrainConfig:
     student: str = opt("auto", "student checkpoint dir or preset; auto = cold-start by SFT (cached)")
     device: str = opt("cpu", "student device: cpu, cuda, cuda:0 (bf16 autocast on CUDA)")
     teacher_device: str = opt("", "teacher device (empty: same as the student)")
+    precision: str = opt("auto", "compute precision: auto (bf16 on CUDA, fp32 on CPU) | bf16 (bf16 autocast, CPU "
+                         "too; FSDP2: a MixedPrecisionPolicy) | fp32. The trained weights are fp32 master weights "
+                         "whatever the checkpoint's dtype (AdamW steps at lr 1e-6 round away in bf16); the frozen "
+                         "teacher keeps its checkpoint's dtype on accelerators", choices=["auto", "bf16", "fp32"])
     steps: int = opt(150, "training steps (one optimizer round over one batch of rollouts)", min=1)
     tasks_per_step: int = opt(16, "B: tasks per step", min=1)
     group_size: int = opt(8, "G: rollouts per task (a GRPO group)", min=1)
@@ -77,6 +81,15 @@ class TrainConfig:
     prefix_reuse: bool = opt(True, "teacher scoring and the update compute the prompt prefixes a micro-batch's "
                              "turns share once (same log-probs and gradients); false: every turn on its own")
     eps_clip: float = opt(0.2, "PPO clip range", min=0.0)
+    recompute_old_logprobs: str = opt("auto", "recompute lp_S with the update's own forward before the first "
+                                      "epoch (verl's old log-probs): the rollout's cached bf16 decode gives other "
+                                      "log-probs than the training forward, so the first ratio would not be 1 and "
+                                      "lp_T - lp_S would carry the difference. auto: when computing in bf16 | "
+                                      "always | never. The rollout-vs-training mismatch is logged per step",
+                                      choices=["auto", "always", "never"])
+    tis_cap: float = opt(0.0, "truncated importance sampling: weight each token's loss by "
+                         "min(pi_old / pi_rollout, tis_cap), correcting for the rollout engine's numerics (needs "
+                         "the recomputed lp_S); 0 = off (verl uses 2)", min=0.0)
     weights: str = opt("tdur", "OPD weights: tdur (turn-level soft OR) | uniform | token (token-level) | "
                        "disagreement | uncertainty",
                        choices=["tdur", "uniform", "token", "disagreement", "uncertainty"])
@@ -84,6 +97,11 @@ class TrainConfig:
     temperature: float = opt(1.0, "rollout temperature", min=0.0)
     top_p: float = opt(1.0, "rollout nucleus threshold", min=0.0, max=1.0)
     max_new_tokens: int = opt(48, "max response tokens per turn (paper: 512)", min=1)
+    truncated_turns: str = opt("train", "turns whose response reached max_new_tokens (recorded as finish_reason "
+                               "'length'): train (like any turn: the cut response rarely holds a parsable action, "
+                               "so the invalid penalty applies, and its tokens get their advantages) | mask (their "
+                               "tokens get no loss; the episode's reward still counts the turn)",
+                               choices=["train", "mask"])
     history_turns: int = opt(2, "past turns shown in the prompt", min=0)
     max_turns: int = opt(0, "turn limit per episode (0: the env's default)", min=0)
     eval_every: int = opt(0, "evaluate every N steps (0: only at the end)", min=0)
@@ -103,6 +121,15 @@ class TrainConfig:
     compare: bool = opt(True, "at the end, evaluate the cold-start student and the teacher too and print a table")
 
     def validate(self) -> None:
+        for key in ("temperature", "top_p"):
+            if getattr(self, key) != 1.0:
+                # lp_S, the ratio and lp_T - lp_S are all of the model's own distribution
+                raise ConfigError(f"config key '{key}': got {getattr(self, key)}, but training rollouts must sample "
+                                  f"the model's own distribution (temperature 1, top_p 1), whose log-probs the "
+                                  f"update and the teacher term use; eval_temperature sets evaluation's")
+        if self.tis_cap and self.recompute_old_logprobs == "never":
+            raise ConfigError("config key 'tis_cap': truncated importance sampling needs the recomputed old "
+                              "log-probs; set recompute_old_logprobs to auto or always")
         if self.schedule.kappa_min > self.schedule.kappa_init:
             raise ConfigError(f"config key 'schedule.kappa_min': got {self.schedule.kappa_min}, "
                               f"must be <= schedule.kappa_init ({self.schedule.kappa_init})")

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from atod_edge.config import dump_yaml
-from atod_edge.episode import Episode, write_episodes
+from atod_edge.episode import Episode, Turn, write_episodes
 from atod_edge.errors import UserError
 from atod_edge.io import append_line, atomic_path, atomic_write_text, read_jsonl
 from atod_edge.train.advantages import broadcast_to_tokens, combine, grpo_advantages, opd_advantages
@@ -48,6 +48,8 @@ from atod_edge.train.config import TrainConfig
 from atod_edge.train.lora import (ADAPTER_DIR, add_adapters, load_adapter, merged_state_dict, require_peft,
                                   save_adapter)
 from atod_edge.train.loss import clipped_surrogate
+from atod_edge.train.precision import (compute_precision, fsdp_mixed_precision, recomputes_old_logprobs,
+                                       truncated_is_weights)
 from atod_edge.train.schedule import ScheduleConfig, coefficients
 from atod_edge.train.tdur import token_weights, turn_statistics
 
@@ -105,10 +107,12 @@ def _barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def shard_fsdp(model, device: str, info: DistInfo) -> None:
+def shard_fsdp(model, device: str, info: DistInfo, precision: str = "fp32") -> None:
     """FSDP2 in place: each decoder layer is its own shard group, the rest (embeddings, final norm,
     LM head) the root's. Gradients are summed, not averaged, like the ddp path (the loss is already
-    a global token mean), with plain SUM collectives (gloo has no AVG/PREMUL_SUM)."""
+    a global token mean), with plain SUM collectives (gloo has no AVG/PREMUL_SUM). precision bf16:
+    a MixedPrecisionPolicy (bf16 parameters in forward and backward, fp32 gradient reduction; the
+    fp32 shards stay the master weights, see precision.py)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -119,9 +123,11 @@ def shard_fsdp(model, device: str, info: DistInfo) -> None:
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (info.world,))
+    mixed = fsdp_mixed_precision(precision)
+    options = {"mp_policy": mixed} if mixed is not None else {}
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **options)
+    fully_shard(model, mesh=mesh, **options)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -175,6 +181,8 @@ class TokenBatch:
     old_logprobs: torch.Tensor        # [tokens] lp_S
     advantages: torch.Tensor          # [tokens] A_t
     stats: dict[str, float]
+    rollout_logprobs: torch.Tensor | None = None   # [tokens] the rollout engine's, where lp_S was recomputed
+    loss_weights: torch.Tensor | None = None       # [tokens] per-token loss weights (TIS); None: all 1
 
 
 def episode_rewards(episodes: list[Episode], invalid_penalty: float) -> torch.Tensor:
@@ -192,7 +200,7 @@ def build_batch(episodes: list[Episode], cfg: TrainConfig, step: int) -> TokenBa
     n_tokens = 0
     for e, ep in enumerate(episodes):
         for t, turn in enumerate(ep.turns):
-            if not turn.response_ids:
+            if not trains_turn(turn, cfg):
                 continue
             k = len(prompts)
             prompts.append(turn.prompt_ids)
@@ -260,44 +268,55 @@ def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistIn
     from atod_edge.scoring import response_logprobs
 
     device = next(student.parameters()).device
+    precision = compute_precision(cfg.precision, str(device))
     parameters = [p for p in student.parameters() if p.requires_grad]
     local_tokens = float(len(batch.old_logprobs))
     total_tokens = _all_reduce_sum(torch.tensor(local_tokens, device=device), info)
     old = batch.old_logprobs.to(device)
     adv = batch.advantages.to(device)
+    rollout = batch.rollout_logprobs.to(device) if batch.rollout_logprobs is not None else old
+    weights = batch.loss_weights.to(device) if batch.loss_weights is not None else torch.ones_like(old)
     student.train()
     reuse = _reuses_prefixes(student, cfg, fsdp)
     if reuse:   # sorted by tokens: a micro-batch holds turns of one task, which share the most
         order = sorted(range(len(batch.prompts)), key=lambda k: batch.prompts[k] + batch.responses[k])
     else:       # by length: little padding
         order = sorted(range(len(batch.prompts)), key=lambda k: len(batch.prompts[k]) + len(batch.responses[k]))
-    # summed over micro-batches and epochs: loss, ratio, clipped tokens
-    sums = torch.zeros(3, device=device)
+    # summed over micro-batches and epochs: loss, ratio, clipped tokens; over the first epoch:
+    # |lp_new - lp_rollout| (the training forward under the rollout's weights: the mismatch)
+    sums = torch.zeros(4, device=device)
+    mismatch_max = torch.zeros((), device=device)
     grad_norm = torch.zeros((), device=device)
     micro_batches = math.ceil(len(order) / cfg.micro_batch)
     if fsdp:  # each forward/backward is a collective: every rank runs as many as the busiest one
         micro_batches = _all_reduce_max(micro_batches, info, device)
-    for _epoch in range(cfg.ppo_epochs):
+    # each micro-batch's token positions, copied to the device once (not one blocking copy each)
+    token_index = micro_batch_token_index(batch, order, cfg.micro_batch, device)
+    for epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         for m in range(0, micro_batches * cfg.micro_batch, cfg.micro_batch):
             turns = order[m:m + cfg.micro_batch]
             if not turns:   # fsdp only: a zero-loss micro-batch to match the other ranks
-                new = torch.cat(response_logprobs(student, [[pad_id]], [[pad_id]], pad_id=pad_id, whole_model=True))
+                new = torch.cat(response_logprobs(student, [[pad_id]], [[pad_id]], pad_id=pad_id, whole_model=True,
+                                                  precision=precision))
                 (new.sum() * 0.0).backward()
                 continue
             new_lp = _turn_logprobs(student, [batch.prompts[k] for k in turns], [batch.responses[k] for k in turns],
-                                    pad_id, reuse, fsdp)
-            index = torch.cat([torch.arange(batch.token_offsets[k], batch.token_offsets[k] + len(batch.responses[k]))
-                               for k in turns]).to(device)
+                                    pad_id, reuse, fsdp, precision)
+            index = token_index[m // cfg.micro_batch]
             new = torch.cat(new_lp)
-            loss, _ = clipped_surrogate(new, old[index], adv[index], torch.ones_like(new),
+            loss, _ = clipped_surrogate(new, old[index], adv[index], weights[index],
                                         eps_clip=cfg.eps_clip, num_tokens=total_tokens,
                                         with_stats=False)
             loss.backward()
             with torch.no_grad():
                 ratio = torch.exp(new.detach() - old[index])
                 clipped = (ratio < 1 - cfg.eps_clip) | (ratio > 1 + cfg.eps_clip)
-                sums += torch.stack([loss.detach(), ratio.sum(), clipped.sum().to(ratio.dtype)])
+                sums[:3] += torch.stack([loss.detach(), ratio.sum(), clipped.sum().to(ratio.dtype)])
+                if epoch == 0:
+                    gap = (new.detach() - rollout[index]).abs()
+                    sums[3] += gap.sum()
+                    mismatch_max = torch.maximum(mismatch_max, gap.max())
         if info.world > 1 and not fsdp:
             for p in parameters:
                 # every rank must reduce the same tensors, also where its batch gave no gradient
@@ -311,10 +330,13 @@ def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistIn
         optimizer.step()
     student.eval()
     sums = _all_reduce_sum(sums, info).cpu()
+    mismatch_max = _all_reduce_max_tensor(mismatch_max, info).cpu()
     counted = max(1.0, float(total_tokens) * cfg.ppo_epochs)
     return {"loss": float(sums[0]) / cfg.ppo_epochs, "grad_norm": float(grad_norm),
             "mean_ratio": float(sums[1]) / counted, "clip_fraction": float(sums[2]) / counted,
-            "tokens": int(total_tokens)}
+            "tokens": int(total_tokens),
+            "rollout_mismatch_mean": float(sums[3]) / max(1.0, float(total_tokens)),
+            "rollout_mismatch_max": float(mismatch_max)}
 
 
 def _reuses_prefixes(student, cfg: TrainConfig, fsdp: bool) -> bool:
@@ -326,15 +348,98 @@ def _reuses_prefixes(student, cfg: TrainConfig, fsdp: bool) -> bool:
     return cfg.prefix_reuse and not fsdp and prefix_reuse_applies(student)
 
 
-def _turn_logprobs(student, prompts, responses, pad_id: int, reuse: bool, fsdp: bool) -> list[torch.Tensor]:
+def _turn_logprobs(student, prompts, responses, pad_id: int, reuse: bool, fsdp: bool,
+                   precision: str = "auto") -> list[torch.Tensor]:
     """One micro-batch's log-probs of its response tokens, with gradients: every turn on its own
     (right-padded rows), or one prefix tree whose shared prompt prefixes are encoded once."""
     from atod_edge.scoring import response_logprobs
     from atod_edge.shared_prefix import shared_response_logprobs
 
     if reuse:
-        return shared_response_logprobs(student, prompts, responses, pad_id=pad_id, micro_batch=len(prompts))
-    return response_logprobs(student, prompts, responses, pad_id=pad_id, micro_batch=len(prompts), whole_model=fsdp)
+        return shared_response_logprobs(student, prompts, responses, pad_id=pad_id, micro_batch=len(prompts),
+                                        precision=precision)
+    return response_logprobs(student, prompts, responses, pad_id=pad_id, micro_batch=len(prompts), whole_model=fsdp,
+                             precision=precision)
+
+
+def micro_batch_token_index(batch: TokenBatch, order: list[int], micro_batch: int, device) -> list[torch.Tensor]:
+    """For each micro-batch of `order` (turn indices, micro_batch at a time), the positions of its
+    turns' tokens in the batch's flat tensors: built on the host, copied to the device in one go."""
+    groups = [order[m:m + micro_batch] for m in range(0, len(order), micro_batch)]
+    pieces = [torch.cat([torch.arange(batch.token_offsets[k], batch.token_offsets[k] + len(batch.responses[k]))
+                         for k in turns]) for turns in groups]
+    if not pieces:
+        return []
+    flat = torch.cat(pieces)
+    flat = flat.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else flat.to(device)
+    return list(flat.split([len(p) for p in pieces]))
+
+
+def _all_reduce_max_tensor(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+# --- old log-probs and truncated turns (the numerics are in precision.py) ---------------------
+
+def trains_turn(turn: Turn, cfg: TrainConfig) -> bool:
+    """Whether a turn's response tokens enter the update: it has some, and it is not a response
+    cut at max_new_tokens under truncated_turns=mask."""
+    return bool(turn.response_ids) and not (cfg.truncated_turns == "mask" and turn.truncated)
+
+
+@torch.no_grad()
+def recompute_old_logprobs(student, episodes: list[Episode], cfg: TrainConfig, info: DistInfo, pad_id: int,
+                           fsdp: bool = False, precision: str = "auto") -> torch.Tensor:
+    """Replace the student_logprobs of every trained turn (the rollout engine's) with the update
+    forward's log-probs under the current weights, before the first epoch (verl's old log-probs,
+    see precision.py). Returns the rollout's log-probs, flat in build_batch's token order. Runs the
+    update's forward (_turn_logprobs) on the update's micro-batches; under fsdp every rank runs as
+    many forwards as the busiest one (each is a collective)."""
+    turns = [turn for ep in episodes for turn in ep.turns if trains_turn(turn, cfg)]
+    rollout = torch.tensor([lp for turn in turns for lp in turn.student_logprobs], dtype=torch.float32)
+    device = next(student.parameters()).device
+    reuse = _reuses_prefixes(student, cfg, fsdp)
+    prompts = [turn.prompt_ids for turn in turns]
+    responses = [turn.response_ids for turn in turns]
+    if reuse:   # the update's order (see update)
+        order = sorted(range(len(turns)), key=lambda k: prompts[k] + responses[k])
+    else:
+        order = sorted(range(len(turns)), key=lambda k: len(prompts[k]) + len(responses[k]))
+    micro_batches = math.ceil(len(order) / cfg.micro_batch)
+    if fsdp:
+        micro_batches = _all_reduce_max(micro_batches, info, device)
+    recomputed: list[torch.Tensor | None] = [None] * len(turns)
+    student.eval()
+    for m in range(0, micro_batches * cfg.micro_batch, cfg.micro_batch):
+        chunk = order[m:m + cfg.micro_batch]
+        # fsdp: a rank out of turns runs a one-token forward to match the others
+        logprobs = _turn_logprobs(student, [prompts[k] for k in chunk] or [[pad_id]],
+                                  [responses[k] for k in chunk] or [[pad_id]], pad_id, reuse, fsdp, precision)
+        for k, lp in zip(chunk, logprobs):
+            recomputed[k] = lp
+    if turns:
+        flat = torch.cat(recomputed).cpu().tolist()   # one copy to the host
+        offset = 0
+        for turn in turns:
+            turn.student_logprobs = flat[offset:offset + len(turn.response_ids)]
+            offset += len(turn.response_ids)
+    return rollout
+
+
+def correct_for_rollout(batch: TokenBatch, rollout_logprobs: torch.Tensor | None, cfg: TrainConfig) -> None:
+    """With recomputed old log-probs: keep the rollout's on the batch (the update reports the
+    mismatch against them) and, with tis_cap, weight each token's loss by the truncated
+    importance ratio pi_old / pi_rollout."""
+    if rollout_logprobs is None:
+        return
+    batch.rollout_logprobs = rollout_logprobs
+    if cfg.tis_cap:
+        batch.loss_weights, truncated = truncated_is_weights(batch.old_logprobs, rollout_logprobs, cfg.tis_cap)
+        batch.stats["tis_truncated_fraction"] = truncated
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -407,6 +512,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     if device.startswith("cuda") and info.world > 1:
         device = f"cuda:{info.local_rank}"  # torchrun's LOCAL_RANK: right on several machines too
     fsdp = cfg.distributed == "fsdp" and info.world > 1
+    precision = compute_precision(cfg.precision, device)   # bf16 or fp32 compute (precision.py)
+    recompute = recomputes_old_logprobs(cfg.recompute_old_logprobs, precision)
     if cfg.lora.rank:
         require_peft()
     torch.manual_seed(cfg.seed)
@@ -418,7 +525,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     # LoRA resumes from the original student plus the saved adapter (the checkpoint's own weights
     # are merged); full fine-tuning from the checkpoint's weights
     start_path = str(checkpoint) if checkpoint and not cfg.lora.rank else student_src
-    student, tokenizer = load_model(start_path, device=device)
+    # fp32 master weights whatever the checkpoint's dtype: bf16 weights would round lr-1e-6 steps away
+    student, tokenizer = load_model(start_path, device=device, dtype=torch.float32)
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     adapter = None
@@ -439,7 +547,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
         import copy
 
         full_student = copy.deepcopy(student)
-        shard_fsdp(student, device, info)
+        shard_fsdp(student, device, info, precision)
     teacher = None
     if cfg.algo != "grpo":
         if not teacher_src:
@@ -469,7 +577,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     tb = _tensorboard(run_dir) if info.main else None
 
     env_cls = env_class(cfg.env)
-    policy = TorchPolicy(full_student, tokenizer, name=f"student@{run_dir.name}")
+    policy = TorchPolicy(full_student, tokenizer, name=f"student@{run_dir.name}", precision=precision)
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     train_tasks = env_cls().tasks("train", cfg.tasks_per_step * cfg.steps)
     started = time.perf_counter()
@@ -484,10 +592,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
         t1 = time.perf_counter()
         if teacher is not None:
             score_episodes(teacher, episodes, pad_id=pad_id, micro_batch=cfg.micro_batch,
-                           prefix_reuse=cfg.prefix_reuse)
+                           prefix_reuse=cfg.prefix_reuse, precision=precision)
         _sync(device)
         t2 = time.perf_counter()
+        rollout_lp = None
+        if recompute:   # lp_S from the update's own forward (precision.py)
+            rollout_lp = recompute_old_logprobs(student, episodes, cfg, info, pad_id, fsdp=fsdp, precision=precision)
+            _sync(device)
+        t_old = time.perf_counter()
         batch = build_batch(episodes, cfg, step)
+        correct_for_rollout(batch, rollout_lp, cfg)
         update_stats = update(student, optimizer, batch, cfg, info, pad_id, fsdp=fsdp)
         if fsdp:
             gather_full_weights(student, full_student)
@@ -501,9 +615,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
             **_episode_metrics(episodes, info, device),
             **batch.stats, **update_stats,
             "lr": lr,
-            "time_rollout": t1 - t0, "time_teacher": t2 - t1, "time_update": t3 - t2,
+            "time_rollout": t1 - t0, "time_teacher": t2 - t1, "time_recompute": t_old - t2, "time_update": t3 - t_old,
             **{f"time_rollout_{k}": v for k, v in rollout_timings.items()},
             "generated_tokens": sum(len(t.response_ids or []) for ep in episodes for t in ep.turns),
+            "truncated_rate": sum(ep.num_truncated for ep in episodes) / max(1, sum(ep.num_turns for ep in episodes)),
             "prompt_tokens": sum(len(t.prompt_ids or []) for ep in episodes for t in ep.turns),
         }
         done = step + 1
