@@ -161,7 +161,7 @@ def cmd_eval(args) -> int:
     else:
         if not args.model:
             raise UserError("give --model PATH or --policy expert|random")
-        from atod_edge.policy import load_policy
+        from atod_edge.backends import load_policy
 
         policy = load_policy(args.model, device=cfg.device)
     progress = _progress_printer("eval", "episodes")

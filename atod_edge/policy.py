@@ -2,8 +2,9 @@
 
 A policy turns a batch of prompts (token ids) into sampled responses with the log-probability of
 every sampled token under the policy (temperature 1, i.e. the model's own distribution, which is
-what ATOD's lp_S needs). Backends: torch (here), onnxruntime and llama.cpp (atod_edge.backends).
-All of them share this interface, so evaluation, training, the TUI and export verification run
+what ATOD's lp_S needs). Backends: torch (here), onnxruntime and llama.cpp (atod_edge.backends,
+which import this module; `atod_edge.backends.load_policy` picks one by file kind). All of them
+share this interface, so evaluation, training, the TUI and export verification run
 the same rollout code whatever the file format.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -345,20 +345,3 @@ def _autocast(device, precision: str = "auto"):
     from atod_edge.scoring import compute_autocast
 
     return compute_autocast(device, precision)
-
-
-def load_policy(path: str, device: str = "cpu", **kwargs) -> Policy:
-    """Any agent file: an HF checkpoint dir or preset (torch), a .onnx file or ONNX export dir
-    (onnxruntime), a .gguf file (llama.cpp)."""
-    p = Path(path)
-    if p.suffix == ".gguf":
-        from atod_edge.backends.llamacpp import LlamaCppPolicy
-
-        return LlamaCppPolicy.load(path, **kwargs)
-    is_onnx_dir = p.is_dir() and (p / "model.onnx").is_file() and not list(p.glob("*.safetensors"))
-    if p.suffix == ".onnx" or is_onnx_dir:
-        from atod_edge.backends.ort import OrtPolicy
-
-        return OrtPolicy.load(path, device=device, **kwargs)
-    return TorchPolicy.load(path, device=device, **kwargs)
-

@@ -15,7 +15,8 @@ import argparse
 from collections import Counter
 
 from atod_edge.envs import env_class
-from atod_edge.policy import SamplingParams, load_policy
+from atod_edge.backends import load_policy
+from atod_edge.policy import SamplingParams
 from atod_edge.prompts import encode_prompt, parse_action
 from atod_edge.rollout import episode_messages, run_scripted
 

@@ -14,10 +14,11 @@ except ImportError:  # CI installs it; a local venv may still be building it
     pytest.skip("llama-cpp-python is not importable (pip install llama-cpp-python==0.3.36)",
                 allow_module_level=True)
 
+from atod_edge.backends import load_policy
 from atod_edge.backends.llamacpp import LlamaCppPolicy
 from atod_edge.backends.ort import OrtPolicy
 from atod_edge.errors import UserError
-from atod_edge.policy import SamplingParams, TorchPolicy, load_policy
+from atod_edge.policy import SamplingParams, TorchPolicy
 from atod_edge.prompts import build_messages, encode_prompt
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, stop=())

@@ -7,8 +7,8 @@ import torch
 
 from atod_edge.envs import make_env
 from atod_edge.errors import UserError
-from atod_edge.policy import (SamplingParams, StopChecker, TorchPolicy, load_policy, sample_next,
-                              torch_device)
+from atod_edge.backends import load_policy
+from atod_edge.policy import SamplingParams, StopChecker, TorchPolicy, sample_next, torch_device
 from atod_edge.prompts import build_messages, encode_prompt, parse_action
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, stop=())
@@ -168,3 +168,18 @@ def test_device_names_are_checked_with_a_clear_message():
     else:
         with pytest.raises(UserError, match="CUDA device"):
             torch_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_policy_module_imports_no_backend():
+    """Imports run one way: the backends import policy.py (the interface); the dispatch that
+    imports the backends lives above both, in atod_edge.backends, so policy.py names none."""
+    import ast
+    from pathlib import Path
+
+    import atod_edge.policy
+
+    tree = ast.parse(Path(atod_edge.policy.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert not {m for m in imported if m.startswith("atod_edge.backends")}
+    assert not hasattr(atod_edge.policy, "load_policy")

@@ -60,7 +60,7 @@ class ModelAgent:
     def load(self):
         if self._policy is None:
             try:
-                from atod_edge.policy import load_policy
+                from atod_edge.backends import load_policy
             except ImportError as e:
                 raise UserError(f"model agents need atod_edge.policy, which is not available: {e}") from None
             self._policy = load_policy(self.path, device=self.device)
