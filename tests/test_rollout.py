@@ -12,7 +12,7 @@ from atod_edge.envs import Env, StepResult, Task, make_env
 from atod_edge.envs.household import HouseholdEnv
 from atod_edge.policy import Generation, Policy, SamplingParams
 from atod_edge.prompts import build_messages, encode_prompt, parse_action
-from atod_edge.rollout import act, episode_messages, run_episodes, run_scripted
+from atod_edge.rollout import EnvPool, act, episode_messages, run_episodes, run_scripted
 from atod_edge.scoring import response_logprobs
 
 SHORT = SamplingParams(max_new_tokens=6, temperature=1.0)
@@ -245,3 +245,87 @@ def test_act_builds_the_engines_prompt_and_parses(tiny_student, student_policy, 
     assert (text, action, reason) == ("ok <action>look</action>", "look", "")
     expected = build_messages("Reply.", "TASK", history, "You see a desk 1.", ["look"])
     assert policy.calls == [[encode_prompt(tokenizer, expected)]]
+
+
+# --- env lifetime: close() and reusable instances ---------------------------------------------
+
+
+class HandleEnv(CountdownEnv):
+    """A plug-in that holds an OS resource per instance (a file handle, standing in for an engine
+    process) and counts the handles it has open; close() releases its own."""
+
+    opened: list = []          # every handle ever opened (class-wide)
+    reusable = False
+
+    def __init__(self):
+        self.handle = open(__file__, "rb")
+        HandleEnv.opened.append(self.handle)
+
+    def close(self):
+        self.handle.close()
+
+    @classmethod
+    def still_open(cls) -> int:
+        return sum(not h.closed for h in cls.opened)
+
+
+class ReusableHandleEnv(HandleEnv):
+    reusable = True
+
+
+@pytest.fixture
+def handles():
+    HandleEnv.opened = []
+    yield HandleEnv
+    for handle in HandleEnv.opened:
+        handle.close()
+
+
+def test_every_env_is_closed_when_its_episode_ends_also_after_an_error(student_policy, handles):
+    policy = AdmissiblePolicy(student_policy.tokenizer)
+    episodes = run_episodes(policy, HandleEnv, countdown_tasks(0, 99, 2), group_size=2, env_pool=EnvPool())
+    assert "step exploded" in episodes[2].meta["error"]
+    assert len(handles.opened) == 6 and handles.still_open() == 0
+    run_scripted("expert", HandleEnv, countdown_tasks(1, 98, 3), env_pool=EnvPool())   # 98: reset raises
+    assert len(handles.opened) == 9 and handles.still_open() == 0
+
+
+def test_a_reusable_env_serves_later_episodes_and_steps(student_policy, handles):
+    policy = AdmissiblePolicy(student_policy.tokenizer)
+    pool = EnvPool()
+    for step in range(3):        # three "training steps" of B=2 tasks x G=2
+        episodes = run_episodes(policy, ReusableHandleEnv, countdown_tasks(step, step + 1), group_size=2,
+                                env_pool=pool)
+        assert all(ep.success for ep in episodes)
+    assert len(handles.opened) == 4 and handles.still_open() == 4 and pool.idle() == 4
+    # an env whose episode broke is closed, not handed out again
+    run_episodes(policy, ReusableHandleEnv, countdown_tasks(99), group_size=2, env_pool=pool)
+    assert len(handles.opened) == 4 and handles.still_open() == 2 and pool.idle() == 2
+    run_scripted("expert", ReusableHandleEnv, countdown_tasks(0, 1, 2, 3), env_pool=pool)
+    assert len(handles.opened) == 4 and pool.idle() == 2
+    pool.close()
+    assert handles.still_open() == 0 and pool.idle() == 0
+
+
+class InterruptedPolicy(AdmissiblePolicy):
+    """Ctrl-C arrives during the second batched generate call."""
+
+    def generate(self, prompts, sampling, seed=None):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 2:
+            raise KeyboardInterrupt
+        return super().generate(prompts, sampling, seed)
+
+
+@pytest.mark.parametrize("env_cls", [HandleEnv, ReusableHandleEnv])
+def test_an_interrupt_closes_every_env_in_play(student_policy, handles, env_cls):
+    pool = EnvPool()
+    with pytest.raises(KeyboardInterrupt):
+        # task 0 ends after one turn (its env is released then), task 3 is cut short
+        run_episodes(InterruptedPolicy(student_policy.tokenizer), env_cls, countdown_tasks(0, 3),
+                     group_size=2, env_pool=pool)
+    assert len(handles.opened) == 4
+    kept = 2 if env_cls.reusable else 0     # the two finished episodes' envs, ready for reuse
+    assert pool.idle() == kept and handles.still_open() == kept
+    pool.close()
+    assert handles.still_open() == 0

@@ -129,6 +129,12 @@ class LiveSession:
         self.score = 0.0
         self.total_reward = 0.0
 
+    def close(self) -> None:
+        """Done with this episode's env: call its optional close() (see atod_edge/envs/base.py)."""
+        from atod_edge.rollout import close_env
+
+        close_env(self.env)
+
     def reset(self) -> str:
         self.turns, self.done, self.won, self.score, self.total_reward = [], False, False, 0.0, 0.0
         self.history = []

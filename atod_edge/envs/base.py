@@ -9,6 +9,17 @@
 An invalid or unparseable action is a step: it returns helpful feedback in the observation,
 info["valid"] = False, and never raises. Rewards are sparse (given when done); info carries
 "won" (bool) and "score" (float in [0, 1]).
+
+Lifetime (both optional; an env that holds nothing needs neither):
+
+    env.close()        # the engine is done with this instance: release what it holds (a process,
+                       # a socket, a file). Called once, when its episode ends, also when the
+                       # episode ends by an error or the run is interrupted (Ctrl-C).
+    reusable = True    # class attribute: one instance may play episode after episode (each one
+                       # starts with reset(task)); the rollout engine then keeps finished
+                       # instances in an EnvPool and hands them to later episodes instead of
+                       # making new ones, so a B x G step keeps at most B x G alive, across
+                       # steps. They are closed when the pool is (at exit for the default pool).
 """
 
 from __future__ import annotations
@@ -53,6 +64,8 @@ class Env:
     description: ClassVar[str] = ""
     #: instructions shown to the agent in the system prompt (action syntax, goal)
     instructions: ClassVar[str] = ""
+    #: True: an instance can be reset() for a new episode after one ends (the engine reuses it)
+    reusable: ClassVar[bool] = False
 
     def reset(self, task: Task) -> str:
         raise NotImplementedError
@@ -65,6 +78,9 @@ class Env:
 
     def expert_action(self) -> str:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what this instance holds (processes, files). Optional: does nothing here."""
 
     def tasks(self, split: str, n: int, start: int = 0) -> list[Task]:
         if split not in SPLITS:

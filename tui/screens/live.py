@@ -83,6 +83,10 @@ class LiveRunScreen(Screen):
         yield Input(placeholder="type an action and press enter to take this turn (i)", id="action-input")
         yield Footer()
 
+    def on_unmount(self) -> None:
+        if self.session is not None:
+            self.session.close()
+
     def on_mount(self) -> None:
         self.sub_title = "live run"
         self.update_status()
@@ -121,6 +125,7 @@ class LiveRunScreen(Screen):
 
     @work(thread=True, exclusive=True, group="live-start")
     def _start_worker(self, env: str, split: str, index: int, agent: Agent, generation: int) -> None:
+        session = None
         try:
             session = LiveSession(env, split, index)
             session.reset()
@@ -128,13 +133,18 @@ class LiveRunScreen(Screen):
             if load is not None:
                 load()   # load the model here, off the UI thread
         except Exception as e:  # env or model problems become a notice, never a crash
+            if session is not None:
+                session.close()
             self.app.call_from_thread(self._failed, e, generation)
             return
         self.app.call_from_thread(self._started, session, agent, generation)
 
     def _started(self, session: LiveSession, agent: Agent, generation: int) -> None:
         if generation != self.generation:
+            session.close()   # a later restart superseded this one
             return
+        if self.session is not None:
+            self.session.close()   # the episode being replaced
         self.session, self.agent, self.busy = session, agent, False
         log = self.query_one("#transcript", RichLog)
         log.clear()
