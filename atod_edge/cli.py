@@ -238,6 +238,7 @@ def cmd_models(args) -> int:
             print("  ".join(f"{v}" for v in row.values()))
         return 0
     if args.models_command == "info":
+        models.load_model(args.model, device="meta")   # refuse damaged weights before describing them
         for key, value in models.model_info(args.model).items():
             print(f"{key:18s} {value}")
         return 0

@@ -469,18 +469,51 @@ def load_model(path_or_name: str | os.PathLike, device: str = "cpu", dtype=None,
     """(model, tokenizer) for a preset name or checkpoint directory, in eval mode on `device`.
 
     dtype: None (fp32 on CPU, the checkpoint's dtype elsewhere), "auto", a name like "bf16",
-    or a torch.dtype.
+    or a torch.dtype. device="meta" reads no weights: it only checks that the weight files match
+    the config (every tensor there, none extra, the right shapes), as every load does.
+    A damaged or foreign weight file is refused with a UserError naming the file and the tensors.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     path = resolve_model(path_or_name)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    files = sorted(f.name for f in path.glob("*.safetensors"))
+    weights = str(path / files[0]) if len(files) == 1 else f"{path} ({', '.join(files) or 'no safetensors'})"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()   # the "newly initialized" warnings: refused below instead
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_torch_dtype(dtype, device), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model '{path_or_name}': {_first_line(e)}") from None
+        # ignore_mismatched_sizes: a wrong shape lands in the loading info (with its tensor's
+        # name) instead of a RuntimeError naming only "weight"; it is refused all the same
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=_torch_dtype(dtype, device), trust_remote_code=trust_remote_code,
+            output_loading_info=True, ignore_mismatched_sizes=True,
+            **({"device_map": "meta"} if str(device) == "meta" else {}))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise UserError(f"cannot load model '{path_or_name}': {weights}: {_first_line(e)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = _loading_problems(info)
+    if problems:
+        # transformers would run on with random weights in place of these: a damaged or foreign file
+        raise UserError(f"cannot load model '{path_or_name}': {weights} does not match its "
+                        f"config.json ({problems}); the file is damaged or from another model")
     return model.to(device).eval(), tokenizer
+
+
+def _loading_problems(info: dict, shown: int = 3) -> str:
+    """The missing / unexpected / mismatched tensors of from_pretrained's loading info, in one line."""
+    parts = []
+    for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                       ("mismatched_keys", "wrong shape")):
+        names = sorted(k if isinstance(k, str) else k[0] for k in info.get(key) or [])
+        if names:
+            more = f" and {len(names) - shown} more" if len(names) > shown else ""
+            parts.append(f"{label}: {', '.join(names[:shown])}{more}")
+    if info.get("error_msgs"):
+        parts.append(_first_line(Exception(info["error_msgs"][0])))
+    return "; ".join(parts)
 
 
 def _first_line(error: Exception) -> str:

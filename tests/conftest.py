@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 
 import pytest
 
@@ -34,6 +36,34 @@ def tiny_teacher(atod_cache):
     from atod_edge.models import load_model
 
     return load_model("tiny-teacher")
+
+
+def _damage(src, out, how: str):
+    """A copy of checkpoint `src` whose weights no longer fit its config, as a new user met them:
+    a tensor name in the safetensors header overwritten (the JSON still parses, so transformers
+    would load it and randomly initialise the embeddings), or a config whose MLP width differs
+    from the file's tensors."""
+    shutil.copytree(src, out)
+    weights = out / "model.safetensors"
+    if how == "renamed tensor":
+        data = bytearray(weights.read_bytes())
+        at = data.index(b"model.embed_tokens.weight")
+        data[at:at + 5] = b"XXXXX"
+        weights.write_bytes(bytes(data))
+    elif how == "wrong shape":
+        config = json.loads((out / "config.json").read_text())
+        config["intermediate_size"] //= 2
+        (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="session")
+def damage(atod_cache):
+    """`damage(out, how)`: a damaged copy of tiny-student at `out` ("renamed tensor" or "wrong shape")."""
+    from atod_edge.models import resolve_model
+
+    student = resolve_model("tiny-student")   # built now, before a test registers its own envs
+    return lambda out, how="renamed tensor": _damage(student, out, how)
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,23 @@ def test_load_policy_dispatch_and_errors(files, tmp_path):
         load_policy(str(tmp_path / "missing.gguf"))
 
 
+def test_a_truncated_gguf_is_refused_in_one_line_naming_the_file(files, tmp_path, capsys):
+    import shutil
+
+    from atod_edge.cli import main
+
+    for tokenizer_file in (f for f in files.iterdir() if f.is_file() and f.suffix != ".gguf"):
+        shutil.copy(tokenizer_file, tmp_path)
+    torn = tmp_path / "agent.q8_0.gguf"
+    torn.write_bytes((files / "agent.q8_0.gguf").read_bytes()[:900_000])   # a download cut short
+    with pytest.raises(UserError, match="not a readable GGUF file"):
+        load_policy(str(torn))
+    assert main(["eval", "--model", str(torn), "--env", "household", "--episodes", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert f"{torn} is not a readable GGUF file (truncated or damaged?" in err[0]
+
+
 @pytest.mark.parametrize("name", ["onnx", "agent.q8_0.gguf"])
 def test_rollout_engine_runs_episodes_with_exported_backends(files, name):
     from atod_edge.envs import make_env

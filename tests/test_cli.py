@@ -131,3 +131,47 @@ def test_models_list_info_and_shrink(atod_cache, tmp_path, capsys):
 def test_config_show(capsys):
     assert main(["config", "show", "--stage", "eval", "--set", "split=unseen"]) == 0
     assert "split: unseen" in capsys.readouterr().out
+
+
+# --- damaged model files: one line naming the file and the tensors, wherever a model loads ------
+
+
+DAMAGE = {"renamed tensor": ("model.safetensors does not match its config.json", "missing: lm_head.weight, "
+                             "model.embed_tokens.weight; unexpected: XXXXX.embed_tokens.weight"),
+          "wrong shape": ("model.safetensors does not match its config.json",
+                          "wrong shape: model.layers.0.mlp.down_proj.weight")}
+
+
+@pytest.fixture(scope="module", params=list(DAMAGE))
+def damaged(request, damage, tmp_path_factory):
+    return request.param, damage(tmp_path_factory.mktemp("damaged") / "ckpt", request.param)
+
+
+@pytest.mark.parametrize("command", ["eval", "models info", "export", "train"])
+def test_a_damaged_checkpoint_is_refused_in_one_line(command, damaged, tmp_path, capsys, monkeypatch):
+    how, ckpt = damaged
+    monkeypatch.chdir(tmp_path)
+    argv = {"eval": ["eval", "--model", str(ckpt), "--env", "household", "--episodes", "1"],
+            "models info": ["models", "info", str(ckpt)],
+            "export": ["export", str(ckpt), "--onnx", "--no-verify", "--out", str(tmp_path / "x")],
+            "train": ["train", "--algo", "grpo", "--out", str(tmp_path / "run"), "--set", f"student={ckpt}",
+                      "--set", "steps=1", "--set", "eval_episodes=0", "--set", "compare=false"]}[command]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "newly initialized" not in err
+    [line] = [e for e in err.splitlines() if ": error: " in e]   # export also prints "loading ..." first
+    for part in DAMAGE[how]:
+        assert part in line, line
+    assert str(ckpt / "model.safetensors") in line
+    assert not (tmp_path / "x" / "onnx").exists()
+
+
+def test_a_truncated_safetensors_file_is_one_line(atod_cache, tmp_path, capsys):
+    from atod_edge.models import resolve_model
+
+    ckpt = shutil.copytree(resolve_model("tiny-student"), tmp_path / "torn")
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    assert main(["eval", "--model", str(ckpt), "--env", "household", "--episodes", "1"]) == 1
+    line = one_error_line(capsys)
+    assert str(weights) in line and "header" in line

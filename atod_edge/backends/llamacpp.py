@@ -38,7 +38,11 @@ def trained_context(file: Path) -> int:
         import gguf
     except ImportError:     # llama-cpp-python does not need the gguf package: assume a usual size
         return 4096
-    reader = gguf.GGUFReader(str(file))
+    try:
+        reader = gguf.GGUFReader(str(file))
+    except Exception as e:   # gguf-py on a truncated file: "cannot reshape array of size ..."
+        raise UserError(f"{file} is not a readable GGUF file (truncated or damaged? "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     for name, field in reader.fields.items():
         if name.endswith(".context_length"):
             return int(field.parts[field.data[0]][0])

@@ -180,3 +180,14 @@ async def test_a_tiny_model_takes_turns():
         await pilot.press("i", *first, "enter")            # a person can still take over
         await settle(pilot)
         assert screen.session.turns[-1].action == first and screen.session.turns[-1].valid
+
+
+async def test_a_damaged_model_is_a_notice_naming_the_file_and_tensors(damage, tmp_path, test_envs):
+    model = damage(tmp_path / "damaged")
+    app = AtodApp(str(model), env="counting")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        [notice] = [n for n in notices(app) if "does not match" in n]
+        assert f"{model / 'model.safetensors'} does not match its config.json" in notice
+        assert "missing: lm_head.weight, model.embed_tokens.weight" in notice and "\n" not in notice
+        assert app.screen.session is None                  # no episode started with random weights
