@@ -44,8 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a policy on an environment split")
     _add_config_args(p, "recipe YAML (optional)")
     who = p.add_mutually_exclusive_group()
-    who.add_argument("--model", help="checkpoint dir, preset, .onnx file/dir or .gguf file")
+    who.add_argument("--model", action="append",
+                     help="checkpoint dir, preset, .onnx file/dir or .gguf file; twice (--model A --model B) "
+                          "compares A and B on the same seeded tasks")
     who.add_argument("--policy", choices=["expert", "random"], help="a scripted policy")
+    p.add_argument("--compare", metavar="AGENT",
+                   help="a second agent (model, or expert/random) played on the same seeded tasks: writes "
+                        "OUT/a/, OUT/b/ and the pairing index OUT/pairs.json, for `atod-edge tui --diff`")
     p.add_argument("--env", help="environment name or pkg.module:Class")
     p.add_argument("--split", choices=["train", "eval", "unseen"])
     p.add_argument("--episodes", type=int)
@@ -54,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for report.json and episodes.jsonl")
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX / GGUF, quantize and verify")
-    p.add_argument("checkpoint", help="checkpoint dir, or `verify` followed by an export dir")
+    p.add_argument("checkpoint", help="checkpoint dir, or `verify` followed by an export dir, "
+                   "or `keys` (list the verify.* settings)")
     p.add_argument("verify_dir", nargs="?", help=argparse.SUPPRESS)
     p.add_argument("--onnx", action="store_true", help="export ONNX (fp32)")
     p.add_argument("--int8", action="store_true", help="also write a dynamic int8 ONNX")
@@ -62,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default=None, help="GGUF quant types, comma separated (default f16,q8_0,q4_k_m)")
     p.add_argument("--out", help="output dir (default CHECKPOINT-export)")
     p.add_argument("--episodes", type=int, default=None, help="episodes for agent parity")
+    p.add_argument("--env", default=None,
+                   help="env to verify on (default: the checkpoint's run config.yaml, else household)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="verify.KEY=VALUE",
+                   help="override a verification setting, repeatable (`atod-edge export keys` lists them)")
+    p.add_argument("--calibrate", type=int, nargs="?", const=16, default=None, metavar="EPISODES",
+                   help="quantize the GGUF K-quants with an importance matrix from the student's own "
+                        "train-split episodes (default 16)")
     p.add_argument("--no-verify", action="store_true", help="skip verification")
 
     p = sub.add_parser("tui", help="terminal app: live runs, episode inspector, training dashboard")
@@ -71,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="eval", choices=["train", "eval", "unseen"], help="task split for live runs")
     p.add_argument("--index", type=int, default=0, help="task index for live runs")
     p.add_argument("--theme", default="dark", choices=["dark", "light"])
+    p.add_argument("--diff", nargs=2, metavar=("A.jsonl", "B.jsonl"),
+                   help="two agents' episodes on the same tasks side by side (from eval --model A --model B)")
 
     p = sub.add_parser("env", help="list environments, play one yourself")
     env_sub = p.add_subparsers(dest="env_command", metavar="ACTION")
@@ -82,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list, inspect, shrink and average models")
     m_sub = p.add_subparsers(dest="models_command", metavar="ACTION")
-    m_sub.add_parser("list", help="list presets and cached models")
+    m_sub.add_parser("list", help="list presets and zoo models (with their measured success)")
     info = m_sub.add_parser("info", help="describe a model")
     info.add_argument("model")
     shrink = m_sub.add_parser("shrink", help="cut a compact student by keeping a subset of layers")
@@ -92,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     average = m_sub.add_parser("average", help="average the weights of checkpoints of one architecture")
     average.add_argument("models", nargs="+", metavar="MODEL")
     average.add_argument("--out", required=True)
+    publish = m_sub.add_parser("publish", help="add a trained checkpoint to the model zoo (fp16 copy, "
+                                               "evaluated on the eval and unseen splits, with its card)")
+    publish.add_argument("model", help="checkpoint dir")
+    publish.add_argument("--name", required=True, help="zoo name, e.g. household-teacher")
+    publish.add_argument("--chain", required=True, metavar="FILE",
+                         help="text file: the exact commands that made the checkpoint, one per line")
+    publish.add_argument("--env", default="household")
+    publish.add_argument("--episodes", type=int, default=300, help="episodes per split (default 300)")
+    publish.add_argument("--description", default="")
+    publish.add_argument("--trained-on", default="", help="where it was trained (default: this CPU)")
+    publish.add_argument("--zoo", default=None, help="zoo directory (default: the package's atod_edge/zoo)")
 
     p = sub.add_parser("config", help="show resolved configs")
     c_sub = p.add_subparsers(dest="config_command", metavar="ACTION")
@@ -156,6 +182,11 @@ def cmd_eval(args) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(EvalConfig, args.recipe, overrides)
+    agents = [*(args.model or []), *([args.policy] if args.policy else []), *([args.compare] if args.compare else [])]
+    if len(agents) > 2:
+        raise UserError(f"a comparison takes two agents, got {len(agents)}: {', '.join(agents)}")
+    if len(agents) == 2:
+        return _eval_compare(cfg, agents, args.out)
     if args.policy:
         policy = args.policy
     else:
@@ -173,6 +204,34 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_compare(cfg, agents: list[str], out: str | None) -> int:
+    """Evaluate two agents with one config (same tasks, same sampling seeds) and pair them."""
+    from pathlib import Path
+
+    from atod_edge.evaluate import compare_summary, evaluate, format_comparison, format_summary, save_comparison
+
+    runs = []
+    for label, spec in zip("ab", agents):
+        if spec in ("expert", "random") and not Path(spec).exists():
+            policy = spec
+        else:
+            from atod_edge.backends import load_policy
+
+            policy = load_policy(spec, device=cfg.device)
+        summary, episodes = evaluate(policy, cfg, progress=_progress_printer(f"eval {label.upper()}", "episodes"))
+        if not isinstance(policy, str):
+            policy.close()
+        runs.append((spec, summary, episodes))
+    out = out or f"runs/compare-{cfg.env.replace(':', '_').replace('.', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    save_comparison(out, runs)
+    for label, (spec, summary, _) in zip("AB", runs):
+        print(f"{label}: {format_summary(summary)}")
+    print(format_comparison(compare_summary(runs[0][2], runs[1][2])))
+    print(f"episodes and pairing index: {out}/  (view: atod-edge tui --diff {out}/a/episodes.jsonl "
+          f"{out}/b/episodes.jsonl)")
+    return 0
+
+
 def cmd_export(args) -> int:
     try:
         from atod_edge.export.command import export_command
@@ -186,8 +245,10 @@ def cmd_tui(args) -> int:
         from atod_edge.tui.app import run_tui
     except ImportError as e:
         raise UserError(f"the TUI needs textual: pip install 'atod-edge[tui]' ({e})") from None
+    if args.diff and args.path:
+        raise UserError("--diff takes the two episode files itself: give no PATH with it")
     return run_tui(args.path, env=args.env, tokenizer=args.tokenizer, split=args.split, index=args.index,
-                   theme=args.theme)
+                   theme=args.theme, diff=args.diff)
 
 
 def cmd_env(args) -> int:
@@ -238,10 +299,17 @@ def cmd_models(args) -> int:
             print("  ".join(f"{v}" for v in row.values()))
         return 0
     if args.models_command == "info":
+        from atod_edge import zoo
+
         models.load_model(args.model, device="meta")   # refuse damaged weights before describing them
         for key, value in models.model_info(args.model).items():
             print(f"{key:18s} {value}")
+        if zoo.is_zoo_name(args.model):
+            print()
+            print((zoo.model_dir(args.model) / zoo.CARD_MD).read_text(encoding="utf-8"), end="")
         return 0
+    if args.models_command == "publish":
+        return _publish(args)
     if args.models_command == "average":
         models.average_models(args.models, args.out)
         print(f"averaged {len(args.models)} models: {args.out}")
@@ -253,6 +321,25 @@ def cmd_models(args) -> int:
     keep = models.parse_keep_layers(args.keep_layers, n_layers)
     models.shrink_model(src, keep, args.out)
     print(f"kept layers {keep} of {n_layers}: {args.out}")
+    return 0
+
+
+def _publish(args) -> int:
+    from pathlib import Path
+
+    from atod_edge import zoo
+
+    try:
+        chain = [line.rstrip() for line in Path(args.chain).read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--chain {args.chain}: cannot read it ({type(e).__name__})") from None
+    if not any(line.strip() for line in chain):
+        raise UserError(f"--chain {args.chain} is empty: give the commands that made the model")
+    root = Path(args.zoo) if args.zoo else zoo.ZOO_ROOT
+    out = zoo.publish(args.model, args.name, chain, env=args.env, episodes=args.episodes,
+                      description=args.description, trained_on=args.trained_on, root=root)
+    print(f"{args.name}: {zoo.summary_line(zoo.read_card(args.name, root))}")
+    print(f"zoo entry written: {out}/ (card: {out / zoo.CARD_MD})")
     return 0
 
 

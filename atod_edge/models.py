@@ -142,14 +142,19 @@ def _tiny_card_is_current(card: dict, envs: list[str] | None) -> bool:
 
 
 def resolve_model(name_or_dir: str | os.PathLike) -> Path:
-    """A preset name (built into the cache on first use) or a local checkpoint directory."""
+    """A preset name (built into the cache on first use), a zoo model name (its files checked
+    against the sha256 in its card) or a local checkpoint directory."""
+    from atod_edge import zoo
+
     text = str(name_or_dir)
     if text in PRESETS:
         return build_preset(text)
+    if zoo.is_zoo_name(text):
+        return zoo.model_dir(text)
     path = Path(text).expanduser()
     if not path.exists():
-        raise UserError(f"model '{text}' not found: not a preset ({', '.join(PRESETS)}) "
-                        "and no such directory")
+        raise UserError(f"model '{text}' not found: not a preset ({', '.join(PRESETS)}), "
+                        f"not a zoo model ({', '.join(zoo.names()) or 'none'}) and no such directory")
     if not path.is_dir():
         raise UserError(f"model '{text}' is a file; expected a checkpoint directory with config.json")
     if not (path / "config.json").is_file():
@@ -714,7 +719,8 @@ def format_params(count: int) -> str:
 
 
 def list_models() -> list[dict[str, str]]:
-    """Rows for `atod-edge models list`: name, kind, params, where (cache path or 'not built')."""
+    """Rows for `atod-edge models list`: name, kind, params, where (cache path or 'not built'),
+    description (for zoo models: the measured success from the card)."""
     rows = []
     for preset in PRESETS.values():
         built = _preset_is_built(preset)
@@ -725,6 +731,12 @@ def list_models() -> list[dict[str, str]]:
             else "not downloaded (fetched from PyPI on first use)")
         rows.append({"name": preset.name, "kind": preset.kind, "params": params,
                      "where": where, "description": preset.description})
+    from atod_edge import zoo
+
+    for name in zoo.names():
+        card = zoo.read_card(name)
+        rows.append({"name": name, "kind": "zoo", "params": format_params(card.get("params", 0)),
+                     "where": str(zoo.ZOO_ROOT / name), "description": zoo.summary_line(card)})
     return rows
 
 

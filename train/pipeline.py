@@ -16,6 +16,10 @@ from atod_edge.io import atomic_write_json, atomic_write_text
 from atod_edge.train.config import BootstrapOptions, TrainConfig
 
 DEFAULT_RECIPE = "household"
+#: settings a resumed run may change (--resume DIR --set KEY=VALUE); any other change would make
+#: the rest of the run differ from what its config.yaml and its first steps say
+RESUME_CHANGEABLE = ("steps", "eval_every", "eval_episodes", "eval_temperature", "checkpoint_every",
+                     "keep_checkpoints", "sample_episodes", "compare", "device", "teacher_device")
 
 
 _ADDED_LATER = {"teacher_batch_size", "teacher_prompt_loss_weight", "student_batch_size",
@@ -23,6 +27,7 @@ _ADDED_LATER = {"teacher_batch_size", "teacher_prompt_loss_weight", "student_bat
 
 
 def _bootstrap_dir(cfg: TrainConfig, role: str) -> Path:
+    from atod_edge import zoo
     from atod_edge.models import cache_dir
 
     b = cfg.bootstrap
@@ -34,6 +39,8 @@ def _bootstrap_dir(cfg: TrainConfig, role: str) -> Path:
     keys.update(env=cfg.env, seed=cfg.seed, history_turns=cfg.history_turns, version=1)
     if role == "student" and b.student_from_teacher:
         keys["teacher"] = str(_bootstrap_dir(cfg, "teacher")) if cfg.teacher == "auto" else cfg.teacher
+        if zoo.is_zoo_name(cfg.teacher):  # a new zoo teacher makes a new cold start
+            keys["teacher_sha256"] = zoo.read_card(cfg.teacher)["files"]["model.safetensors"]["sha256"]
     digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:10]
     name = cfg.env.replace(":", "_").replace(".", "_")
     return cache_dir() / "bootstrap" / f"{name}-{role}-{digest}"
@@ -95,16 +102,27 @@ def evaluate_model(path: str, cfg: TrainConfig, cache: Path | None = None) -> di
         stored = json.loads(cache_file.read_text())
         if stored.get("key") == key:
             return stored["summary"]
-    summary, _ = evaluate(TorchPolicy.load(path, device=cfg.device), ecfg)
+    if path.lower().endswith(".gguf"):   # a GGUF teacher plays through llama.cpp
+        from atod_edge.backends.llamacpp import LlamaCppPolicy
+
+        policy = LlamaCppPolicy.load(path)
+    else:
+        policy = TorchPolicy.load(path, device=cfg.device)
+    summary, _ = evaluate(policy, ecfg)
     if cache_file:
         atomic_write_json(cache_file, {"key": key, "summary": summary})
     return summary
 
 
 def _cache_for(model: str) -> Path | None:
-    """Evaluations of bootstrapped models are cached beside them; user dirs are left untouched."""
+    """Evaluations of bootstrapped models are cached beside them, those of zoo models in the cache
+    (keyed by the weights' sha256); user dirs are left untouched."""
+    from atod_edge import zoo
     from atod_edge.models import cache_dir
 
+    if zoo.is_zoo_name(model):
+        sha = zoo.read_card(model)["files"]["model.safetensors"]["sha256"]
+        return cache_dir() / "zoo-eval" / f"{model}-{sha[:12]}"
     path = Path(model).resolve()
     return path if path.is_dir() and cache_dir().resolve() in path.parents else None
 
@@ -126,7 +144,9 @@ def train_command(recipe: str | None, overrides: list[str], out: str | None = No
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"--resume {resume}: not a run directory (no config.yaml)")
+        saved = load_config(TrainConfig, str(run_dir / "config.yaml"), [])
         cfg = load_config(TrainConfig, str(run_dir / "config.yaml"), overrides)
+        changed = _resume_changes(saved, cfg, resume)
         meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
         teacher, student = meta.get("teacher"), meta.get("student")
         if not student:
@@ -156,6 +176,9 @@ def train_command(recipe: str | None, overrides: list[str], out: str | None = No
             atomic_write_json(run_dir / "run.json", {"teacher": teacher, "student": student,
                                                      "recipe": recipe or DEFAULT_RECIPE})
     info = init_distributed(cfg.device)
+    if resume and changed and info.main:   # config.yaml keeps saying what the run does
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        print(f"resuming with {', '.join(changed)}")
     if info.main:
         print(f"training {cfg.algo} on {cfg.env}: {cfg.steps} steps x {cfg.tasks_per_step} tasks x "
               f"{cfg.group_size} rollouts -> {run_dir}")
@@ -192,6 +215,25 @@ def train_command(recipe: str | None, overrides: list[str], out: str | None = No
     return 0
 
 
+def _resume_changes(saved: TrainConfig, cfg: TrainConfig, run_dir: str) -> list[str]:
+    """The settings --set changes on resume, as "key old -> new"; UserError if one of them is not
+    RESUME_CHANGEABLE (it would change the training of a run already under way)."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in d.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    before, after = flat(asdict(saved)), flat(asdict(cfg))
+    changed = [k for k in after if after[k] != before.get(k)]
+    fixed = [k for k in changed if k not in RESUME_CHANGEABLE]
+    if fixed:
+        raise UserError(f"--resume {run_dir}: cannot change {', '.join(fixed)} of a run under way "
+                        f"(its config.yaml has {fixed[0]}={before.get(fixed[0])}); a resumed run may change "
+                        f"only {', '.join(RESUME_CHANGEABLE)}")
+    return [f"{k} {before.get(k)} -> {after[k]}" for k in changed]
+
+
 def _check_devices(cfg: TrainConfig) -> None:
     """A one-line error for a device this machine lacks, before any bootstrap or run dir."""
     from atod_edge.policy import torch_device
@@ -202,6 +244,9 @@ def _check_devices(cfg: TrainConfig) -> None:
 
 def _check_tokenizers(teacher: str, student: str) -> None:
     from atod_edge.models import check_same_tokenizer, load_tokenizer
+
+    if teacher.lower().endswith(".gguf"):
+        return   # train() checks the GGUF's own vocabulary when it loads the teacher
 
     check_same_tokenizer(load_tokenizer(teacher), load_tokenizer(student), "teacher", "student")
 

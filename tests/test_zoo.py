@@ -1,0 +1,120 @@
+"""The model zoo (atod_edge/zoo): publishing a checkpoint with its card, loading by name, refusing
+files that do not match their card, and the household teacher that ships in the package."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from atod_edge import zoo
+from atod_edge.errors import UserError
+from atod_edge.models import load_model, resolve_model
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """tiny-student published into a scratch zoo (2 episodes per split: the mechanism, not a score)."""
+    root = tmp_path_factory.mktemp("zoo")
+    zoo.publish("tiny-student", "scratch-student", ["atod-edge models list"], episodes=2,
+                max_turns=2, root=root, log=lambda *_: None)
+    return root
+
+
+def test_publish_writes_fp16_weights_and_a_card_that_matches_them(published):
+    entry = published / "scratch-student"
+    card = zoo.read_card("scratch-student", published)
+    assert card["chain"] == ["atod-edge models list"]
+    assert card["storage_dtype"] == "float16"
+    assert set(card["evaluation"]) >= {"eval", "unseen"}
+    assert card["evaluation"]["eval"]["episodes"] == 2
+    assert card["files"]["model.safetensors"]["sha256"] == zoo.file_sha256(entry / "model.safetensors")
+    assert "tokenizer.json" in card["files"]
+    from safetensors import safe_open
+
+    with safe_open(entry / "model.safetensors", framework="pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F16"}
+    text = (entry / zoo.CARD_MD).read_text()
+    assert "atod-edge models list" in text and card["files"]["model.safetensors"]["sha256"] in text
+
+
+def test_zoo_model_loads_upcast_to_fp32(published):
+    import torch
+
+    model, _ = load_model(zoo.model_dir("scratch-student", published))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def _copy(published, tmp_path):
+    root = tmp_path / "zoo"
+    shutil.copytree(published, root)
+    return root
+
+
+def test_corrupt_weights_are_refused_naming_the_file(published, tmp_path):
+    root = _copy(published, tmp_path)
+    weights = root / "scratch-student" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:48] = b"\x00" * 40  # damage the header, as a torn download would
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"model\.safetensors is corrupt \(sha256"):
+        zoo.model_dir("scratch-student", root)
+
+
+def test_truncated_and_missing_files_are_refused(published, tmp_path):
+    root = _copy(published, tmp_path)
+    weights = root / "scratch-student" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError, match=r"model\.safetensors is truncated or corrupt \(1000 bytes"):
+        zoo.model_dir("scratch-student", root)
+    weights.unlink()
+    with pytest.raises(UserError, match=r"model\.safetensors is missing"):
+        zoo.model_dir("scratch-student", root)
+
+
+def test_cli_refuses_a_corrupt_zoo_model_in_one_line(published, tmp_path):
+    root = _copy(published, tmp_path)
+    weights = root / "scratch-student" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    env = dict(os.environ, ATOD_EDGE_ZOO=str(root))
+    done = subprocess.run([sys.executable, "-m", "atod_edge.cli", "models", "info", "scratch-student"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.safetensors is truncated or corrupt" in lines[0], done.stderr
+
+
+def test_unknown_name_lists_the_zoo():
+    with pytest.raises(UserError, match="not a zoo model"):
+        resolve_model("no-such-model-anywhere")
+
+
+# --------------------------------------------------------------------------------------------
+# The models that ship in the package
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_shipped_zoo_model_matches_its_card(name):
+    card = zoo.read_card(name)
+    directory = zoo.model_dir(name)  # raises if any file differs from its recorded sha256
+    assert sum(v["bytes"] for v in card["files"].values()) <= 12.5 * 2**20
+    for split in ("eval", "unseen"):
+        assert card["evaluation"][split]["episodes"] >= 300
+    assert card["evaluation"]["temperature"] == 0.4
+    assert card["chain"] and card["versions"]["torch"]
+    assert json.loads((directory / "config.json").read_text())["vocab_size"] > 0
+
+
+def test_household_teacher_is_listed_with_its_measured_success(capsys):
+    if "household-teacher" not in zoo.names():
+        pytest.fail("the zoo has no household-teacher (the default job's teacher)")
+    from atod_edge.cli import main
+
+    assert main(["models", "list"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("household-teacher"))
+    success = zoo.read_card("household-teacher")["evaluation"]["eval"]["success"]
+    assert f"eval {success:.1%}" in row and success >= 0.60
