@@ -193,8 +193,14 @@ def write_gguf(model_dir: str | Path, path: str | Path, out_type: str = "f16", n
     return path
 
 
-def quantize_gguf(source: str | Path, path: str | Path, quant: str, n_threads: int | None = None) -> Path:
-    """Quantize an f32/f16 GGUF into `path` with llama.cpp (llama_model_quantize)."""
+K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
+
+
+def quantize_gguf(source: str | Path, path: str | Path, quant: str, n_threads: int | None = None,
+                  imatrix: dict | None = None) -> Path:
+    """Quantize an f32/f16 GGUF into `path` with llama.cpp (llama_model_quantize); `imatrix`
+    (GGUF tensor name -> mean squared input activation per column, export.calibrate) weighs
+    the rounding of each column."""
     import ctypes
 
     try:
@@ -206,6 +212,13 @@ def quantize_gguf(source: str | Path, path: str | Path, quant: str, n_threads: i
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[quant])
     params.nthread = int(n_threads or 0)
+    keep_alive = None
+    if imatrix:
+        from .calibrate import imatrix_array
+
+        entries, keep_alive = imatrix_array(imatrix)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep_alive.append(entries)
     # llama.cpp logs every tensor (and every fallback) to stderr; the report lists fallbacks
     # from the written file, so keep the log aside and show its tail only on failure
     log = logging.getLogger("llama-cpp-python")

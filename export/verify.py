@@ -1,8 +1,10 @@
 """Verification of exported files against the PyTorch student they came from.
 
-For every file: logit parity on held-out contexts (teacher-forced, every position), greedy
-agreement, agent parity (success rate on the same eval episodes, greedy), size on disk and
-decode speed. Thresholds live in VerifyConfig; a file that misses one is marked failing.
+For every file: logit parity (teacher-forced, every position) on two sets of contexts: held-out
+scripted-expert contexts and the student's own (on-policy) turns; greedy agreement; agent parity
+on the same seeded eval episodes as the student (paired: success, the paired difference with its
+95% interval, invalid-action rate, loop rate, mean turns); size on disk and decode speed.
+Thresholds live in VerifyConfig; a file that misses one is marked failing.
 
     fp32 files (ONNX fp32, GGUF f32): max |logit difference| within a tight tolerance
     GGUF f16: mean KL(student || exported) within a tight cap (f16 rounding moves large
@@ -30,7 +32,9 @@ class VerifyConfig:
     max_context_tokens: int = opt(512, "longest context checked (older tokens are cut)", min=8)
     greedy_tokens: int = opt(24, "tokens generated greedily per context for sequence agreement", min=1)
     n_episodes: int = opt(10, "eval episodes for agent parity (0 skips it)", min=0)
-    env: str = opt("household", "environment for held-out contexts and agent parity")
+    env: str = opt("", "environment for contexts and agent parity (empty: the env of the checkpoint's "
+                        "run, from its config.yaml, else household)")
+    on_policy_contexts: int = opt(8, "contexts from the student's own agent-parity episodes (0: none)", min=0)
     max_turns: int = opt(0, "turn limit per parity episode (0: the env's own)", min=0)
     fp32_max_abs_logit: float = opt(1e-3, "max |logit diff| for ONNX fp32 and GGUF f32", min=0)
     kl_f16: float = opt(1e-3, "max mean KL(student||exported), GGUF f16", min=0)
@@ -56,6 +60,12 @@ class VerifyConfig:
 
 
 FLOAT_KINDS = ("fp32", "f32", "f16")
+DEFAULT_ENV = "household"
+LOOP_REPEATS = 3          # an episode loops when one action is taken this many times in a row
+
+
+def env_name(cfg: VerifyConfig) -> str:
+    return cfg.env or DEFAULT_ENV
 
 
 @dataclass
@@ -79,9 +89,9 @@ def heldout_contexts(tokenizer, cfg: VerifyConfig) -> tuple[list[Context], str]:
 
     try:
         contexts = _episode_contexts(tokenizer, cfg)
-        source = f"{cfg.env} eval episodes (scripted expert)"
+        source = f"{env_name(cfg)} eval episodes (scripted expert)"
     except (ImportError, UserError) as e:
-        contexts, source = [], f"synthetic prompts ({cfg.env} unavailable: {e})"
+        contexts, source = [], f"synthetic prompts ({env_name(cfg)} unavailable: {e})"
     if not contexts:
         contexts = _synthetic_contexts(tokenizer, cfg)
         source = source if source.startswith("synthetic") else "synthetic prompts"
@@ -93,7 +103,7 @@ def _episode_contexts(tokenizer, cfg: VerifyConfig) -> list[Context]:
     from atod_edge.prompts import build_messages, encode_prompt, format_response
     from atod_edge.rollout import run_scripted
 
-    env_cls = env_class(cfg.env)
+    env_cls = env_class(env_name(cfg))
     tasks = env_cls().tasks("eval", cfg.n_contexts, start=cfg.n_episodes + 1000)
     episodes = run_scripted("expert", env_cls, tasks)
     end = tokenizer.eos_token or ""
@@ -126,6 +136,27 @@ def _synthetic_contexts(tokenizer, cfg: VerifyConfig) -> list[Context]:
         target = tokenizer(format_response(admissible[i % 4]) + (tokenizer.eos_token or ""),
                            add_special_tokens=False)["input_ids"]
         contexts.append(Context(encode_prompt(tokenizer, messages), list(target)))
+    return contexts
+
+
+def on_policy_contexts(episodes, n: int, max_tokens: int) -> list[Context]:
+    """Up to `n` contexts from the student's own episodes: the prompt it saw and the response it
+    gave (recorded token ids, never re-tokenized), spread over episodes and over early, middle
+    and late turns."""
+    queues = []           # per episode: its turns, the first pick first
+    for i, episode in enumerate(episodes):
+        recorded = [t for t in episode.turns if t.prompt_ids and t.response_ids]
+        if recorded:
+            k = (i * 3) % len(recorded)
+            queues.append([recorded[k]] + recorded[:k] + recorded[k + 1:])
+    contexts: list[Context] = []
+    for depth in range(max((len(q) for q in queues), default=0)):
+        for queue in queues:
+            if len(contexts) == n:
+                return contexts
+            if depth < len(queue):
+                turn = queue[depth]
+                contexts.append(_truncate(Context(list(turn.prompt_ids), list(turn.response_ids)), max_tokens))
     return contexts
 
 
@@ -222,18 +253,58 @@ def decode_speed(policy: Policy, prompts: Sequence[Sequence[int]], min_tokens: i
             "decode_tokens_timed": decode_tokens}
 
 
-def agent_success(policy: Policy, cfg: VerifyConfig) -> dict:
-    """Success rate (greedy, same tasks and seeds for every backend) on cfg.n_episodes."""
+def agent_episodes(policy: Policy, cfg: VerifyConfig) -> list:
+    """The agent-parity episodes: greedy, on the first cfg.n_episodes eval tasks of the env, seed 0,
+    so every backend plays exactly the same episodes (paired)."""
     from atod_edge.envs import env_class
     from atod_edge.rollout import run_episodes
 
-    env_cls = env_class(cfg.env)
+    env_cls = env_class(env_name(cfg))
     tasks = env_cls().tasks("eval", cfg.n_episodes)
-    episodes = run_episodes(policy, env_cls, tasks, sampling=SamplingParams(temperature=0.0),
-                            seed=0, max_turns=cfg.max_turns or None)
-    wins = sum(bool(e.success) for e in episodes)
-    return {"episodes": len(episodes), "successes": wins,
-            "success_rate": wins / max(len(episodes), 1)}
+    return run_episodes(policy, env_cls, tasks, sampling=SamplingParams(temperature=0.0),
+                        seed=0, max_turns=cfg.max_turns or None)
+
+
+def has_loop(episode, repeats: int = LOOP_REPEATS) -> bool:
+    """The same action `repeats` or more times in a row (invalid responses count as one action)."""
+    run, last = 0, object()
+    for turn in episode.turns:
+        action = turn.action if turn.valid else "(invalid)"
+        run = run + 1 if action == last else 1
+        last = action
+        if run >= repeats:
+            return True
+    return False
+
+
+def agent_summary(episodes, reference=None) -> dict:
+    """Success, invalid-action rate, loop rate and mean turns of one file's episodes; with the
+    student's `reference` episodes (same tasks, same order): the paired success difference in
+    points and its 95% interval (normal approximation over the per-task differences)."""
+    n = len(episodes)
+    turns = sum(e.num_turns for e in episodes)
+    wins = [float(bool(e.success)) for e in episodes]
+    summary = {"episodes": n, "successes": int(sum(wins)), "success_rate": sum(wins) / max(n, 1),
+               "invalid_rate": sum(e.num_invalid for e in episodes) / max(turns, 1),
+               "loop_rate": sum(has_loop(e) for e in episodes) / max(n, 1),
+               "mean_turns": turns / max(n, 1)}
+    if reference is not None:
+        pairs = [(e.task_id, r.task_id) for e, r in zip(episodes, reference)]
+        if len(reference) != n or any(a != b for a, b in pairs):
+            raise ValueError("paired comparison needs the same tasks in the same order")
+        diffs = np.array([w - float(bool(r.success)) for w, r in zip(wins, reference)])
+        mean = float(diffs.mean()) if n else 0.0
+        half = 1.96 * float(diffs.std(ddof=1)) / np.sqrt(n) if n > 1 else float("inf")
+        summary["points_vs_student"] = 100.0 * mean
+        summary["points_ci95"] = [100.0 * (mean - half), 100.0 * (mean + half)]
+        summary["discordant"] = int((diffs != 0).sum())
+    return summary
+
+
+def agent_success(policy: Policy, cfg: VerifyConfig) -> dict:
+    """Success rate (greedy, same tasks and seeds for every backend) on cfg.n_episodes, with the
+    invalid-action rate, loop rate and mean turns."""
+    return agent_summary(agent_episodes(policy, cfg))
 
 
 def file_bytes(path: Path) -> int:
