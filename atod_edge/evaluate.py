@@ -1,6 +1,10 @@
 """Evaluation: run N episodes of any policy on an env split, summarise them, write a report.
 
 The same code serves a training checkpoint, an ONNX or GGUF export, and the scripted policies.
+Two policies evaluated with one config play the same tasks with the same sampling seeds;
+`pair_episodes` and `compare_summary` pair their episodes task by task (wins, losses, ties and
+the paired difference with its 95% interval), and `save_comparison` writes both episode files
+plus the pairing index that `atod-edge tui --diff` reads.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from typing import Callable, Sequence
 from atod_edge.config import opt
 from atod_edge.episode import Episode, write_episodes
 from atod_edge.io import atomic_write_json
+
+PAIRS_FILE = "pairs.json"
+PAIRS_SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -121,3 +128,113 @@ def format_summary(summary: dict) -> str:
     if "tokens_per_s" in summary and summary["generated_tokens"]:
         line += f", {summary['tokens_per_s']:.0f} tok/s"
     return line
+
+
+# --- comparing two policies on the same tasks -----------------------------------------------
+
+# two-sided 97.5% quantiles of Student's t for 1..10 degrees of freedom (beyond: the expansion below)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with `df` degrees of freedom (table, then the
+    Cornish-Fisher expansion around the normal's 1.96, within 2e-3 for df > 10)."""
+    if df < 1:
+        return float("nan")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], bounds: tuple[float, float] = (-1.0, 1.0)) -> dict:
+    """Mean of a_i - b_i over pairs with its 95% t interval ([mean, mean] for a single pair),
+    clipped to `bounds`, the range the difference can take (success and score lie in [0, 1])."""
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    if n == 0:
+        return {"mean": 0.0, "ci95": [0.0, 0.0], "n": 0}
+    mean = sum(diffs) / n
+    if n == 1:
+        return {"mean": mean, "ci95": [mean, mean], "n": 1}
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+    low, high = bounds
+    return {"mean": mean, "ci95": [max(low, mean - half), min(high, mean + half)], "n": n}
+
+
+def pair_episodes(a: Sequence[Episode], b: Sequence[Episode]) -> list[tuple[int, int]]:
+    """(index in a, index in b) of the episodes that played the same task: matched by task id,
+    the k-th occurrence of a task in `a` with its k-th occurrence in `b`; in a's order."""
+    where_b: dict[str, list[int]] = {}
+    for j, ep in enumerate(b):
+        where_b.setdefault(ep.task_id, []).append(j)
+    seen: dict[str, int] = {}
+    pairs = []
+    for i, ep in enumerate(a):
+        k = seen.get(ep.task_id, 0)
+        seen[ep.task_id] = k + 1
+        candidates = where_b.get(ep.task_id, [])
+        if k < len(candidates):
+            pairs.append((i, candidates[k]))
+    return pairs
+
+
+def outcome(a: Episode, b: Episode) -> str:
+    """"a" when only a succeeded, "b" when only b did, "tie" otherwise."""
+    if a.success == b.success:
+        return "tie"
+    return "a" if a.success else "b"
+
+
+def compare_summary(a: Sequence[Episode], b: Sequence[Episode],
+                    pairs: Sequence[tuple[int, int]] | None = None) -> dict:
+    """Wins, losses and ties of a against b over paired episodes, and the paired differences
+    (a - b) of success and score with 95% intervals."""
+    pairs = pair_episodes(a, b) if pairs is None else pairs
+    outcomes = [outcome(a[i], b[j]) for i, j in pairs]
+    return {
+        "pairs": len(pairs),
+        "unpaired_a": len(a) - len(pairs),
+        "unpaired_b": len(b) - len(pairs),
+        "a_wins": outcomes.count("a"),
+        "b_wins": outcomes.count("b"),
+        "ties": outcomes.count("tie"),
+        "success_diff": paired_difference([float(a[i].success) for i, _ in pairs],
+                                          [float(b[j].success) for _, j in pairs]),
+        "score_diff": paired_difference([a[i].score for i, _ in pairs], [b[j].score for _, j in pairs]),
+    }
+
+
+def save_comparison(out_dir: str | Path, runs: Sequence[tuple[str, dict, Sequence[Episode]]]) -> Path:
+    """Write two evaluations side by side: OUT/a/ and OUT/b/ (report.json, episodes.jsonl each)
+    and OUT/pairs.json, the pairing index: which episode of a played the same task as which of
+    b, each pair's outcome, and the comparison summary. `runs`: two (model, summary, episodes)."""
+    if len(runs) != 2:
+        raise ValueError(f"save_comparison takes two runs, got {len(runs)}")
+    out = Path(out_dir)
+    (model_a, summary_a, eps_a), (model_b, summary_b, eps_b) = runs
+    save_eval(out / "a", summary_a, eps_a)
+    save_eval(out / "b", summary_b, eps_b)
+    pairs = pair_episodes(eps_a, eps_b)
+    index = {
+        "schema_version": PAIRS_SCHEMA_VERSION,
+        "a": {"model": model_a, "episodes": "a/episodes.jsonl", "success": summary_a["success"]},
+        "b": {"model": model_b, "episodes": "b/episodes.jsonl", "success": summary_b["success"]},
+        "summary": compare_summary(eps_a, eps_b, pairs),
+        "pairs": [{"task_id": eps_a[i].task_id, "a": i, "b": j, "outcome": outcome(eps_a[i], eps_b[j]),
+                   "a_success": eps_a[i].success, "b_success": eps_b[j].success,
+                   "a_turns": eps_a[i].num_turns, "b_turns": eps_b[j].num_turns}
+                  for i, j in pairs],
+    }
+    atomic_write_json(out / PAIRS_FILE, index)
+    return out
+
+
+def format_comparison(summary: dict, name_a: str = "A", name_b: str = "B") -> str:
+    """One line: wins/losses/ties and the paired success difference with its interval."""
+    diff = summary["success_diff"]
+    low, high = diff["ci95"]
+    return (f"{name_a} vs {name_b} on {summary['pairs']} paired tasks: {name_a} wins {summary['a_wins']}, "
+            f"{name_b} wins {summary['b_wins']}, ties {summary['ties']}; success difference "
+            f"{diff['mean']:+.1%} [{low:+.1%}, {high:+.1%}] (95% paired t interval)")

@@ -81,3 +81,45 @@ def test_format_summary_reads_well():
     line = format_summary(summary)
     assert line.startswith("expert on shop/unseen: success 50.0% [")
     assert "invalid 50.0%" in line and "tok/s" not in line
+
+
+# --- comparing two policies on the same tasks ------------------------------------------------
+
+def test_t_quantile_matches_the_table_values():
+    from atod_edge.evaluate import t_quantile_975
+
+    # two-sided 95% Student t quantiles from any statistics table
+    for df, expected in [(1, 12.706), (4, 2.776), (10, 2.228), (20, 2.086), (60, 2.000), (1000, 1.962)]:
+        assert t_quantile_975(df) == pytest.approx(expected, abs=2e-3)
+
+
+def test_paired_difference_hand_computed():
+    from atod_edge.evaluate import paired_difference
+
+    # differences [1, 0, 1, 0, 0]: mean 0.4, sd sqrt(0.3), half-width 2.776 * sqrt(0.3) / sqrt(5) = 0.680
+    result = paired_difference([1, 1, 1, 0, 1], [0, 1, 0, 0, 1])
+    assert result["mean"] == pytest.approx(0.4) and result["n"] == 5
+    assert result["ci95"] == pytest.approx([0.4 - 0.680, 1.0], abs=1e-3)     # the upper end clipped at 1
+    assert paired_difference([0.5], [0.25]) == {"mean": 0.25, "ci95": [0.25, 0.25], "n": 1}
+    assert paired_difference([], [])["n"] == 0
+
+
+def test_pairing_by_task_and_the_comparison_files(tmp_path):
+    from atod_edge.evaluate import PAIRS_FILE, compare_summary, format_comparison, pair_episodes, save_comparison
+
+    def ep(task: str, success: bool) -> Episode:
+        return Episode("household", task, 0, "eval", success=success, score=float(success))
+
+    a = [ep("t0", True), ep("t1", False), ep("t1", True), ep("t2", False)]
+    b = [ep("t1", True), ep("t0", False), ep("t9", True), ep("t1", True)]
+    # the k-th t1 of a with the k-th t1 of b; t2 and t9 have no partner
+    assert pair_episodes(a, b) == [(0, 1), (1, 0), (2, 3)]
+    s = compare_summary(a, b)
+    assert (s["pairs"], s["a_wins"], s["b_wins"], s["ties"], s["unpaired_a"], s["unpaired_b"]) == (3, 1, 1, 1, 1, 1)
+    assert "A wins 1, B wins 1, ties 1" in format_comparison(s)
+    summary = summarize(a)
+    out = save_comparison(tmp_path / "cmp", [("model-a", summary, a), ("model-b", summarize(b), b)])
+    index = json.loads((out / PAIRS_FILE).read_text())
+    assert index["a"]["model"] == "model-a" and index["b"]["episodes"] == "b/episodes.jsonl"
+    assert [(p["a"], p["b"], p["outcome"]) for p in index["pairs"]] == [(0, 1, "a"), (1, 0, "b"), (2, 3, "tie")]
+    assert len(read_episodes(out / "b" / "episodes.jsonl")[0]) == 4
