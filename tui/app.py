@@ -4,6 +4,7 @@
     atod-edge tui EPISODES.jsonl   episode inspector
     atod-edge tui MODEL            live run with that model (checkpoint dir, .onnx, .gguf)
     atod-edge tui                  live run with the scripted expert
+    atod-edge tui --diff A B       two agents' episode files on the same tasks, side by side
 """
 
 from __future__ import annotations
@@ -39,10 +40,16 @@ class AtodApp(App):
 
     def __init__(self, path: str | None = None, *, tokenizer: str | None = None, env: str | None = None,
                  split: str = "eval", index: int = 0, theme: str = "dark", refresh_seconds: float = 2.0,
-                 autostart: bool = True):
+                 autostart: bool = True, diff: tuple[str, str] | None = None):
         super().__init__()
         if theme not in THEMES:
             raise UserError(f"unknown theme '{theme}' (allowed: {', '.join(THEMES)})")
+        self.diff_data = None
+        if diff is not None:
+            from atod_edge.tui.diff_data import load_diff
+
+            self.diff_data = load_diff(*diff)      # raises UserError before the UI starts
+            self.diff_paths = tuple(str(p) for p in diff)
         self.start_path = path
         self.start_kind = classify_path(path)     # raises UserError before the UI starts
         self.tokenizer_path = tokenizer
@@ -53,6 +60,15 @@ class AtodApp(App):
 
     def on_mount(self) -> None:
         self.theme = THEMES[self.theme_name]
+        if self.diff_data is not None:
+            from atod_edge.tui.diff_data import find_diff_tokenizer
+            from atod_edge.tui.screens.diff import DiffScreen
+
+            decoder, notice = TokenDecoder.load(self.tokenizer_path or find_diff_tokenizer(*self.diff_paths))
+            if notice:
+                self.notify(notice, severity="warning")
+            self.push_screen(DiffScreen(self.diff_data, decoder=decoder))
+            return
         try:
             screen = self.screen_for(self.start_path, self.start_kind)
         except UserError as e:
@@ -133,9 +149,10 @@ def run_tui(path: str | None = None, **opts) -> int:
     """Open the app on `path` (run dir, episodes .jsonl, model, or None). Returns an exit code.
 
     Options: tokenizer (a tokenizer.json or a directory holding one), env, split, index (live
-    run), theme ("dark" or "light"), refresh_seconds (dashboard). Unknown options are an error.
+    run), theme ("dark" or "light"), refresh_seconds (dashboard), diff (two episode files: the diff
+    screen instead of `path`). Unknown options are an error.
     """
-    allowed = {"tokenizer", "env", "split", "index", "theme", "refresh_seconds"}
+    allowed = {"tokenizer", "env", "split", "index", "theme", "refresh_seconds", "diff"}
     unknown = sorted(set(opts) - allowed)
     if unknown:
         raise UserError(f"unknown tui option(s): {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")

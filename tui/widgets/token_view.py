@@ -32,6 +32,23 @@ def delta_style(delta: float | None) -> str:
     return f"#ffffff on {palette[bucket]}"
 
 
+def surprisal_style(logprob: float | None) -> str:
+    """Rich style for a token by its own log-prob under the agent that sampled it (when no teacher
+    scored it): the less likely the token, the redder; likely tokens (p > 0.9) stay plain."""
+    if logprob is None:
+        return ""
+    return delta_style(min(logprob, 0.0))     # the red buckets of delta_style, by -log p
+
+
+def surprisal_legend() -> Text:
+    """A one-line key of surprisal_style's colours, in nats of -log p."""
+    out = Text("−log p ", style="dim")
+    for colour, threshold in zip(NEGATIVE, THRESHOLDS):
+        out.append(f"{threshold:g}".replace("0.", "."), style=f"#ffffff on {colour}")
+    out.append(" nats (own log-prob: red = unlikely)", style="dim")
+    return out
+
+
 def visible(text: str) -> str:
     """Token text with newlines and tabs made visible, so every token occupies some cells."""
     shown = text.replace("\n", "↵").replace("\t", "→")
@@ -78,8 +95,9 @@ class TokenView(Widget, can_focus=True):
             self.view = view
             self.index = index
 
-    def __init__(self, *, id: str | None = None, classes: str | None = None):
+    def __init__(self, *, id: str | None = None, classes: str | None = None, colour_by: str = "delta"):
         super().__init__(id=id, classes=classes)
+        self.colour_by = colour_by     # "delta": teacher - student; "logprob": the token's own log-prob
         self.tokens: list[TokenInfo] = []
         self.fallback_text = ""
 
@@ -114,7 +132,7 @@ class TokenView(Widget, can_focus=True):
             return Text("(empty response)", style="dim italic")
         out = Text()
         for tok in self.tokens:
-            style = delta_style(tok.delta)
+            style = delta_style(tok.delta) if self.colour_by == "delta" else surprisal_style(tok.student_logprob)
             if tok.index == self.selected:
                 style = (style + " " if style else "") + "reverse bold underline"
             out.append(visible(tok.text), style=style)
