@@ -4,9 +4,9 @@ Every turn's prompt of an episode starts with the same system text and task, and
 of a group share their task: scoring each (prompt, response) pair on its own re-encodes that
 common part for every turn (57% of the prompt tokens of the default job). Here the sequences of a
 micro-batch are put in a prefix tree (a compressed trie over their token ids): a node holds a run
-of tokens that every sequence below it shares, and the model runs once per tree level, each
-node's tokens attending to the keys/values of its ancestors (gathered from the level above) and
-to its own earlier tokens. Under grad mode the gathers are differentiable, so one backward sends
+of tokens that every sequence below it shares. The model runs over the tree level by level, in
+batches of nodes of similar length (little padding), each node's tokens attending to the
+keys/values of its ancestors (gathered from its parent's batch) and to its own earlier tokens. Under grad mode the gathers are differentiable, so one backward sends
 every turn's gradient through the shared part. The result equals the per-sequence forward up to
 floating-point rounding (a different batching of the same sums): each token sees exactly the
 tokens before it in its own sequence, at the same positions.
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 MIN_SHARED_TOKENS = 8
+PAD_SLACK = 1.2   # a batch of tree nodes may hold up to 20% padding
 
 
 @dataclass
@@ -113,30 +114,28 @@ def shared_prefix_logprobs(model, sequences: Sequence[Sequence[int]], score_from
             chain.append(node)
             node = nodes[node].parent
         chains.append(chain[::-1])
-    levels: list[list[int]] = [[] for _ in range(1 + max(n.depth for n in nodes))]
-    row_of = [0] * len(nodes)
-    for index, node in enumerate(nodes):
-        row_of[index] = len(levels[node.depth])
-        levels[node.depth].append(index)
+    batches, batch_of, row_of = _batches(nodes)
 
-    # scored positions: (level, row, column, target) of each, deduplicated, and each sequence's picks
-    entries: list[dict[tuple[int, int, int], int]] = [{} for _ in levels]
-    picks_of: list[list[tuple[int, int]]] = []   # per sequence: (level, entry index) in position order
+    # scored positions: (row, column, target) per batch, deduplicated, and each sequence's picks
+    entries: list[dict[tuple[int, int, int], int]] = [{} for _ in batches]
+    picks_of: list[list[tuple[int, int]]] = []   # per sequence: (batch, entry index) in position order
     for i, chain in enumerate(chains):
         seq, picks = sequences[i], []
         first = score_from[i] - 1
         for index in chain:
-            node = nodes[index]
-            table, row = entries[node.depth], row_of[index]
+            node, b = nodes[index], batch_of[index]
+            table, row = entries[b], row_of[index]
             for position in range(max(first, node.start), node.end):
                 key = (row, position - node.start, int(seq[position + 1]))
-                picks.append((node.depth, table.setdefault(key, len(table))))
+                picks.append((b, table.setdefault(key, len(table))))
         picks_of.append(picks)
 
-    level_logprobs = []
-    full = None   # the previous level's keys/values (per layer) and mask, with every position it saw
+    batch_logprobs = []
+    # keys/values (per layer) and mask of every position a batch's rows saw, kept for its children
+    full: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = {}
+    last_child = {parent: b for b, (_, parent) in enumerate(batches) if parent >= 0}
     with compute_autocast(device, precision):
-        for depth, members in enumerate(levels):
+        for b, (members, parent_batch) in enumerate(batches):
             width = max(nodes[m].end - nodes[m].start for m in members)
             ids = torch.full((len(members), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(members), width), dtype=torch.long)
@@ -149,30 +148,71 @@ def shared_prefix_logprobs(model, sequences: Sequence[Sequence[int]], score_from
                 positions[row] = torch.arange(node.start, node.start + width)
             ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
             cache = _new_cache()
-            if depth > 0:
+            if parent_batch >= 0:
                 parents = torch.tensor([row_of[nodes[m].parent] for m in members], device=device)
-                keys, values, past_mask = full
+                keys, values, past_mask = full[parent_batch]
                 for layer, (k, v) in enumerate(zip(keys, values)):
                     cache.update(k.index_select(0, parents), v.index_select(0, parents), layer)
                 mask = torch.cat([past_mask.index_select(0, parents), mask], dim=1)
-            table = entries[depth]
+                if last_child[parent_batch] == b:
+                    del full[parent_batch]
+            table = entries[b]
             rows = torch.tensor([k[0] for k in table], dtype=torch.long, device=device)
             cols = torch.tensor([k[1] for k in table], dtype=torch.long, device=device)
             targets = torch.tensor([k[2] for k in table], dtype=torch.long, device=device)
             features, head, cache = _features(model, ids, mask, positions, cache, rows, cols)
-            level_logprobs.append(sampled_logprobs(features, targets, head=head) if len(table) else empty)
-            if depth + 1 < len(levels):
-                full = ([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], mask)
-    offsets = np.cumsum([0] + [len(lp) for lp in level_logprobs])
-    flat = torch.cat(level_logprobs)
+            batch_logprobs.append(sampled_logprobs(features, targets, head=head) if len(table) else empty)
+            if b in last_child:
+                full[b] = ([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], mask)
+    offsets = np.cumsum([0] + [len(lp) for lp in batch_logprobs])
+    flat = torch.cat(batch_logprobs)
     out = []
     for picks in picks_of:
         if not picks:
             out.append(empty)
             continue
-        index = torch.tensor([offsets[level] + e for level, e in picks], device=device)
+        index = torch.tensor([offsets[b] + e for b, e in picks], device=device)
         out.append(flat.index_select(0, index))
     return out
+
+
+def _batches(nodes: list[Node], slack: float = PAD_SLACK) -> tuple[list[tuple[list[int], int]], list[int], list[int]]:
+    """The order the model runs the tree's nodes in: batches of nodes (node indices, and the
+    batch that holds all their parents, -1 for roots), every batch after its parents' batch.
+    Siblings and cousins of similar length share a batch (right-padded to its longest node): a
+    new batch starts where padding would pass `slack` times the batch's own tokens. Also returns
+    each node's batch and row."""
+    children: list[list[int]] = [[] for _ in nodes]
+    roots = []
+    for index, node in enumerate(nodes):
+        (children[node.parent] if node.parent >= 0 else roots).append(index)
+    batches: list[tuple[list[int], int]] = []
+    batch_of, row_of = [0] * len(nodes), [0] * len(nodes)
+
+    def add(members: list[int], parent_batch: int) -> None:
+        members = sorted(members, key=lambda m: nodes[m].start - nodes[m].end)   # longest first
+        group: list[int] = []
+        tokens = 0
+        for m in members + [-1]:
+            length = nodes[m].end - nodes[m].start if m >= 0 else 0
+            widest = nodes[group[0]].end - nodes[group[0]].start if group else length
+            if group and (m < 0 or widest * (len(group) + 1) > slack * (tokens + length)):
+                for row, g in enumerate(group):
+                    batch_of[g], row_of[g] = len(batches), row
+                batches.append((group, parent_batch))
+                group, tokens = [], 0
+            if m >= 0:
+                group.append(m)
+                tokens += length
+
+    add(roots, -1)
+    done = 0
+    while done < len(batches):
+        kids = [c for m in batches[done][0] for c in children[m]]
+        if kids:
+            add(kids, done)
+        done += 1
+    return batches, batch_of, row_of
 
 
 def shared_response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],

@@ -615,6 +615,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
             **_episode_metrics(episodes, info, device),
             **batch.stats, **update_stats,
             "lr": lr,
+            **_peak_memory(device),
             "time_rollout": t1 - t0, "time_teacher": t2 - t1, "time_recompute": t_old - t2, "time_update": t3 - t_old,
             **{f"time_rollout_{k}": v for k, v in rollout_timings.items()},
             "generated_tokens": sum(len(t.response_ids or []) for ep in episodes for t in ep.turns),
@@ -679,6 +680,15 @@ def _json(row: dict) -> str:
     import json
 
     return json.dumps(row, sort_keys=True)
+
+
+def _peak_memory(device: str) -> dict[str, float]:
+    """CUDA: the student device's peak allocated memory since the last call (this step), in MiB."""
+    if not (device.startswith("cuda") and torch.cuda.is_available()):
+        return {}
+    peak = torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+    torch.cuda.reset_peak_memory_stats(torch.device(device))
+    return {"cuda_peak_mib": peak}
 
 
 def _sync(device: str) -> None:
