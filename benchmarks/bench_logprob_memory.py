@@ -2,21 +2,28 @@
 (the old scoring code) against `atod_edge.scoring.sampled_logprobs` (chunks of positions,
 recomputed in backward). Forward and backward through an LM head, measured in one run.
 
-    python benchmarks/bench_logprob_memory.py [--tokens 1024] [--vocab 151936] [--hidden 64]
+    python benchmarks/bench_logprob_memory.py [--tokens 4096] [--vocab 32768] [--hidden 64]
                                               [--chunk 512] [--device cpu|cuda] [--out FILE.json]
 
 CPU: the peak resident set size during each variant (Linux VmHWM, reset through
-/proc/self/clear_refs right before it), minus the resident size before it. CUDA: the peak of
-torch.cuda.max_memory_allocated above the memory allocated before it. The GPU recipe's batch is
-8 turns x 512 tokens = 4,096 response positions at Qwen's 151,936-token vocabulary; the default
-here is a quarter of that (1,024 positions, 0.62 GB per [tokens, vocab] fp32 copy) so it fits a
-shared CPU machine. Prints one JSON object (and writes it to --out).
+/proc/self/clear_refs right before it), minus the resident size before it, in a child process
+with MALLOC_MMAP_THRESHOLD_ set so that glibc maps every tensor-sized block and unmaps it when
+freed (otherwise freed blocks below 32 MB stay in the heap and the peak measures the allocator's
+fragmentation, not the tensors). CUDA: the peak of torch.cuda.max_memory_allocated above the
+memory allocated before it. The GPU recipe's batch is
+8 turns x 512 tokens = 4,096 response positions at Qwen's 151,936-token vocabulary (2.5 GB per
+[tokens, vocab] fp32 copy); the default here keeps the 4,096 positions at a 32k vocabulary (0.5 GB
+a copy) so it fits a shared CPU machine (benchmarks/cuda_smoke.py runs the full shape on a GPU).
+Peak memory scales with tokens x vocab for the full log-softmax and with chunk x vocab chunked.
+Prints one JSON object (and writes it to --out).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -93,16 +100,20 @@ def measure(tokens: int, vocab: int, hidden: int, chunk: int, device: str = "cpu
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cpu" and not Path("/proc/self/clear_refs").exists():
         print("bench_logprob_memory: CPU peak memory needs Linux /proc/self/clear_refs", file=sys.stderr)
         return 2
+    if args.device == "cpu" and not args.child:   # measure in a child with the allocator set up
+        child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--child"]
+        return subprocess.run(child, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")).returncode
     row = measure(args.tokens, args.vocab, args.hidden, args.chunk, args.device)
     text = json.dumps(row, indent=1, sort_keys=True)
     print(text)

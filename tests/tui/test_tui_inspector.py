@@ -105,3 +105,17 @@ async def test_empty_file(tmp_path):
         await pilot.press("n", "right_square_bracket", "t", "right")   # nothing to move: no crash
         assert app.screen.current_episode is None
         assert any("no episodes" in n for n in notices(app))
+
+
+async def test_truncated_turns_are_marked(tmp_path):
+    from atod_edge.episode import Episode, Turn
+
+    cut = Turn("You are in a kitchen.", response="<action>open fri", prompt_ids=[1, 2], response_ids=[3, 4, 5],
+               student_logprobs=[-1.0, -2.0, -0.5], valid=False, finish_reason="length")
+    path = write_episodes_file(tmp_path / "cut.jsonl", [Episode(env="household", task_id="household/train/0", seed=0,
+                                                                split="train", turns=[cut])])
+    app = AtodApp(str(path))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert "truncated: the response reached max_new_tokens" in str(app.screen.query_one("#action-line").render())
+        assert "(1 truncated)" in str(app.screen.query_one("#episode-summary").render())
