@@ -38,6 +38,44 @@ def tiny_teacher(atod_cache):
     return load_model("tiny-teacher")
 
 
+@pytest.fixture(scope="session")
+def small_teacher(atod_cache, tmp_path_factory):
+    """A teacher with the student's tokenizer but other outputs: tiny-student cut to its first
+    layer (cheaper than tiny-teacher, and unlike the student itself it disagrees with it)."""
+    from atod_edge.models import shrink_model
+
+    return shrink_model("tiny-student", [0], tmp_path_factory.mktemp("teacher") / "small-teacher")
+
+
+#: the settings of `trained_run` (about 3 s): 8 ATOD steps of 1 household task x 2 rollouts x 2 turns,
+#: kappa/rho annealed over 6 steps, 2 eval episodes every 2 steps, 2 sample episodes a step
+TRAINED_RUN = ["steps=8", "tasks_per_step=1", "group_size=2", "max_turns=2", "max_new_tokens=6", "lr=1e-3",
+               "micro_batch=16", "eval_every=2", "eval_episodes=2", "sample_episodes=2", "checkpoint_every=4",
+               "keep_checkpoints=2", "compare=false", "schedule.anneal_steps=6"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_teacher, tmp_path_factory):
+    """A run directory written by the real trainer (train()): config.yaml, metrics.jsonl,
+    samples/step_000000..7.jsonl, checkpoints/step_000004 and step_000008. Shared by the TUI and CLI tests: copy it
+    before changing anything in it."""
+    import torch
+
+    from atod_edge.config import load_config
+    from atod_edge.train.config import TrainConfig
+    from atod_edge.train.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(load_config(TrainConfig, None, TRAINED_RUN), run_dir, "tiny-student", str(small_teacher),
+              log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir
+
+
 def _damage(src, out, how: str):
     """A copy of checkpoint `src` whose weights no longer fit its config, as a new user met them:
     a tensor name in the safetensors header overwritten (the JSON still parses, so transformers

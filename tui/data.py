@@ -21,8 +21,8 @@ CURVES: list[tuple[str, str]] = [
     ("eval_success", "eval success"),
     ("reward", "reward"),
     ("episode_len", "episode length"),
-    ("kappa", "kappa (RL weight)"),
-    ("rho", "rho (OPD weight)"),
+    ("kappa", "kappa (OPD weight)"),   # train/schedule.py: kappa scales the OPD advantage,
+    ("rho", "rho (GRPO weight)"),      # rho the GRPO one
     ("mean_turn_weight", "mean turn weight"),
     ("mean_abs_log_ratio", "|log-ratio|"),
     ("loss", "loss"),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 
@@ -19,10 +17,4 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def small_teacher(atod_cache, tmp_path_factory) -> Path:
-    """A teacher with the student's tokenizer but other outputs: tiny-student cut to its first
-    layer (cheaper than tiny-teacher, and unlike the student itself it disagrees with it)."""
-    from atod_edge.models import shrink_model
-
-    return shrink_model("tiny-student", [0], tmp_path_factory.mktemp("teacher") / "small-teacher")
+# small_teacher and trained_run (a real train() run) are in tests/conftest.py: the TUI and CLI tests use them too

@@ -1,4 +1,5 @@
-"""Fixtures for the TUI tests: a run directory, episode files, and a tiny env registered by name."""
+"""Fixtures for the TUI tests: a run directory (written by train()), episode files, and a tiny env
+registered by name."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import pytest
 
 pytest.importorskip("textual")
 
-from tui_fixtures import (BrokenEnv, CountingEnv, build_tokenizer, env_spec,  # noqa: E402
-                          make_episodes, write_episodes_file, write_run_dir)
+from tui_fixtures import (BrokenEnv, CountingEnv, build_tokenizer, copy_run_dir,  # noqa: E402
+                          env_spec, make_episodes, write_episodes_file)
 
 
 @pytest.fixture
-def run_dir(tmp_path):
-    return write_run_dir(tmp_path / "run")
+def run_dir(trained_run, tmp_path):
+    """A copy of the real trainer's run directory, with a corrupt line and a torn last line."""
+    return copy_run_dir(trained_run, tmp_path / "run")
 
 
 @pytest.fixture

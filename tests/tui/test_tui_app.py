@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from textual.command import CommandList
+from tui_fixtures import until
 
 from atod_edge.errors import UserError
 from atod_edge.tui.app import AtodApp, run_tui
@@ -46,7 +48,10 @@ async def test_help_theme_and_palette(episodes_file):
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"next ep")
-        await pilot.pause(0.3)
+        # the palette searches in a worker: wait until its best hit is the command, then run it
+        hits = app.screen.query_one(CommandList)
+        await until(pilot, lambda: hits.highlighted is not None
+                    and "next ep" in str(hits.get_option_at_index(hits.highlighted).prompt), "the palette's hit")
         await pilot.press("enter")
         await pilot.pause()
         assert isinstance(app.screen, InspectorScreen) and app.screen.current_episode == 2

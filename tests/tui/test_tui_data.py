@@ -46,8 +46,8 @@ def test_metrics_log_restarts_when_the_file_shrinks(tmp_path):
 
 def test_run_dir_parts(run_dir):
     run = RunDir(run_dir)
-    assert [p.name for p in run.sample_files()] == ["step_000010.jsonl", "step_000020.jsonl"]
-    assert run.config()["train"]["steps"] == 40
+    assert [p.name for p in run.sample_files()] == [f"step_{s:06d}.jsonl" for s in range(8)]
+    assert run.config()["steps"] == 8 and run.config()["schedule"]["anneal_steps"] == 6
     assert run.report() is None
     (run_dir / "report.json").write_text("{torn")
     assert run.report() is None                           # unreadable report: still running
@@ -217,3 +217,16 @@ def test_fields_of_the_wrong_type_are_repaired_not_fatal(tmp_path):
     assert turn.reward == 0.0 and turn.response_ids is None and turn.teacher_logprobs is None
     assert turn.student_logprobs == [-1, None, None] and turn.weight is None
     assert fine.reward == 1 and episode_stats(odd).tokens == 0
+
+
+def test_kappa_and_rho_are_titled_by_the_advantage_they_scale():
+    """The opd baseline keeps only the OPD term and grpo only the GRPO one (train/schedule.py):
+    so kappa is the OPD weight and rho the GRPO weight, as the dashboard must say."""
+    from atod_edge.train.schedule import ScheduleConfig, coefficients
+    from atod_edge.tui.data import CURVES
+
+    titles = dict(CURVES)
+    assert coefficients(3, "opd", ScheduleConfig()) == (1.0, 0.0)     # (kappa, rho)
+    assert coefficients(3, "grpo", ScheduleConfig()) == (0.0, 1.0)
+    assert "OPD" in titles["kappa"] and "GRPO" not in titles["kappa"]
+    assert "GRPO" in titles["rho"] and "OPD" not in titles["rho"]

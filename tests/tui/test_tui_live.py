@@ -80,13 +80,14 @@ async def test_autoplay_runs_to_the_end(test_envs):
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
         screen = app.screen
-        await pilot.press("minus", "plus", "plus", "plus")   # fastest speed: 0.1 s a turn
-        await pilot.press("a")
-        for _ in range(50):
-            await pilot.pause(0.05)
-            if screen.session.done:
+        await pilot.press(*["minus"] * 6)                   # slowest speed: the test drives the turns
+        await pilot.press("a")                              # the first turn starts at once
+        assert screen._autoplay_timer is not None
+        for _ in range(screen.session.max_turns):
+            await settle(pilot)
+            if screen._autoplay_timer is None:
                 break
-        await settle(pilot)
+            screen._autoplay_tick()                         # what the timer does on each beat
         assert screen.session.won and len(screen.session.turns) == 4
         assert screen._autoplay_timer is None               # stops by itself when the episode ends
 

@@ -1,10 +1,12 @@
 """Snapshot tests: each screen at 120x36 with fixed data. After an intended change to the look,
 regenerate with `pytest tests/tui/test_tui_snapshots.py --snapshot-update` and review the SVGs
-under tests/tui/__snapshots__/."""
+under tests/tui/__snapshots__/. The dashboard pictures show a real train() run (tests/conftest.py's
+trained_run, wall-clock timings left out): a change to the trainer's numbers or to its config
+fields changes them too, and is reviewed the same way."""
 
 from __future__ import annotations
 
-from tui_fixtures import write_run_dir
+from tui_fixtures import copy_run_dir
 
 from atod_edge.tui.app import AtodApp
 
@@ -23,13 +25,14 @@ def test_inspector_filtered_snapshot(snap_compare, episodes_file, tmp_path):
     assert snap_compare(app, terminal_size=SIZE, press=["o", "o", "e", "e"])
 
 
-def clean_run_dir(tmp_path):
-    """No corrupt lines: a warning toast times out after 5 s, which would make the picture racy."""
-    return write_run_dir(tmp_path / "run", corrupt=False)
+def clean_run_dir(trained_run, tmp_path):
+    """The trainer's run without corrupt lines (a warning toast times out after 5 s, which would make
+    the picture racy) and without its wall-clock timings (the s/step figure changes every run)."""
+    return copy_run_dir(trained_run, tmp_path / "run", corrupt=False, wall_clock=False)
 
 
-def test_dashboard_snapshot(snap_compare, tmp_path):
-    app = AtodApp(str(clean_run_dir(tmp_path)), refresh_seconds=0)
+def test_dashboard_snapshot(snap_compare, trained_run, tmp_path):
+    app = AtodApp(str(clean_run_dir(trained_run, tmp_path)), refresh_seconds=0)
     assert snap_compare(app, terminal_size=SIZE)
 
 
@@ -54,6 +57,6 @@ def test_help_snapshot(snap_compare, episodes_file):
     assert snap_compare(app, terminal_size=SIZE, press=["f1"])
 
 
-def test_light_theme_snapshot(snap_compare, tmp_path):
-    app = AtodApp(str(clean_run_dir(tmp_path)), refresh_seconds=0, theme="light")
+def test_light_theme_snapshot(snap_compare, trained_run, tmp_path):
+    app = AtodApp(str(clean_run_dir(trained_run, tmp_path)), refresh_seconds=0, theme="light")
     assert snap_compare(app, terminal_size=SIZE, press=["c"])

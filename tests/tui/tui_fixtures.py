@@ -1,11 +1,13 @@
-"""Deterministic data for the TUI tests: episodes with every token-level field (and some without),
-a training run directory, a byte-level BPE tokenizer, and a tiny env that follows the protocol."""
+"""Data for the TUI tests: episodes with every token-level field (and some without), copies of a
+run directory the real trainer wrote, a byte-level BPE tokenizer, a tiny env that follows the protocol."""
 
 from __future__ import annotations
 
 import json
 import math
 import random
+import shutil
+import time
 from pathlib import Path
 
 from atod_edge.envs.base import Env, StepResult, Task
@@ -100,44 +102,41 @@ def write_episodes_file(path: Path, episodes: list[Episode], *, corrupt: bool = 
     return path
 
 
-def metrics_rows(steps: int = 40) -> list[dict]:
-    rows = []
-    for step in range(1, steps + 1):
-        frac = step / steps
-        rows.append({
-            "step": step, "success": round(0.2 + 0.6 * frac + 0.05 * math.sin(step), 4),
-            "reward": round(0.1 + 0.7 * frac, 4), "episode_len": round(12 - 5 * frac, 3),
-            "kappa": round(min(1.0, frac * 1.5), 4), "rho": round(max(0.0, 1 - frac * 1.5), 4),
-            "mean_turn_weight": round(0.9 - 0.3 * frac, 4),
-            "mean_abs_log_ratio": round(1.2 * math.exp(-3 * frac), 4),
-            "loss": round(0.8 * math.exp(-2 * frac) + 0.02 * math.cos(step), 4),
-            "grad_norm": 1.0, "tokens": 2048,
-            "time_rollout": 1.5, "time_teacher": 0.3, "time_update": 0.2,
-        })
-        if step % 10 == 0:
-            rows.append({"step": step, "eval_success": round(0.3 + 0.5 * frac, 3), "eval_score": 0.5})
-    return rows
-
-
-def write_run_dir(root: Path, *, steps: int = 40, corrupt: bool = True, finished: bool = False) -> Path:
-    """A run directory as the trainer writes it, optionally with a corrupt line and a torn tail."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text("model:\n  student: tiny-student\n  teacher: tiny-teacher\n"
-                                      "train:\n  steps: 40\n  group_size: 4\n  lr: 1.0e-05\n")
-    tok = build_tokenizer(root / "checkpoints" / "step_000020" / "tokenizer.json")
-    lines = [json.dumps(r) for r in metrics_rows(steps)]
+def copy_run_dir(trained_run: Path, root: Path, *, corrupt: bool = True, finished: bool = False,
+                 wall_clock: bool = True) -> Path:
+    """A copy of a run directory written by train() (tests/conftest.py's trained_run), optionally
+    with what a crash or a live run leaves: a corrupt line and a torn last line the trainer is
+    still writing. wall_clock=False drops the time_* keys, for pictures that must not change."""
+    shutil.copytree(trained_run, root)
+    metrics = root / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    if not wall_clock:
+        rows = [{k: v for k, v in json.loads(line).items() if not k.startswith("time_")} for line in lines]
+        lines = [json.dumps(r) for r in rows]
     if corrupt:
-        lines.insert(5, "{not json")
+        lines.insert(3, "{not json")
     text = "\n".join(lines) + "\n"
     if corrupt:
-        text += '{"step": 41, "success": 0.'   # a line the trainer is still writing
-    (root / "metrics.jsonl").write_text(text)
-    episodes = make_episodes(tok)
-    write_episodes_file(root / "samples" / "step_000010.jsonl", episodes[:4])
-    write_episodes_file(root / "samples" / "step_000020.jsonl", episodes[4:])
+        text += '{"step": %d, "success": 0.' % (last_step(root) + 1)   # a line still being written
+    metrics.write_text(text)
     if finished:
-        (root / "report.json").write_text(json.dumps({"final_success": 0.8}))
+        (root / "report.json").write_text(json.dumps({"final_success": 0.0}))
     return root
+
+
+def last_step(run_dir: Path) -> int:
+    return max(json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+               if line.startswith('{"') and line.endswith("}"))
+
+
+async def until(pilot, condition, what: str = "", timeout: float = 30.0) -> None:
+    """Let the app run (pilot.pause: its messages, timers and workers) until condition() holds,
+    instead of sleeping a guessed time; a generous wall-clock limit turns a hang into a failure."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        await pilot.pause(0.01)
 
 
 class CountingEnv(Env):

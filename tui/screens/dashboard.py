@@ -49,7 +49,12 @@ class DashboardScreen(Screen):
         self.sub_title = f"dashboard · {self.run.path.name}"
         self.reload()
         if self.refresh_seconds > 0:
-            self._timer = self.set_interval(self.refresh_seconds, self.reload)
+            self._timer = self.set_interval(self.refresh_seconds, self.refresh_tick)
+
+    def refresh_tick(self) -> None:
+        """What the refresh timer runs: read new lines while following, nothing while paused."""
+        if self.following:
+            self.reload()
 
     def reload(self) -> None:
         """Read new metric lines (if any) and redraw; never raises on a torn or missing file."""
