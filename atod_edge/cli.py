@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a student with ATOD (or OPD / GRPO baselines)")
     _add_config_args(p, "recipe YAML or built-in recipe name (default: the household default)")
     p.add_argument("--algo", choices=["atod", "opd", "grpo"], help="shortcut for --set algo=...")
+    p.add_argument("--teacher", help="shortcut for --set teacher=...: checkpoint dir, preset, zoo name, or a "
+                                     ".gguf file scored by llama.cpp")
     p.add_argument("--out", help="run directory (default: runs/<recipe>-<algo>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
 
@@ -156,6 +158,8 @@ def cmd_train(args) -> int:
     overrides = list(args.overrides)
     if args.algo:
         overrides.append(f"algo={args.algo}")
+    if args.teacher:
+        overrides.append(f"teacher={args.teacher}")
     return train_command(args.recipe, overrides, out=args.out, resume=args.resume)
 
 

@@ -16,7 +16,18 @@ class ScheduleOptions:
     kappa_min: float = opt(0.1, "OPD coefficient floor", min=0.0)
     rho_init: float = opt(1.0, "GRPO coefficient at step 0", min=0.0)
     rho_max: float = opt(2.0, "GRPO coefficient after T steps", min=0.0)
-    shape: str = opt("linear", "annealing shape", choices=["linear", "cosine"])
+    shape: str = opt("linear", "annealing shape: linear | cosine (the clock p = s/T) | adaptive (p moved by a "
+                     "measured signal, see train/schedule.py)", choices=["linear", "cosine", "adaptive"])
+    signal: str = opt("success", "adaptive: success (the student's rollout success over the teacher's) | "
+                      "disagreement (T counts only the steps where mean |lp_T - lp_S| stopped falling)",
+                      choices=["success", "disagreement"])
+    teacher_success: float = opt(0.0, "adaptive, signal success: SR_T, the teacher's success rate (e.g. from "
+                                 "its zoo card)", min=0.0, max=1.0)
+    target: float = opt(1.0, "adaptive, signal success: the teacher is fully retired at student success "
+                        "target * teacher_success", min=0.01)
+    smoothing: float = opt(0.7, "adaptive: EMA factor beta of the signal (0: no smoothing)", min=0.0, max=0.99)
+    plateau_tol: float = opt(0.02, "adaptive, signal disagreement: a step counts when the smoothed "
+                             "disagreement fell by less than this fraction of its best", min=0.0, max=1.0)
 
 
 @dataclass
@@ -61,7 +72,8 @@ class TrainConfig:
     algo: str = opt("atod", "atod | opd (kappa=1, rho=0, w=1) | grpo (kappa=0, rho=1)",
                     choices=["atod", "opd", "grpo"])
     env: str = opt("household", "environment name or pkg.module:Class")
-    teacher: str = opt("auto", "teacher checkpoint dir or preset; auto = bootstrap by SFT (cached)")
+    teacher: str = opt("auto", "teacher checkpoint dir, preset or zoo name, or a .gguf file (scored by llama.cpp, "
+                       "float32 KV cache); auto = bootstrap by SFT (cached)")
     student: str = opt("auto", "student checkpoint dir or preset; auto = cold-start by SFT (cached)")
     device: str = opt("cpu", "student device: cpu, cuda, cuda:0 (bf16 autocast on CUDA)")
     teacher_device: str = opt("", "teacher device (empty: same as the student)")
@@ -133,6 +145,11 @@ class TrainConfig:
         if self.schedule.kappa_min > self.schedule.kappa_init:
             raise ConfigError(f"config key 'schedule.kappa_min': got {self.schedule.kappa_min}, "
                               f"must be <= schedule.kappa_init ({self.schedule.kappa_init})")
+        sched = self.schedule
+        if sched.shape == "adaptive" and sched.signal == "success" and not sched.teacher_success > 0:
+            raise ConfigError("config key 'schedule.teacher_success': schedule.shape=adaptive with "
+                              "signal=success needs the teacher's success rate in (0, 1] "
+                              "(or use schedule.signal=disagreement)")
         if self.algo != "opd" and self.group_size < 2:
             raise ConfigError(f"config key 'group_size': got {self.group_size}, GRPO needs >= 2 rollouts "
                               f"per task (algo={self.algo})")

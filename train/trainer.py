@@ -50,7 +50,7 @@ from atod_edge.train.lora import (ADAPTER_DIR, add_adapters, load_adapter, merge
 from atod_edge.train.loss import clipped_surrogate
 from atod_edge.train.precision import (compute_precision, fsdp_mixed_precision, recomputes_old_logprobs,
                                        truncated_is_weights)
-from atod_edge.train.schedule import ScheduleConfig, coefficients
+from atod_edge.train.schedule import AdaptiveProgress, ScheduleConfig, coefficients
 from atod_edge.train.tdur import token_weights, turn_statistics
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{6})$")
@@ -191,10 +191,11 @@ def episode_rewards(episodes: list[Episode], invalid_penalty: float) -> torch.Te
                         dtype=torch.float32)
 
 
-def build_batch(episodes: list[Episode], cfg: TrainConfig, step: int) -> TokenBatch:
+def build_batch(episodes: list[Episode], cfg: TrainConfig, step: int, progress: float | None = None) -> TokenBatch:
     """Advantages for every response token (ATOD.md sections 1-4), and T-DUR values written
-    back onto the turns (for the records and the TUI)."""
-    kappa, rho = coefficients(step, cfg.algo, _schedule(cfg))
+    back onto the turns (for the records and the TUI). progress: the schedule's p(s) when it is
+    measured rather than the clock's (schedule.shape=adaptive)."""
+    kappa, rho = coefficients(step, cfg.algo, _schedule(cfg), progress)
     prompts, responses, offsets, where = [], [], [], []
     student_lp, teacher_lp, token_turn, turn_traj = [], [], [], []
     n_tokens = 0
@@ -247,13 +248,17 @@ def build_batch(episodes: list[Episode], cfg: TrainConfig, step: int) -> TokenBa
         "mean_turn_weight": float(mean_weight) if n_tokens else 0.0,
         "mean_abs_log_ratio": float((lp_t - lp_s).abs().mean()) if n_tokens else 0.0,
     }
+    if progress is not None:
+        stats["schedule_progress"] = progress
     return TokenBatch(prompts, responses, offsets, lp_s, advantages, stats)
 
 
 def _schedule(cfg: TrainConfig) -> ScheduleConfig:
     s = cfg.schedule
     return ScheduleConfig(anneal_steps=s.anneal_steps, kappa_init=s.kappa_init, kappa_min=s.kappa_min,
-                          rho_init=s.rho_init, rho_max=s.rho_max, shape=s.shape, anneal=s.anneal)
+                          rho_init=s.rho_init, rho_max=s.rho_max, shape=s.shape, anneal=s.anneal,
+                          signal=s.signal, teacher_success=s.teacher_success, target=s.target,
+                          smoothing=s.smoothing, plateau_tol=s.plateau_tol)
 
 
 # --- the update ------------------------------------------------------------------------------
@@ -496,10 +501,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     config.yaml, metrics.jsonl, samples/step_XXXXXX.jsonl, checkpoints/step_XXXXXX/."""
     from atod_edge.envs import env_class
     from atod_edge.evaluate import EvalConfig, evaluate
-    from atod_edge.models import check_same_tokenizer, load_model
+    from atod_edge.models import load_model
     from atod_edge.policy import SamplingParams, TorchPolicy, torch_device
     from atod_edge.rollout import run_episodes
-    from atod_edge.scoring import score_episodes
+    from atod_edge.teacher import load_teacher, score_episodes   # a torch model or a .gguf in llama.cpp
 
     run_dir = Path(run_dir)
     for name in filter(None, (cfg.device, cfg.teacher_device)):
@@ -552,9 +557,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     if cfg.algo != "grpo":
         if not teacher_src:
             raise UserError(f"algo {cfg.algo} needs a teacher (set teacher=DIR or a preset)")
-        teacher, teacher_tokenizer = load_model(teacher_src, device=cfg.teacher_device or device)
-        teacher.eval().requires_grad_(False)
-        check_same_tokenizer(teacher_tokenizer, tokenizer, "teacher", "student")
+        teacher = load_teacher(teacher_src, device=cfg.teacher_device or device, student_tokenizer=tokenizer)
     pad_id = tokenizer.pad_token_id or 0
 
     # only what trains: all weights, or the LoRA adapters
@@ -575,6 +578,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
         if not (run_dir / "config.yaml").exists():
             atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     tb = _tensorboard(run_dir) if info.main else None
+    # schedule.shape=adaptive: p(s) follows a measured signal; on resume, replayed from the metrics
+    adaptive = None
+    if cfg.algo == "atod" and cfg.schedule.shape == "adaptive":
+        rows = read_jsonl(metrics_path)[0] if metrics_path.is_file() else []
+        adaptive = AdaptiveProgress.replay(_schedule(cfg), rows, before_step=done_steps)
 
     env_cls = env_class(cfg.env)
     policy = TorchPolicy(full_student, tokenizer, name=f"student@{run_dir.name}", precision=precision)
@@ -600,7 +608,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
             rollout_lp = recompute_old_logprobs(student, episodes, cfg, info, pad_id, fsdp=fsdp, precision=precision)
             _sync(device)
         t_old = time.perf_counter()
-        batch = build_batch(episodes, cfg, step)
+        batch = build_batch(episodes, cfg, step, progress=adaptive.p if adaptive else None)
         correct_for_rollout(batch, rollout_lp, cfg)
         update_stats = update(student, optimizer, batch, cfg, info, pad_id, fsdp=fsdp)
         if fsdp:
@@ -622,6 +630,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
             "truncated_rate": sum(ep.num_truncated for ep in episodes) / max(1, sum(ep.num_turns for ep in episodes)),
             "prompt_tokens": sum(len(t.prompt_ids or []) for ep in episodes for t in ep.turns),
         }
+        if adaptive:
+            adaptive.observe(row["success"], row["mean_abs_log_ratio"])
         done = step + 1
         # Records first, checkpoint last: a complete checkpoint of step N implies the metrics
         # rows of every step before N are on disk (resume drops the rows after it).
