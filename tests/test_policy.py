@@ -124,6 +124,33 @@ def test_stop_checker_on_real_tokens(tiny_student):
     assert checker.is_done(tokenizer("x " * 40, add_special_tokens=False)["input_ids"][:30]) == "length"
 
 
+def test_stop_checker_skipping_decodes_finishes_exactly_where_decoding_every_step_does(tiny_student):
+    """The checker decodes a tail only after a token that may hold a stop string's last
+    character; on random token streams (random vocabulary ids, and '</action>' spelt by random
+    pieces of real text) it stops at the same token as a checker that decodes at every step."""
+    import random
+
+    _, tokenizer = tiny_student
+    rng = random.Random(0)
+    fast = StopChecker(tokenizer, SamplingParams(max_new_tokens=64))
+    slow = StopChecker(tokenizer, SamplingParams(max_new_tokens=64))
+    slow._may_end = None
+    assert fast._may_end and len(fast._may_end) < len(tokenizer)   # some tokens are skipped
+    pieces = ["</action>", "</", "action>", "<", "/", "act", "ion", ">", " >", "> x", "x</action", "a/>", "é>"]
+    stops = 0
+    for _ in range(200):
+        text = "".join(rng.choice(pieces + ["word ", "go "]) for _ in range(12))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = [rng.randrange(len(tokenizer)) if rng.random() < 0.2 else i for i in ids][:64]
+        for n in range(1, len(ids) + 1):
+            expected = slow.is_done(ids[:n])
+            assert fast.is_done(ids[:n]) == expected, (ids[:n], tokenizer.decode(ids[:n]))
+            if expected:
+                stops += expected == "stop"
+                break
+    assert stops > 50
+
+
 def test_sample_next_greedy_and_top_p():
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.9], [3.0, 0.0, 0.0, 0.0]])
     generator = torch.Generator().manual_seed(0)
