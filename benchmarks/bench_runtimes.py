@@ -11,6 +11,8 @@ household prompts. Columns:
     first token    prefill + one decode step (median over prompts)
     first action   the agent's first turn: prompt -> response (greedy, up to 48 tokens, stops at
                    </action> or end of turn)
+    Agent first    atod_edge.Agent.act on a fresh household episode: prompt building, generation and
+    action         parsing, what an application embedding the agent waits for (median of 3 tasks)
     decode tok/s   generated tokens per second after the first
     bound tok/s    copy bandwidth / model bytes: each decoded token streams every weight once,
                    so no runtime can beat this when weights do not fit in cache
@@ -64,6 +66,21 @@ def first_action_latency(policy, prompts, repeats: int = 3) -> float:
     return float(np.median(times))
 
 
+def agent_first_action_latency(policy, tasks: int = 3) -> float:
+    """Median wall time of Agent.act's first turn over `tasks` household eval episodes."""
+    from atod_edge import Agent
+    from atod_edge.envs import make_env
+
+    env = make_env("household")
+    agent = Agent(policy, env_instructions=env.instructions)
+    times = []
+    for task in env.tasks("eval", tasks, start=500):
+        observation = env.reset(task)
+        agent.reset(observation)
+        times.append(agent.act(observation, env.admissible_actions()).seconds)
+    return float(np.median(times))
+
+
 def bench_model(model: str, work: Path, tokens: int, threads: int | None, bandwidth: float) -> list[dict]:
     from atod_edge.backends.llamacpp import LlamaCppPolicy
     from atod_edge.backends.ort import OrtPolicy
@@ -104,6 +121,7 @@ def bench_model(model: str, work: Path, tokens: int, threads: int | None, bandwi
         rows.append({"model": model, "runtime": runtime, "type": kind, "bytes": nbytes,
                      "first_token_s": speed["first_token_s"],
                      "first_action_s": first_action_latency(policy, prompts),
+                     "agent_first_action_s": agent_first_action_latency(policy),
                      "decode_tokens_per_s": rate, "bound_tokens_per_s": bound,
                      "percent_of_bound": None if rate is None else 100 * rate / bound,
                      "providers": getattr(policy, "providers", None)})
@@ -126,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens timed per runtime")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--work", help="keep the exported files here (default: a temporary dir)")
+    parser.add_argument("--json", help="also write the rows (and the copy bandwidth) to this JSON file")
     args = parser.parse_args(argv)
 
     models = args.model or ["tiny-student"]
@@ -138,16 +157,22 @@ def main(argv: list[str] | None = None) -> int:
         for i, model in enumerate(models):
             rows += bench_model(model, work / f"export-{i}", args.tokens, args.threads, bandwidth)
 
+    if args.json:
+        from atod_edge.io import atomic_write_json
+
+        atomic_write_json(args.json, {"copy_bandwidth_bytes_per_s": bandwidth, "threads": args.threads,
+                                      "rows": rows})
     print(f"\ncopy bandwidth: {bandwidth / 1e9:.2f} GB/s (numpy copy, read + write)")
-    header = ("| model | runtime | type | MiB | first token ms | first action ms | decode tok/s | "
-              "bound tok/s | % of bound |")
+    header = ("| model | runtime | type | MiB | first token ms | first action ms | Agent first action ms | "
+              "decode tok/s | bound tok/s | % of bound |")
     print(header)
-    print("|---" * 9 + "|")
+    print("|---" * 10 + "|")
     for r in rows:
         rate = "-" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.0f}"
         pct = "-" if r["percent_of_bound"] is None else f"{r['percent_of_bound']:.1f}"
         print(f"| {Path(r['model']).name} | {r['runtime']} | {r['type']} | {r['bytes'] / 2**20:.1f} | "
-              f"{1000 * r['first_token_s']:.1f} | {1000 * r['first_action_s']:.1f} | {rate} | "
+              f"{1000 * r['first_token_s']:.1f} | {1000 * r['first_action_s']:.1f} | "
+              f"{1000 * r['agent_first_action_s']:.1f} | {rate} | "
               f"{r['bound_tokens_per_s']:.0f} | {pct} |")
     providers = {tuple(r["providers"]) for r in rows if r["providers"]}
     if providers:

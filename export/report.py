@@ -95,8 +95,8 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {f['file']} | {_pct(a['success_rate'])} | {diff} | {interval} | "
                          f"{_pct(a.get('invalid_rate'))} | {_pct(a.get('loop_rate'))} | "
                          f"{_num(a.get('mean_turns'), '{:.1f}')} |")
-        lines += ["", "Loop: the same action 3 or more times in a row. The interval is the normal "
-                  "approximation over the per-episode differences (file minus student)."]
+        lines += ["", "Loop: the same action 3 or more times in a row. 95% interval of the paired "
+                  "difference (file minus student): Agresti-Min (1/2 added to each cell of the 2x2 table)."]
     if report.get("plot"):
         lines += ["", f"![success and KL per file]({report['plot']})"]
 

@@ -266,10 +266,11 @@ def agent_episodes(policy: Policy, cfg: VerifyConfig) -> list:
 
 
 def has_loop(episode, repeats: int = LOOP_REPEATS) -> bool:
-    """The same action `repeats` or more times in a row (invalid responses count as one action)."""
+    """The same action `repeats` or more times in a row (admissible or not; replies without any
+    parseable action count as one and the same non-action)."""
     run, last = 0, object()
     for turn in episode.turns:
-        action = turn.action if turn.valid else "(invalid)"
+        action = turn.action if turn.action is not None else "(no action)"
         run = run + 1 if action == last else 1
         last = action
         if run >= repeats:
@@ -277,27 +278,39 @@ def has_loop(episode, repeats: int = LOOP_REPEATS) -> bool:
     return False
 
 
+def paired_interval(file_wins: Sequence[bool], student_wins: Sequence[bool], z: float = 1.96) -> tuple[float, float]:
+    """95% interval of the paired success difference (file minus student), Agresti-Min: the
+    normal interval after adding 1/2 to each cell of the 2x2 table, so that a few episodes with no
+    discordant pair still give an honest width instead of [0, 0]."""
+    n = len(file_wins)
+    gained = sum(1 for f, s in zip(file_wins, student_wins) if f and not s) + 0.5
+    lost = sum(1 for f, s in zip(file_wins, student_wins) if s and not f) + 0.5
+    total = n + 2.0
+    diff = (gained - lost) / total
+    var = ((gained + lost) - (gained - lost) ** 2 / total) / total ** 2
+    half = z * float(np.sqrt(max(var, 0.0)))
+    return max(diff - half, -1.0), min(diff + half, 1.0)
+
+
 def agent_summary(episodes, reference=None) -> dict:
     """Success, invalid-action rate, loop rate and mean turns of one file's episodes; with the
     student's `reference` episodes (same tasks, same order): the paired success difference in
-    points and its 95% interval (normal approximation over the per-task differences)."""
+    points, its 95% interval (paired_interval) and the number of discordant episodes."""
     n = len(episodes)
     turns = sum(e.num_turns for e in episodes)
-    wins = [float(bool(e.success)) for e in episodes]
-    summary = {"episodes": n, "successes": int(sum(wins)), "success_rate": sum(wins) / max(n, 1),
+    wins = [bool(e.success) for e in episodes]
+    summary = {"episodes": n, "successes": sum(wins), "success_rate": sum(wins) / max(n, 1),
                "invalid_rate": sum(e.num_invalid for e in episodes) / max(turns, 1),
                "loop_rate": sum(has_loop(e) for e in episodes) / max(n, 1),
                "mean_turns": turns / max(n, 1)}
     if reference is not None:
-        pairs = [(e.task_id, r.task_id) for e, r in zip(episodes, reference)]
-        if len(reference) != n or any(a != b for a, b in pairs):
+        if len(reference) != n or any(e.task_id != r.task_id for e, r in zip(episodes, reference)):
             raise ValueError("paired comparison needs the same tasks in the same order")
-        diffs = np.array([w - float(bool(r.success)) for w, r in zip(wins, reference)])
-        mean = float(diffs.mean()) if n else 0.0
-        half = 1.96 * float(diffs.std(ddof=1)) / np.sqrt(n) if n > 1 else float("inf")
-        summary["points_vs_student"] = 100.0 * mean
-        summary["points_ci95"] = [100.0 * (mean - half), 100.0 * (mean + half)]
-        summary["discordant"] = int((diffs != 0).sum())
+        student = [bool(r.success) for r in reference]
+        lo, hi = paired_interval(wins, student)
+        summary["points_vs_student"] = 100.0 * (sum(wins) - sum(student)) / max(n, 1)
+        summary["points_ci95"] = [100.0 * lo, 100.0 * hi]
+        summary["discordant"] = sum(w != s for w, s in zip(wins, student))
     return summary
 
 
