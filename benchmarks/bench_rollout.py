@@ -3,7 +3,9 @@ episode per turn. Same model, same tasks, same sampling settings, measured in on
 
     python benchmarks/bench_rollout.py [--model tiny-student] [--episodes 64] [--max-turns 8]
 
-Prints episodes/s and generated tokens/s of each and the ratios. The engine runs twice: with
+Prints episodes/s and generated tokens/s of each and the ratios, and writes them to
+benchmarks/results/rollout.json (top-level "speedup": episodes/s, engine / naive), with the
+machine and the command. The engine runs twice: with
 prefix reuse (the default: each prompt's KV up to its longest block-aligned prefix seen earlier in
 the batch of episodes is reused, see atod_edge/kv_cache.py) and without, to show what that
 reuse is worth. The share of prompt tokens reused is printed: an untrained model repeats invalid
@@ -14,7 +16,13 @@ checkpoint dir as --model to measure that case).
 from __future__ import annotations
 
 import argparse
+import json
+import platform
+import sys
 import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "rollout.json"
 
 
 def naive_rollouts(model, tokenizer, env_cls, tasks, max_turns: int, max_new_tokens: int) -> tuple[int, int]:
@@ -62,6 +70,8 @@ def main() -> None:
     parser.add_argument("--naive-episodes", type=int, default=16, help="the naive loop is slow: time fewer")
     parser.add_argument("--max-turns", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--note", default="", help="a remark stored in the JSON (e.g. the machine's load)")
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model)
@@ -97,6 +107,25 @@ def main() -> None:
     (_, n, s, tok), naive = rows[0], rows[-1]
     print(f"ratio engine/naive: {(n / s) / naive_rate:.1f}x episodes/s, "
           f"{(tok / s) / (naive[3] / naive[2]):.1f}x tokens/s")
+    result = {
+        "speedup": (n / s) / naive_rate, "tokens_per_s_speedup": (tok / s) / (naive[3] / naive[2]),
+        "command": "python " + " ".join(sys.argv), "note": args.note,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "settings": {"model": args.model, "env": args.env, "episodes": args.episodes,
+                     "naive_episodes": args.naive_episodes, "max_turns": args.max_turns,
+                     "max_new_tokens": args.max_new_tokens},
+        "prefix_reuse_share": reuse,
+        "rows": [{"name": name, "episodes": n_, "seconds": s_, "episodes_per_s": n_ / s_, "tokens_per_s": t_ / s_,
+                  "vs_naive": n_ / s_ / naive_rate} for name, n_, s_, t_ in rows],
+    }
+    from atod_edge.io import atomic_write_text
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,442 @@
+"""One ATOD training step and one SFT step, the per-turn path (old) vs prefix reuse (new), side by
+side on the same episodes and batches, measured interleaved in one run.
+
+    python benchmarks/bench_step.py [--recipe household] [--steps 3] [--sft-steps 12]
+
+Every step rolls out once (the same engine either way), then scores the episodes with the teacher
+and runs the update both ways, alternating which goes first: the old update on a copy of the
+student and its optimizer, the new one on the student that rolls out the next step. Per phase
+(rollout = generation + prompt building, env, teacher, update) it reports seconds, the tokens the
+model was run on (old: every turn's prompt and response; new: the prefix trees' tokens) and the
+peak memory above the phase's start (CUDA: allocated bytes, in the run; CPU: the growth of the
+peak resident set size of a fresh process that runs only that phase on the first step's
+episodes, since a process's freed memory stays mapped and would hide the second path's peak). The SFT part times full optimizer steps of the recipe's teacher bootstrap
+(its batch size, micro-batch and prompt-loss weight) on dart demos, old and new on the same
+batches. Writes benchmarks/results/step.json (top-level "speedup": total step time old / new,
+"sft_speedup": SFT step time old / new).
+
+Models: the recipe's teacher and student when `atod-edge train` has bootstrapped them (cached),
+otherwise the tiny-teacher preset as teacher and, as student, tiny-teacher cut to the recipe's
+layers with a short cold-start SFT of the recipe's own settings (a student that acts a little, so
+its prompts change from turn to turn like a trained one's). The JSON names which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "step.json"
+
+
+class PeakMemory:
+    """Peak memory above the start of the `with` block, in MB."""
+
+    def __init__(self, device):
+        self.device, self.peak_mb = device, 0.0
+
+    def __enter__(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = self.rss()
+            self.peak, self.stop = self.start, threading.Event()
+            self.thread = threading.Thread(target=self.sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def sample(self):
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, self.rss())
+
+    @staticmethod
+    def rss() -> int:
+        import os
+
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.stop.set()
+            self.thread.join()
+            peak = max(self.peak, self.rss())
+        self.peak_mb = (peak - self.start) / 2**20
+
+
+def timed(device, fn):
+    """(seconds, peak MB, result) of fn()."""
+    import torch
+
+    with PeakMemory(device) as memory:
+        t0 = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return seconds, memory.peak_mb, result
+
+
+def tree_tokens(prompts, responses, micro_batch: int) -> int:
+    """Tokens the prefix-reuse path runs the model on: its micro-batches' prefix trees (the last
+    token of each sequence is only a target)."""
+    from atod_edge.shared_prefix import prefix_tree
+
+    sequences = [list(p) + list(r) for p, r in zip(prompts, responses) if r]
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i])
+    total = 0
+    for start in range(0, len(order), micro_batch):
+        nodes, _ = prefix_tree([sequences[i][:-1] for i in order[start:start + micro_batch]])
+        total += sum(n.end - n.start for n in nodes)
+    return total
+
+
+def models(cfg, work: Path, log):
+    """(teacher source, student source, what they are)."""
+    from atod_edge.models import shrink_model
+    from atod_edge.train.pipeline import _bootstrap_dir
+    from atod_edge.train.sft import SFTConfig, train_sft
+
+    teacher, student = _bootstrap_dir(cfg, "teacher"), _bootstrap_dir(cfg, "student")
+    if cfg.teacher == "auto" and (teacher / "config.json").is_file() and (student / "config.json").is_file():
+        return str(teacher), str(student), "the recipe's bootstrapped teacher and student (cached)"
+    b = cfg.bootstrap
+    cut = shrink_model("tiny-teacher", b.student_from_teacher or "every:3", work / "student-cut")
+    log(f"student: tiny-teacher cut to {b.student_from_teacher}, cold-start SFT ({b.student_episodes} "
+        f"{b.student_demos} demos)")
+    sft = SFTConfig(env=cfg.env, model=str(cut), demos=b.student_demos, noise=b.student_noise,
+                    episodes=b.student_episodes, epochs=b.student_epochs, lr=b.student_lr,
+                    batch_size=b.student_batch_size, micro_batch=min(16, b.student_batch_size),
+                    history_turns=cfg.history_turns, seed=cfg.seed, out=str(work / "student"), eval_episodes=0)
+    train_sft(sft, log=lambda *a: None)
+    return ("tiny-teacher", str(work / "student"),
+            "teacher: the tiny-teacher preset (random init: scoring costs the same as a trained one's); student: "
+            f"tiny-teacher cut to layers '{b.student_from_teacher}' + the recipe's cold-start SFT "
+            f"({b.student_episodes} {b.student_demos} demos), because no bootstrapped models were cached")
+
+
+def bench_train(args, cfg, teacher_src, student_src, device, log) -> dict:
+    import dataclasses
+
+    import torch
+
+    from atod_edge.envs import env_class
+    from atod_edge.models import load_model
+    from atod_edge.policy import SamplingParams, TorchPolicy
+    from atod_edge.rollout import run_episodes
+    from atod_edge.scoring import score_episodes, turn_pairs
+    from atod_edge.train.trainer import DistInfo, build_batch, update
+
+    student, tokenizer = load_model(student_src, device=str(device))
+    teacher, _ = load_model(teacher_src, device=str(device))
+    teacher.eval().requires_grad_(False)
+    student.eval()
+    pad_id = tokenizer.pad_token_id or 0
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    env_cls = env_class(cfg.env)
+    policy = TorchPolicy(student, tokenizer)
+    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+    tasks = env_cls().tasks("train", cfg.tasks_per_step * args.steps)
+    paths = {"old": dataclasses.replace(cfg, prefix_reuse=False), "new": dataclasses.replace(cfg, prefix_reuse=True)}
+    probe_dir = Path(args.work)
+    steps = []
+    for step in range(args.steps):
+        row: dict = {"step": step}
+        timings: dict[str, float] = {}
+        with PeakMemory(device) as memory:
+            t0 = time.perf_counter()
+            episodes = run_episodes(policy, env_cls, tasks[step * cfg.tasks_per_step:(step + 1) * cfg.tasks_per_step],
+                                    group_size=cfg.group_size, sampling=sampling, seed=cfg.seed * 100_003 + step,
+                                    history_turns=cfg.history_turns, max_turns=cfg.max_turns or None, step=step,
+                                    timings=timings)
+            rollout_total = time.perf_counter() - t0
+        prompts, responses, _ = turn_pairs(episodes)
+        row["rollout"] = {"seconds": rollout_total - timings.get("env", 0.0), "peak_mb": memory.peak_mb,
+                          "tokens": sum(map(len, responses))}
+        row["env"] = {"seconds": timings.get("env", 0.0)}
+        all_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
+        row["prompt_tokens"] = sum(map(len, prompts))
+        row["turns"] = len(prompts)
+        first, second = ("old", "new") if step % 2 == 0 else ("new", "old")
+        scored = {}
+        for name in (first, second):
+            copies = copy.deepcopy(episodes)
+            seconds, peak, _ = timed(device, lambda: score_episodes(
+                teacher, copies, pad_id=pad_id, micro_batch=cfg.micro_batch, prefix_reuse=paths[name].prefix_reuse))
+            scored[name] = copies
+            tokens = all_tokens if name == "old" else tree_tokens(prompts, responses, cfg.micro_batch)
+            row.setdefault("teacher", {})[name] = {"seconds": seconds, "peak_mb": peak, "tokens": tokens}
+        diff = max((abs(a - b) for ea, eb in zip(scored["old"], scored["new"]) for ta, tb in zip(ea.turns, eb.turns)
+                    for a, b in zip(ta.teacher_logprobs or [], tb.teacher_logprobs or [])), default=0.0)
+        row["teacher_max_abs_diff"] = diff
+        batch = build_batch(scored["new"], cfg, step)
+        if step == 0 and device.type == "cpu":   # inputs of the memory probes (fresh processes)
+            import pickle
+
+            torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict()}, probe_dir / "state.pt")
+            with open(probe_dir / "inputs.pkl", "wb") as f:
+                pickle.dump({"episodes": episodes, "batch": batch, "cfg": cfg, "teacher": teacher_src,
+                             "student": student_src, "pad_id": pad_id}, f)
+        update_tokens = {"old": sum(len(p) + len(r) for p, r in zip(batch.prompts, batch.responses)),
+                         "new": tree_tokens(batch.prompts, batch.responses, cfg.micro_batch)}
+        losses = {}
+        for name in (first, second):
+            if name == "new":
+                model, opt = student, optimizer
+            else:   # a copy with the same weights and optimizer state, thrown away after
+                model = copy.deepcopy(student)
+                opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+                opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+            seconds, peak, stats = timed(device, lambda: update(model, opt, batch, paths[name], DistInfo(), pad_id))
+            losses[name] = stats["loss"]
+            row.setdefault("update", {})[name] = {"seconds": seconds, "peak_mb": peak, "tokens": update_tokens[name]}
+        row["update_loss"] = losses
+        for name in ("old", "new"):
+            row.setdefault("total", {})[name] = (row["rollout"]["seconds"] + row["env"]["seconds"]
+                                                 + row["teacher"][name]["seconds"] + row["update"][name]["seconds"])
+        log(f"step {step}: {row['turns']} turns, {row['prompt_tokens']} prompt tokens | teacher "
+            f"{row['teacher']['old']['seconds']:.1f}s -> {row['teacher']['new']['seconds']:.1f}s | update "
+            f"{row['update']['old']['seconds']:.1f}s -> {row['update']['new']['seconds']:.1f}s | total "
+            f"{row['total']['old']:.1f}s -> {row['total']['new']:.1f}s")
+        steps.append(row)
+    summary = summarize(steps)
+    if device.type == "cpu":
+        import subprocess
+
+        for phase in ("teacher", "update"):
+            for name in ("old", "new"):
+                done = subprocess.run([sys.executable, __file__, "--probe", f"{phase}:{name}", "--work", str(probe_dir)],
+                                      capture_output=True, text=True)
+                try:
+                    peak = json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
+                except (IndexError, ValueError, KeyError):
+                    peak = None
+                    log(f"memory probe {phase}:{name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+                summary["phases"][phase][name]["peak_mb"] = peak
+        summary["peak_mb_method"] = ("CPU: growth of ru_maxrss in a fresh process running only that phase on "
+                                     "step 0's episodes (its first call: allocations included)")
+    return summary
+
+
+def probe(spec: str, work: Path) -> None:
+    """One phase, one path, in this fresh process: print its peak RSS growth in MB (CPU)."""
+    import dataclasses
+    import os
+    import pickle
+    import resource
+
+    import torch
+
+    from atod_edge.models import load_model
+    from atod_edge.scoring import score_episodes
+    from atod_edge.train.trainer import DistInfo, update
+
+    phase, name = spec.split(":")
+    with open(work / "inputs.pkl", "rb") as f:
+        inputs = pickle.load(f)
+    cfg = dataclasses.replace(inputs["cfg"], prefix_reuse=name == "new")
+    state = torch.load(work / "state.pt", weights_only=True)
+    if phase == "teacher":
+        model, _ = load_model(inputs["teacher"])
+        model.eval().requires_grad_(False)
+        run = lambda: score_episodes(model, inputs["episodes"], pad_id=inputs["pad_id"],  # noqa: E731
+                                     micro_batch=cfg.micro_batch, prefix_reuse=cfg.prefix_reuse)
+    else:
+        model, _ = load_model(inputs["student"])
+        model.load_state_dict(state["student"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer.load_state_dict(state["optimizer"])
+        run = lambda: update(model, optimizer, inputs["batch"], cfg, DistInfo(), inputs["pad_id"])  # noqa: E731
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_mb": max(0, peak - before) / 2**20}))
+
+
+def summarize(steps: list[dict]) -> dict:
+    def mean(values):
+        values = list(values)
+        return sum(values) / len(values) if values else 0.0
+
+    phases = {}
+    for phase in ("rollout", "env"):
+        phases[phase] = {"seconds": mean(s[phase]["seconds"] for s in steps),
+                         "note": "the same engine on both paths: measured once per step, counted in both totals"}
+        if phase == "rollout":
+            phases[phase]["generated_tokens"] = mean(s[phase]["tokens"] for s in steps)
+            phases[phase]["peak_mb"] = max(s[phase]["peak_mb"] for s in steps)
+    for phase in ("teacher", "update"):
+        entry = {}
+        for name in ("old", "new"):
+            entry[name] = {"seconds": mean(s[phase][name]["seconds"] for s in steps),
+                           "tokens": mean(s[phase][name]["tokens"] for s in steps),
+                           "peak_mb": max(s[phase][name]["peak_mb"] for s in steps)}
+        entry["speedup"] = entry["old"]["seconds"] / max(entry["new"]["seconds"], 1e-9)
+        entry["token_ratio"] = entry["old"]["tokens"] / max(entry["new"]["tokens"], 1)
+        phases[phase] = entry
+    total = {name: mean(s["total"][name] for s in steps) for name in ("old", "new")}
+    return {"phases": phases, "total_seconds": total, "speedup": total["old"] / max(total["new"], 1e-9),
+            "turns_per_step": mean(s["turns"] for s in steps),
+            "prompt_tokens_per_step": mean(s["prompt_tokens"] for s in steps),
+            "teacher_max_abs_diff": max(s["teacher_max_abs_diff"] for s in steps),
+            "steps": steps}
+
+
+def bench_sft(args, cfg, device, log) -> dict:
+    """Optimizer steps of the recipe's teacher bootstrap SFT, old and new on the same batches."""
+    import dataclasses
+
+    import torch
+
+    from atod_edge.envs import env_class
+    from atod_edge.models import load_model
+    from atod_edge.train.sft import SFTConfig, _chunk_loss, build_examples, demo_episodes
+
+    b = cfg.bootstrap
+    sft = SFTConfig(env=cfg.env, model=b.teacher_preset, demos=b.teacher_demos, noise=b.teacher_noise,
+                    episodes=args.sft_episodes, batch_size=b.teacher_batch_size,
+                    micro_batch=min(16, b.teacher_batch_size), prompt_loss_weight=b.teacher_prompt_loss_weight,
+                    history_turns=cfg.history_turns, seed=cfg.seed)
+    model, tokenizer = load_model(sft.model, device=str(device))
+    model.train()
+    examples = build_examples(demo_episodes(sft), tokenizer, env_class(cfg.env).instructions, sft.history_turns)
+    random.Random(0).shuffle(examples)
+    runs = {}
+    for name, reuse in (("old", False), ("new", True)):
+        run_model = copy.deepcopy(model)
+        runs[name] = (run_model, torch.optim.AdamW(run_model.parameters(), lr=sft.lr),
+                      dataclasses.replace(sft, prefix_reuse=reuse))
+    pad = tokenizer.pad_token_id or 0
+    rows = []
+    for step in range(args.sft_steps):
+        batch = examples[step * sft.batch_size:(step + 1) * sft.batch_size]
+        if not batch:
+            break
+        n_tokens = sum(len(r) for _, r in batch)
+        n_prompt = sum(len(p) - 1 for p, _ in batch)
+        row = {"step": step, "examples": len(batch), "tokens": sum(len(p) + len(r) for p, r in batch)}
+        for name in (("old", "new") if step % 2 == 0 else ("new", "old")):
+            run_model, optimizer, run_cfg = runs[name]
+
+            def one_step():
+                ordered = sorted(batch, key=(lambda ex: ex[0] + ex[1]) if run_cfg.prefix_reuse
+                                 else (lambda ex: len(ex[0]) + len(ex[1])))
+                optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                for m in range(0, len(ordered), run_cfg.micro_batch):
+                    loss = _chunk_loss(run_model, ordered[m:m + run_cfg.micro_batch], pad, run_cfg, n_tokens, n_prompt)
+                    loss.backward()
+                    total += float(loss.detach())
+                torch.nn.utils.clip_grad_norm_(run_model.parameters(), 1.0)
+                optimizer.step()
+                return total
+
+            seconds, peak, loss = timed(device, one_step)
+            row[name] = {"seconds": seconds, "peak_mb": peak, "loss": loss}
+        row["new"]["tokens"] = tree_tokens([p for p, _ in batch], [r for _, r in batch], sft.micro_batch)
+        rows.append(row)
+    old = sum(r["old"]["seconds"] for r in rows) / len(rows)
+    new = sum(r["new"]["seconds"] for r in rows) / len(rows)
+    log(f"sft: {len(rows)} steps of {sft.batch_size} turns (prompt_loss_weight {sft.prompt_loss_weight}): "
+        f"{old:.2f}s -> {new:.2f}s per step")
+    return {"config": {"batch_size": sft.batch_size, "micro_batch": sft.micro_batch, "demos": sft.demos,
+                       "prompt_loss_weight": sft.prompt_loss_weight, "model": sft.model},
+            "seconds_per_step": {"old": old, "new": new}, "speedup": old / max(new, 1e-9),
+            "tokens_per_step": {"old": sum(r["tokens"] for r in rows) / len(rows),
+                                "new": sum(r["new"]["tokens"] for r in rows) / len(rows)},
+            "peak_mb": {name: max(r[name]["peak_mb"] for r in rows) for name in ("old", "new")},
+            "peak_mb_method": "in-process RSS growth sampled every 5 ms (approximate: freed memory stays mapped)",
+            "final_loss": {name: rows[-1][name]["loss"] for name in ("old", "new")},
+            "steps": rows}
+
+
+def main() -> int:
+    import tempfile
+
+    import torch
+
+    from atod_edge.config import load_config
+    from atod_edge.policy import torch_device
+    from atod_edge.train.config import TrainConfig
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default="household")
+    parser.add_argument("--steps", type=int, default=3, help="training steps (each measured old and new)")
+    parser.add_argument("--sft-steps", type=int, default=12, help="SFT optimizer steps (each old and new)")
+    parser.add_argument("--sft-episodes", type=int, default=20, help="dart demos the SFT batches come from")
+    parser.add_argument("--student", help="student checkpoint dir (default: see the docstring)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--note", default="", help="a remark stored in the JSON (e.g. the machine's load)")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--probe", help=argparse.SUPPRESS)   # internal: one phase's memory, in a fresh process
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        probe(args.probe, Path(args.work))
+        return 0
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+
+    cfg = load_config(TrainConfig, args.recipe, [f"device={args.device}"])
+    device = torch_device(args.device)
+    torch.manual_seed(cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="bench-step-") as work:
+        if args.student:
+            teacher_src, student_src = "tiny-teacher", args.student
+            which = f"teacher: the tiny-teacher preset (random init); student: {args.student}"
+        else:
+            teacher_src, student_src, which = models(cfg, Path(work), log)
+        log(f"models: {which}")
+        args.work = work
+        train = bench_train(args, cfg, teacher_src, student_src, device, log)
+    sft = bench_sft(args, cfg, device, log)
+    result = {
+        "speedup": train["speedup"], "sft_speedup": sft["speedup"],
+        "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version(), "device": str(device)},
+        "recipe": args.recipe, "models": which, "note": args.note,
+        "train_step": train, "sft_step": sft,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from atod_edge.io import atomic_write_text
+
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    p = train["phases"]
+    print(f"{'phase':10s} {'old s':>8s} {'new s':>8s} {'ratio':>6s} {'old tokens':>11s} {'new tokens':>11s} "
+          f"{'old MB':>7s} {'new MB':>7s}")
+    print(f"{'rollout':10s} {p['rollout']['seconds']:8.2f} {p['rollout']['seconds']:8.2f} {'(same)':>6s}")
+    print(f"{'env':10s} {p['env']['seconds']:8.2f} {p['env']['seconds']:8.2f} {'(same)':>6s}")
+    for phase in ("teacher", "update"):
+        e = p[phase]
+        print(f"{phase:10s} {e['old']['seconds']:8.2f} {e['new']['seconds']:8.2f} {e['speedup']:5.2f}x "
+              f"{e['old']['tokens']:11.0f} {e['new']['tokens']:11.0f} {e['old']['peak_mb'] or 0:7.0f} {e['new']['peak_mb'] or 0:7.0f}")
+    t = train["total_seconds"]
+    print(f"{'step':10s} {t['old']:8.2f} {t['new']:8.2f} {train['speedup']:5.2f}x")
+    s = sft["seconds_per_step"]
+    print(f"{'sft step':10s} {s['old']:8.2f} {s['new']:8.2f} {sft['speedup']:5.2f}x "
+          f"{sft['tokens_per_step']['old']:11.0f} {sft['tokens_per_step']['new']:11.0f}")
+    print(f"speedup {train['speedup']:.2f}x (step), sft_speedup {sft['speedup']:.2f}x; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
