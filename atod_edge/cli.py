@@ -198,7 +198,7 @@ def cmd_eval(args) -> int:
             raise UserError("give --model PATH or --policy expert|random")
         from atod_edge.backends import load_policy
 
-        policy = load_policy(args.model, device=cfg.device)
+        policy = load_policy(args.model[0], device=cfg.device)   # --model appends: one here
     progress = _progress_printer("eval", "episodes")
     summary, episodes = evaluate(policy, cfg, progress=progress)
     out = args.out or f"runs/eval-{cfg.env.replace(':', '_').replace('.', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
