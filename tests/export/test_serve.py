@@ -1,0 +1,136 @@
+"""The exported agent behind a stock server: `python -m llama_cpp.server` on 127.0.0.1 serves the
+Q4_K_M file with the chat template stored in it; OpenAI-style chat completions built by
+atod_edge.prompts come back with parseable `<action>` replies. Also: the Modelfile and SERVE.md
+that export writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("gguf")
+pytest.importorskip("llama_cpp")
+pytest.importorskip("fastapi", reason="the server needs atod-edge[serve]")
+pytest.importorskip("sse_starlette", reason="the server needs atod-edge[serve]")
+
+from atod_edge.envs import make_env  # noqa: E402
+from atod_edge.prompts import build_messages, parse_action, render_prompt  # noqa: E402
+
+READY_TIMEOUT_S = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float = 60) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
+
+
+def _wait_ready(base: str, server: subprocess.Popen, log_path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"server exited with {server.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{base}/v1/models", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"server not ready after {READY_TIMEOUT_S} s: {log_path.read_text()[-2000:]}")
+
+
+def test_stock_llama_cpp_server_answers_household_prompts_with_actions(peaked_export, tmp_path):
+    """Five household prompts through the stock server: every reply holds an action, and it is the
+    action the same file gives in-process on the prompt tokens atod-edge builds itself (the server
+    applied the GGUF's chat template exactly as training did)."""
+    from atod_edge.backends.llamacpp import LlamaCppPolicy
+    from atod_edge.policy import SamplingParams
+    from atod_edge.prompts import encode_prompt
+
+    out, _ = peaked_export
+    gguf_file = out / "agent.q4_k_m.gguf"
+    env = make_env("household")
+    requests = []
+    for task in env.tasks("eval", 5, start=40):
+        observation = env.reset(task)
+        requests.append(build_messages(env.instructions, observation, [], None, env.admissible_actions()))
+    local = LlamaCppPolicy.load(str(gguf_file), n_threads=1, n_ctx=1024)
+    expected = [parse_action(g.text).action for g in local.generate(
+        [encode_prompt(local.tokenizer, m) for m in requests], SamplingParams(temperature=0.0))]
+    local.close()
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        # float32 KV cache (flash attention is off by default): what LlamaCppPolicy runs with
+        server = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_file), "--host", "127.0.0.1",
+             "--port", str(port), "--n_ctx", "1024", "--n_threads", "1", "--type_k", "0", "--type_v", "0"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _wait_ready(base, server, log_path)
+        replies = [_post(f"{base}/v1/chat/completions",
+                         {"messages": messages, "temperature": 0.0, "max_tokens": 48}
+                         )["choices"][0]["message"]["content"] for messages in requests]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    actions = [parse_action(text).action for text in replies]
+    assert all(actions), replies                                    # 5 of 5 parse
+    assert actions == expected, (replies, expected)
+    assert server.returncode is not None
+
+
+def test_export_writes_modelfile_and_serve_md(peaked_export):
+    from transformers import AutoTokenizer
+
+    from atod_edge.export.serve import chatml_render
+
+    out, report = peaked_export
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./agent.q4_k_m.gguf" in modelfile                       # smallest passing file
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "PARAMETER temperature 0.4" in modelfile
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in modelfile
+    assert report["serving"]["gguf"] == "agent.q4_k_m.gguf" and report["serving"]["ollama_template"]
+    # the Modelfile's template renders exactly the tokens the agent sees in training
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    env = make_env("household")
+    observation = env.reset(env.tasks("eval", 1)[0])
+    messages = build_messages(env.instructions, observation, [("look", "You see a desk.")], "obs",
+                              env.admissible_actions())
+    assert chatml_render(messages) == render_prompt(tokenizer, messages)
+    serve = (out / "SERVE.md").read_text()
+    for command in ("python -m llama_cpp.server --model agent.q4_k_m.gguf", "llama-server -m agent.q4_k_m.gguf",
+                    "ollama create atod-agent -f Modelfile"):
+        assert command in serve
+
+
+def test_non_chatml_template_gets_no_ollama_template(atod_cache):
+    from atod_edge.export.serve import ollama_template
+    from atod_edge.models import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny-student")
+    assert ollama_template(tokenizer) is not None
+    tokenizer.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    assert ollama_template(tokenizer) is None
