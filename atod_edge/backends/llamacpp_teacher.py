@@ -12,8 +12,8 @@ never sampling, so the scorer drives llama.cpp's batch API directly:
 - batched scoring with prefix reuse through KV-cache sequences: the step's turns are sorted by
   their tokens and scored in rounds of up to n_seq - 1 turns. A round's common prefix (the G
   rollouts of a task start with the same prompt; every turn of a task with the same system prompt
-  and task text) is evaluated once into sequence 0, or kept from the previous round as far as it
-  still matches (llama_memory_seq_rm drops the rest), copied to each member's sequence with
+  and task text) is evaluated once into sequence 0, or kept from the previous round's last turn
+  as far as it still matches (llama_memory_seq_rm drops the rest), copied to each member's sequence with
   llama_memory_seq_cp (a unified KV cache: the copy shares cells, it costs no memory), and all
   members' suffixes go through llama_decode together, n_batch tokens a call.
 
@@ -82,7 +82,7 @@ class LlamaCppTeacher:
         self.path = path
         self.n_ctx, self.n_batch, self.n_seq = n_ctx, n_batch, n_seq
         self.n_vocab = llm.n_vocab()
-        self._trunk: list[int] = []       # the tokens whose keys/values sit in sequence 0
+        self._trunk: list[int] = []       # the tokens whose keys/values sit in sequence 0 (positions 0..)
         self.stats = {"tokens": 0, "evaluated": 0, "reused": 0, "decode_calls": 0, "rounds": 0}
 
     @classmethod
@@ -132,9 +132,11 @@ class LlamaCppTeacher:
 
         Turns are taken in sorted token order and scored in rounds of up to n_seq - 1: a round's
         common prefix (its trunk, capped before every member's first response-predicting position)
-        is evaluated once in sequence 0, or kept from the previous round as far as it matches,
+        is evaluated once in sequence 0, or kept from the previous round's last turn as far as it matches,
         copied to each member's sequence, and all members' suffixes go through llama_decode
-        together, n_batch tokens a call."""
+        together, n_batch tokens a call. A turn joins a round only where that evaluates no token
+        more than scoring it alone after its sorted predecessor would, so rounds save decode calls,
+        never compute."""
         out: list[np.ndarray] = [np.zeros(0, dtype=np.float32) for _ in prompts]
         seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
         for k, (p, r) in enumerate(zip(prompts, responses)):
@@ -149,7 +151,12 @@ class LlamaCppTeacher:
             members, trunk = [order[i]], len(prompts[order[i]]) - 1
             while i + len(members) < len(order) and len(members) < self.n_seq - 1:
                 k = order[i + len(members)]
-                shared = min(trunk, _common_prefix(seqs[members[0]], seqs[k]), len(prompts[k]) - 1)
+                # what k would share with the turn before it if scored alone (sorted order: the most)
+                shared = min(_common_prefix(seqs[members[-1]], seqs[k]), len(prompts[k]) - 1)
+                # join only where batching costs no extra token: k shares exactly the trunk (the first
+                # member alone may shorten it for free: its own cost does not depend on the trunk)
+                if len(members) > 1 and shared != trunk or shared > trunk:
+                    break
                 cells = shared + sum(len(seqs[m]) - 1 - shared for m in (*members, k))
                 if cells > self.n_ctx:
                     break
@@ -183,9 +190,11 @@ class LlamaCppTeacher:
     def _score_round(self, seqs: list[list[int]], prompt_lens: list[int], trunk: int) -> list[np.ndarray]:
         llama_cpp = _llama_cpp()
         mem = llama_cpp.llama_get_memory(self.ctx)
+        if not self._trunk:       # nothing known to be cached (the first round, or after an error)
+            llama_cpp.llama_memory_clear(mem, True)
         kept = min(_common_prefix(self._trunk, seqs[0]), trunk)
         llama_cpp.llama_memory_seq_rm(mem, 0, kept, -1)
-        self._trunk = seqs[0][:trunk]
+        self._trunk = []          # until the round is done (an error midway leaves the cache unknown)
         batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         picked: list[list[np.ndarray]] = [[] for _ in seqs]
         try:
@@ -207,8 +216,15 @@ class LlamaCppTeacher:
                 owners = np.array([e[4] for e in wanted])
                 for j in np.unique(owners):
                     picked[j].append(lps[owners == j])
-            for j in range(len(seqs)):
-                llama_cpp.llama_memory_seq_rm(mem, j + 1, -1, -1)
+            # the last member's tokens become sequence 0: the next round's first turn, next in sorted
+            # order, shares the most with it
+            last = len(seqs)
+            for j in range(1, last):
+                llama_cpp.llama_memory_seq_rm(mem, j, -1, -1)
+            llama_cpp.llama_memory_seq_rm(mem, 0, -1, -1)
+            llama_cpp.llama_memory_seq_cp(mem, last, 0, -1, -1)
+            llama_cpp.llama_memory_seq_rm(mem, last, -1, -1)
+            self._trunk = seqs[-1][:-1]
         finally:
             llama_cpp.llama_batch_free(batch)
         evaluated = (trunk - kept) + sum(len(seq) - 1 - trunk for seq in seqs)
