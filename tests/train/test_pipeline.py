@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from train_fixtures import overrides
+from train_fixtures import metric_rows, overrides, run_cli
 
 from atod_edge import cli
 from atod_edge.models import resolve_model, train_tiny_tokenizer
@@ -129,3 +129,80 @@ def test_student_cut_from_the_teacher_keeps_its_layers_and_tokenizer(atod_cache,
     assert torch.equal(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
     other = Path(ensure_model(config(resolve_model("tiny-teacher")), "student", log=lambda *a: None))
     assert other != student_dir
+
+
+# --- train --resume through the CLI -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(atod_cache, small_teacher, tmp_path_factory):
+    """A 2-step run of `atod-edge train` (in-process), finished: checkpoints 1 and 2, report.json."""
+    run_dir = tmp_path_factory.mktemp("resume") / "run"
+    assert cli.main(["train", "--out", str(run_dir), "--set", "student=tiny-student", "--set",
+                     f"teacher={small_teacher}", *_flags(overrides(steps=2))]) == 0
+    return run_dir
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in metric_rows(run_dir)]
+
+
+@pytest.mark.parametrize("missing, message", [
+    ("config.yaml", "not a run directory (no config.yaml)"),
+    ("run.json", "run.json is missing; cannot tell which student it started from"),
+])
+def test_resume_without_its_files_is_one_line(finished_run, tmp_path, capsys, missing, message):
+    run_dir = _copy(finished_run, tmp_path)
+    (run_dir / missing).unlink()
+    assert cli.main(["train", "--resume", str(run_dir)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and str(run_dir) in err[0], err
+
+
+def test_resume_refuses_a_changed_training_setting_and_records_a_longer_run(finished_run, tmp_path, capsys):
+    run_dir = _copy(finished_run, tmp_path)
+    before = (run_dir / "metrics.jsonl").read_text()
+    assert cli.main(["train", "--resume", str(run_dir), "--set", "lr=0.5", "--set", "group_size=4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot change group_size, lr of a run under way" in err[0], err
+    assert "its config.yaml has group_size=2" in err[0]
+    assert (run_dir / "metrics.jsonl").read_text() == before           # nothing ran
+
+    # more steps is a change a run may take: it continues, and config.yaml says so
+    assert cli.main(["train", "--resume", str(run_dir), "--set", "steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming with steps 2 -> 3" in out and f"resuming {run_dir} after step 2" in out
+    assert _steps(run_dir) == [0, 1, 2]
+    assert "steps: 3" in (run_dir / "config.yaml").read_text().splitlines()
+    assert (run_dir / "checkpoints" / "step_000003" / "model.safetensors").is_file()
+
+
+def test_resume_after_a_kill_in_the_last_checkpoint_finishes_the_run(atod_cache, small_teacher, tmp_path, capsys):
+    run_dir = tmp_path / "killed"
+    args = ["train", "--out", str(run_dir), "--set", "student=tiny-student", "--set", f"teacher={small_teacher}",
+            *_flags(overrides(steps=2))]
+    killed = run_cli(args, cwd=tmp_path, ATOD_EDGE_TEST_KILL_IN_CHECKPOINT="2")   # the last step's checkpoint
+    assert killed.returncode == -9, killed.stderr
+    assert not (run_dir / "report.json").exists()
+    assert cli.main(["train", "--resume", str(run_dir)]) == 0
+    assert f"resuming {run_dir} after step 1" in capsys.readouterr().out
+    assert _steps(run_dir) == [0, 1]                                   # step 1 redone once, not twice
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["final_checkpoint"] == str(run_dir / "checkpoints" / "step_000002")
+
+
+def test_resume_of_a_run_killed_after_its_last_checkpoint_writes_the_report(finished_run, tmp_path, capsys):
+    """Killed after the last checkpoint, before the report: the run is complete on disk but for
+    report.json (what the pipeline writes after train() returns); resume trains nothing more."""
+    run_dir = _copy(finished_run, tmp_path)
+    (run_dir / "report.json").unlink()
+    before = (run_dir / "metrics.jsonl").read_text()
+    assert cli.main(["train", "--resume", str(run_dir)]) == 0
+    assert f"resuming {run_dir} after step 2" in capsys.readouterr().out
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert json.loads((run_dir / "report.json").read_text())["final_checkpoint"].endswith("step_000002")
