@@ -44,8 +44,8 @@ def surprisal_legend() -> Text:
     """A one-line key of surprisal_style's colours, in nats of -log p."""
     out = Text("−log p ", style="dim")
     for colour, threshold in zip(NEGATIVE, THRESHOLDS):
-        out.append(f"{threshold:g}".replace("0.", "."), style=f"#ffffff on {colour}")
-    out.append(" nats (own log-prob: red = unlikely)", style="dim")
+        out.append(f" {threshold:g} ".replace("0.", "."), style=f"#ffffff on {colour}")
+    out.append(" nats (the agent's own log-prob: red = unlikely)", style="dim")
     return out
 
 
