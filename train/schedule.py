@@ -140,7 +140,9 @@ class AdaptiveProgress:
     """p(s) of the adaptive shape (the module docstring's rule), fed one step's measurements at a
     time. `p` is the progress for the next step; `observe` takes the step just done. Its state is
     a function of the measurements alone, so a resumed run rebuilds it from metrics.jsonl
-    (`replay`) and continues exactly where it stopped."""
+    (`replay`) and continues exactly where it stopped. Under torchrun the trainer feeds it the
+    step's success over all ranks but each rank's own mean |lp_T - lp_S|: with the disagreement
+    signal, ranks can disagree on p (not yet reduced across ranks)."""
 
     def __init__(self, cfg: ScheduleConfig):
         if cfg.shape != "adaptive":
