@@ -246,6 +246,8 @@ def _check_tokenizers(teacher: str, student: str) -> None:
     from atod_edge.models import check_same_tokenizer, load_tokenizer
 
     if teacher.lower().endswith(".gguf"):
+        if not Path(teacher).is_file():
+            raise UserError(f"no GGUF teacher at {teacher}")
         return   # train() checks the GGUF's own vocabulary when it loads the teacher
 
     check_same_tokenizer(load_tokenizer(teacher), load_tokenizer(student), "teacher", "student")
