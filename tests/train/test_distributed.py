@@ -75,20 +75,20 @@ def test_fsdp_ranks_hold_identical_full_weights_equal_to_the_ddp_run(ddp_run, sm
     assert not same_weights(checkpoint, load_weights(student))
     ddp = torch.load(ddp_dumps / "rank0.pt", weights_only=True)
     # Adam divides by the gradient's own scale, so where a gradient is ~0 a rounding difference can
-    # move that element by up to lr a step; everywhere else the two runs agree to 1e-5
-    from atod_edge.config import load_config
-    from atod_edge.train.config import TrainConfig
-
-    lr = load_config(TrainConfig, str(run_dir / "config.yaml")).lr
+    # move that element by up to lr a step (no bound on the largest difference can tell that from
+    # a bug); everywhere else the two runs agree to 1e-5
     for key in ddp:
         difference = (rank0[key] - ddp[key]).abs()
-        assert float(difference.max()) <= 2 * lr * 2, key            # two steps
         assert int((difference > 1e-5).sum()) <= max(1, difference.numel() // 10_000), key
     rows, ddp_rows = metric_rows(run_dir), metric_rows(ddp_dir)
     assert [r["episodes"] for r in rows] == [4, 4]
     for row, ddp_row in zip(rows, ddp_rows):
         assert row["tokens"] == ddp_row["tokens"] and row["success"] == ddp_row["success"]
         assert row["loss"] == pytest.approx(ddp_row["loss"], rel=1e-4, abs=1e-6)
+        # the same scale-blindness lets a wrong reduction (FSDP's default divide-by-world mean
+        # instead of ddp's sum) leave the weights within the bound above: the summed gradient's
+        # norm, logged before clipping, is what tells them apart (half of ddp's with a mean)
+        assert row["grad_norm"] == pytest.approx(ddp_row["grad_norm"], rel=1e-4), row["step"]
     # the optimizer state was gathered in full: every parameter has its moments, unsharded
     state = torch.load(run_dir / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=True)
     moments = state["optimizer"]["state"]
