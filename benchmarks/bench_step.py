@@ -230,7 +230,8 @@ def bench_train(args, cfg, teacher_src, student_src, device, log) -> dict:
                     log(f"memory probe {phase}:{name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
                 summary["phases"][phase][name]["peak_mb"] = peak
         summary["peak_mb_method"] = ("CPU: growth of ru_maxrss in a fresh process running only that phase on "
-                                     "step 0's episodes (its first call: allocations included)")
+                                     "step 0's first GRPO group (its turns: one or two micro-batches; the "
+                                     "peak is per micro-batch)")
     return summary
 
 
@@ -250,6 +251,19 @@ def probe(spec: str, work: Path) -> None:
     phase, name = spec.split(":")
     with open(work / "inputs.pkl", "rb") as f:
         inputs = pickle.load(f)
+    # the first GRPO group's episodes only: memory peaks per micro-batch (the forward's activations
+    # live until its backward), so a group's turns show it at a quarter of the time
+    group = inputs["cfg"].group_size
+    inputs["episodes"] = inputs["episodes"][:group]
+    batch = inputs["batch"]
+    turns = sum(1 for ep in inputs["episodes"] for t in ep.turns if t.response_ids)
+    tokens = sum(len(r) for r in batch.responses[:turns])
+    inputs["batch"] = dataclasses.replace(batch, prompts=batch.prompts[:turns], responses=batch.responses[:turns],
+                                          token_offsets=batch.token_offsets[:turns],
+                                          old_logprobs=batch.old_logprobs[:tokens], advantages=batch.advantages[:tokens])
+    for field in ("rollout_logprobs", "loss_weights"):   # per-token extras, where the trainer has them
+        if getattr(inputs["batch"], field, None) is not None:
+            setattr(inputs["batch"], field, getattr(inputs["batch"], field)[:tokens])
     cfg = dataclasses.replace(inputs["cfg"], prefix_reuse=name == "new")
     state = torch.load(work / "state.pt", weights_only=True)
     if phase == "teacher":
