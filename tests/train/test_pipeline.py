@@ -56,7 +56,8 @@ def test_teacher_with_another_tokenizer_is_refused(atod_cache, tmp_path, capsys)
 
 
 def test_train_bootstraps_trains_evaluates_and_reuses_the_cache(atod_cache, one_thread, tmp_path, capsys):
-    settings = overrides(env="searchqa", steps=2, eval_episodes=2, compare=True, max_new_tokens=8,
+    # teacher=auto: the default recipe's teacher is the zoo's; this tests the SFT bootstrap path
+    settings = overrides(env="searchqa", steps=2, eval_episodes=2, compare=True, max_new_tokens=8, teacher="auto",
                          bootstrap__teacher_preset="tiny-student", bootstrap__teacher_episodes=2,
                          bootstrap__teacher_epochs=1, bootstrap__student_episodes=1, bootstrap__student_epochs=1)
     first = tmp_path / "first"
