@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from atod_edge import models
+from atod_edge import models, zoo
 from atod_edge.errors import UserError
 
 ENV_NAMES = ("household", "shop", "searchqa")
@@ -78,7 +78,9 @@ def test_presets_build_and_load(cache, student):
     assert logits.shape == (1, ids.shape[1], len(tokenizer))
     rows = {row["name"]: row for row in models.list_models()}
     assert rows["tiny-student"]["where"] == str(cache / "models" / "tiny-student")
-    assert set(rows) == {"tiny-teacher", "tiny-student", "smollm2-135m"}
+    presets = {name for name, row in rows.items() if row["kind"] != "zoo"}
+    assert presets == {"tiny-teacher", "tiny-student", "smollm2-135m"}
+    assert {name for name, row in rows.items() if row["kind"] == "zoo"} == set(zoo.names())
 
 
 def test_second_resolve_does_not_rebuild(cache):

@@ -144,19 +144,22 @@ def test_sft_writes_loss_rows_periodic_eval_rows_and_a_curve(sft_reference):
 
 def test_interrupted_then_resumed_sft_matches_the_uninterrupted_run(sft_reference, one_thread, tmp_path,
                                                                    monkeypatch, capsys):
-    from atod_edge import scoring
+    from atod_edge import scoring, shared_prefix
 
     out = tmp_path / "model"
-    forward = scoring.response_logprobs
     calls = []
 
-    def interrupted_in_step_8(*args, **kwargs):   # one call per step (micro_batch = batch_size)
-        calls.append(1)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-        return forward(*args, **kwargs)
+    def interrupting(forward):
+        def interrupted_in_step_8(*args, **kwargs):   # one call per step (micro_batch = batch_size)
+            calls.append(1)
+            if len(calls) == 8:
+                raise KeyboardInterrupt
+            return forward(*args, **kwargs)
+        return interrupted_in_step_8
 
-    monkeypatch.setattr(scoring, "response_logprobs", interrupted_in_step_8)
+    # whichever forward the step takes: per-turn (response_logprobs) or prefix reuse
+    monkeypatch.setattr(scoring, "response_logprobs", interrupting(scoring.response_logprobs))
+    monkeypatch.setattr(shared_prefix, "shared_prefix_logprobs", interrupting(shared_prefix.shared_prefix_logprobs))
     assert cli.main(_run_args(out)) == 130
     assert f"last checkpoint is step 6: continue with `atod-edge sft --resume {out}`" in capsys.readouterr().err
     monkeypatch.undo()
