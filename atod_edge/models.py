@@ -17,7 +17,6 @@ under a file lock so two processes starting at once do not both write.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from atod_edge.errors import UserError
-from atod_edge.io import atomic_path, atomic_write_json
+from atod_edge.io import atomic_path, atomic_write_json, file_sha256
 
 # Bump when the tiny presets' recipe (tokenizer corpus, sizes, init) changes: stale builds rebuild.
 TINY_BUILD_VERSION = 4
@@ -356,7 +355,7 @@ def _init_llama(config, seed: int, model_cls, torch):
 
 
 def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def _bootstrap_dir(cfg: TrainConfig, role: str) -> Path:
     if role == "student" and b.student_from_teacher:
         keys["teacher"] = str(_bootstrap_dir(cfg, "teacher")) if cfg.teacher == "auto" else cfg.teacher
         if zoo.is_zoo_name(cfg.teacher):  # a new zoo teacher makes a new cold start
-            keys["teacher_sha256"] = zoo.read_card(cfg.teacher)["files"]["model.safetensors"]["sha256"]
+            keys["teacher_sha256"] = zoo.weights_sha256(cfg.teacher)
     digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:10]
     name = cfg.env.replace(":", "_").replace(".", "_")
     return cache_dir() / "bootstrap" / f"{name}-{role}-{digest}"
@@ -121,8 +121,7 @@ def _cache_for(model: str) -> Path | None:
     from atod_edge.models import cache_dir
 
     if zoo.is_zoo_name(model):
-        sha = zoo.read_card(model)["files"]["model.safetensors"]["sha256"]
-        return cache_dir() / "zoo-eval" / f"{model}-{sha[:12]}"
+        return cache_dir() / "zoo-eval" / f"{model}-{zoo.weights_sha256(model)[:12]}"
     path = Path(model).resolve()
     return path if path.is_dir() and cache_dir().resolve() in path.parents else None
 

@@ -17,7 +17,6 @@ accepted (`--model household-teacher`, `teacher: household-teacher`), through
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from atod_edge.errors import UserError
-from atod_edge.io import atomic_path, atomic_write_json, atomic_write_text
+from atod_edge.io import atomic_path, atomic_write_json, atomic_write_text, file_sha256
 
 # $ATOD_EDGE_ZOO points at another zoo directory (a copy under test, a private zoo).
 ZOO_ROOT = Path(os.environ.get("ATOD_EDGE_ZOO") or Path(__file__).parent)
@@ -62,14 +61,6 @@ def read_card(name: str, root: Path | None = None) -> dict[str, Any]:
     return card
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_dir(name: str, root: Path | None = None) -> Path:
     """The verified directory of zoo model `name`: every file the card lists exists with its
     recorded size and sha256 (checked once per process while the files stay unchanged)."""
@@ -97,6 +88,11 @@ def model_dir(name: str, root: Path | None = None) -> Path:
             raise UserError(f"zoo model '{name}': {path} is corrupt (sha256 does not match its card)")
     _verified[directory] = stamp
     return directory
+
+
+def weights_sha256(name: str, root: Path | None = None) -> str:
+    """The sha256 of a zoo model's weights, from its card: a key for what was derived from it."""
+    return read_card(name, root)["files"]["model.safetensors"]["sha256"]
 
 
 def summary_line(card: dict[str, Any]) -> str:
