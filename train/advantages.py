@@ -83,3 +83,38 @@ def broadcast_to_tokens(values: torch.Tensor, index: torch.Tensor) -> torch.Tens
     valid = index >= 0
     gathered = values[index.clamp(min=0)]
     return torch.where(valid, gathered, torch.zeros_like(gathered))
+
+
+def grpo_signal_stats(env_rewards: torch.Tensor, rewards: torch.Tensor, success: torch.Tensor,
+                      group_ids: torch.Tensor, token_advantages: torch.Tensor,
+                      token_traj: torch.Tensor) -> dict[str, float]:
+    """Where GRPO's signal comes from in one batch (ATOD.md section 6: the invalid-action penalty
+    relative to the success reward). Per-step counts, summed over steps by the report.
+
+    env_rewards: [N] the env's episode rewards; rewards: [N] the same minus the invalid penalty
+    (what GRPO normalises); success: [N] bool; group_ids: [N]; token_advantages: [tokens]
+    A^GRPO per trained token; token_traj: [tokens] the trajectory of each token.
+    A group is all-fail when none of its rollouts succeeded, and penalty-only when its env
+    rewards are all equal but its penalised rewards are not: its whole advantage then comes from
+    the penalty. |A| is summed over tokens (what a token-mean update sees).
+    """
+    _, group = torch.unique(group_ids.detach().cpu(), return_inverse=True)
+    num_groups = int(group.max()) + 1 if group.numel() else 0
+
+    def spread(values: torch.Tensor) -> torch.Tensor:   # per group: max - min
+        values = values.detach().cpu().to(torch.float64)
+        high = torch.full((num_groups,), -torch.inf, dtype=torch.float64).scatter_reduce(0, group, values, "amax")
+        low = torch.full((num_groups,), torch.inf, dtype=torch.float64).scatter_reduce(0, group, values, "amin")
+        return high - low
+
+    wins = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group, success.detach().cpu().to(torch.float64))
+    all_fail = wins == 0
+    penalty_only = (spread(env_rewards) == 0) & (spread(rewards) > 0)
+    traj_abs = torch.zeros(len(group), dtype=torch.float64).index_add_(
+        0, token_traj.detach().cpu(), token_advantages.detach().cpu().abs().to(torch.float64))
+    group_abs = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group, traj_abs)
+    return {"grpo_groups": float(num_groups), "grpo_all_fail_groups": float(all_fail.sum()),
+            "grpo_penalty_only_groups": float(penalty_only.sum()),
+            "grpo_all_fail_penalty_only_groups": float((all_fail & penalty_only).sum()),
+            "grpo_abs_adv": float(group_abs.sum()), "grpo_abs_adv_all_fail": float(group_abs[all_fail].sum()),
+            "grpo_abs_adv_all_fail_penalty_only": float(group_abs[all_fail & penalty_only].sum())}

@@ -43,7 +43,8 @@ from atod_edge.config import dump_yaml
 from atod_edge.episode import Episode, Turn, write_episodes
 from atod_edge.errors import UserError
 from atod_edge.io import append_line, atomic_path, atomic_write_text, read_jsonl
-from atod_edge.train.advantages import broadcast_to_tokens, combine, grpo_advantages, opd_advantages
+from atod_edge.train.advantages import (broadcast_to_tokens, combine, grpo_advantages, grpo_signal_stats,
+                                        opd_advantages)
 from atod_edge.train.config import TrainConfig
 from atod_edge.train.lora import (ADAPTER_DIR, add_adapters, load_adapter, merged_state_dict, require_peft,
                                   save_adapter)
@@ -231,6 +232,9 @@ def build_batch(episodes: list[Episode], cfg: TrainConfig, step: int, progress: 
         rewards = episode_rewards(episodes, cfg.invalid_penalty)
         groups = torch.tensor([ep.group if ep.group is not None else i for i, ep in enumerate(episodes)])
         grpo = broadcast_to_tokens(grpo_advantages(rewards, groups), traj_of_turn[turn_index])
+        grpo_stats = grpo_signal_stats(torch.tensor([ep.reward for ep in episodes]), rewards,
+                                       torch.tensor([bool(ep.success) for ep in episodes]), groups, grpo,
+                                       traj_of_turn[turn_index])
     advantages = combine(opd, grpo, kappa, rho)
 
     # T-DUR quantities per turn, for the records
@@ -250,6 +254,8 @@ def build_batch(episodes: list[Episode], cfg: TrainConfig, step: int, progress: 
     }
     if progress is not None:
         stats["schedule_progress"] = progress
+    if grpo is not None:   # all-fail groups and the penalty's share of the signal (ATOD.md section 6)
+        stats.update(grpo_stats)
     return TokenBatch(prompts, responses, offsets, lp_s, advantages, stats)
 
 
@@ -648,13 +654,15 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
                         tb.add_scalar(key, value, step)
         if info.main and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and cfg.eval_episodes:
             t5 = time.perf_counter()
-            summary, _ = evaluate(policy, EvalConfig(env=cfg.env, episodes=cfg.eval_episodes,
-                                                     temperature=cfg.eval_temperature, seed=cfg.seed,
-                                                     history_turns=cfg.history_turns,
-                                                     max_new_tokens=cfg.max_new_tokens,
-                                                     max_turns=cfg.max_turns))
+            summary, eval_episodes = evaluate(policy, EvalConfig(env=cfg.env, episodes=cfg.eval_episodes,
+                                                                 temperature=cfg.eval_temperature, seed=cfg.seed,
+                                                                 history_turns=cfg.history_turns,
+                                                                 max_new_tokens=cfg.max_new_tokens,
+                                                                 max_turns=cfg.max_turns))
+            # eval_outcomes: success per task, in task order (the same tasks every run: paired curves)
             append_line(metrics_path, _json({"step": step, "eval_success": summary["success"],
                                              "eval_score": summary["score"], "eval_turns": summary["turns"],
+                                             "eval_outcomes": [int(ep.success) for ep in eval_episodes],
                                              "time_eval": time.perf_counter() - t5}))
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             state = optimizer_state(student, optimizer, fsdp) if fsdp or info.main else {}   # fsdp: collective

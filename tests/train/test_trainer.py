@@ -104,6 +104,28 @@ def test_invalid_action_penalty_enters_the_grpo_reward():
     torch.testing.assert_close(heavier[-4:], group1, atol=1e-4, rtol=1e-4)
 
 
+def test_grpo_signal_stats_count_all_fail_groups_and_the_penalty_share():
+    # group 0: a wins (reward 1), b fails; group 1 fails everywhere and only the penalty of e's
+    # two invalid turns gives it a signal (ATOD.md section 6)
+    episodes = _hand_batch()
+    episodes[0].success = True
+    stats = build_batch(episodes, _cfg("algo=grpo"), 0).stats
+    assert (stats["grpo_groups"], stats["grpo_all_fail_groups"]) == (2, 1)
+    assert stats["grpo_penalty_only_groups"] == stats["grpo_all_fail_penalty_only_groups"] == 1
+    r = [0.0, 0.0, -0.2]
+    mean, std = statistics.mean(r), statistics.stdev(r) + 1e-6
+    group1 = abs(r[0] - mean) / std * 2 + abs(r[2] - mean) / std * 2   # c, d one token each; e two
+    group0 = 0.5 / (statistics.stdev([1.0, 0.0]) + 1e-6) * 7            # a: 5 tokens, b: 2
+    assert stats["grpo_abs_adv_all_fail"] == stats["grpo_abs_adv_all_fail_penalty_only"] == pytest.approx(group1)
+    assert stats["grpo_abs_adv"] == pytest.approx(group0 + group1)
+    # no penalty: the all-fail group carries nothing; OPD (no GRPO term) logs none of it
+    episodes = _hand_batch()
+    episodes[0].success = True
+    flat = build_batch(episodes, _cfg("algo=grpo", "invalid_penalty=0"), 0).stats
+    assert flat["grpo_abs_adv_all_fail"] == 0.0 and flat["grpo_penalty_only_groups"] == 0
+    assert "grpo_groups" not in build_batch(_hand_batch(), _cfg("algo=opd"), 0).stats
+
+
 def test_opd_uses_uniform_weights_and_grpo_needs_no_teacher():
     episodes = _hand_batch()
     batch = build_batch(episodes, _cfg("algo=opd"), 7)
@@ -279,6 +301,10 @@ def test_three_step_smoke_run(name, atod_run, small_teacher, atod_cache, tmp_pat
                     "grad_norm", "tokens", "lr"):
             assert math.isfinite(row[key]), key
         assert row["tokens"] > 0 and row["episode_len"] == 2.0 and row["episodes"] == 2
+        # the GRPO term's signal stats: logged wherever that term is on (rho != 0)
+        assert ("grpo_groups" in row) == (cfg.algo != "opd")
+        if cfg.algo != "opd":
+            assert 0 <= row["grpo_all_fail_penalty_only_groups"] <= row["grpo_all_fail_groups"] <= row["grpo_groups"]
     assert [r["lr"] for r in rows] == pytest.approx([5e-4, 1e-3, 1e-3])   # the rate each step used (warmup 2)
     if cfg.algo == "opd":
         assert [(r["kappa"], r["rho"]) for r in rows] == [(1.0, 0.0)] * 3
