@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output dir (default CHECKPOINT-export)")
     p.add_argument("--episodes", type=int, default=None, help="episodes for agent parity")
     p.add_argument("--env", default=None,
-                   help="env to verify on (default: the checkpoint's run config.yaml, else household)")
+                   help="env to verify on (default: the checkpoint's run config.yaml or zoo card, else household)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="verify.KEY=VALUE",
                    help="override a verification setting, repeatable (`atod-edge export keys` lists them)")
     p.add_argument("--calibrate", type=int, nargs="?", const=16, default=None, metavar="EPISODES",

@@ -216,14 +216,33 @@ def run_config_env(source: str | Path) -> tuple[str, Path] | None:
     return None
 
 
+def zoo_card_env(source: str | Path) -> tuple[str, str] | None:
+    """(env, zoo name) when `source` is a zoo model (its name or its directory) whose card names
+    the env it was trained on."""
+    from atod_edge import zoo
+
+    path = Path(source)
+    if zoo.is_zoo_name(str(source)):
+        name = str(source)
+    elif path.parent.resolve() == zoo.ZOO_ROOT.resolve() and zoo.is_zoo_name(path.name):
+        name = path.name
+    else:
+        return None
+    env = zoo.read_card(name).get("env")
+    return (env, name) if isinstance(env, str) and env else None
+
+
 def resolve_env(cfg: VerifyConfig, source: str | Path, manifest: dict | None = None) -> tuple[str, str]:
     """(env, where it came from): the configured env, else the checkpoint's run config.yaml, else
-    the env recorded in export.json, else household."""
+    the zoo card's env for a zoo model, else the env recorded in export.json, else household."""
     if cfg.env:
         return cfg.env, "given (--env or verify.env)"
     found = run_config_env(source)
     if found:
         return found[0], f"the checkpoint's run config ({found[1]})"
+    card = zoo_card_env(source)
+    if card:
+        return card[0], f"the zoo card of {card[1]} (card.json)"
     if manifest and manifest.get("env"):
         return manifest["env"], f"export.json: {manifest.get('env_source', 'recorded at export')}"
     return DEFAULT_ENV, "default (no run config.yaml found beside the checkpoint)"

@@ -1,13 +1,10 @@
-"""A trained, peaked model for export verification (issue 17 item 2).
+"""A trained, peaked model for export verification (issue 17 item 2, issue 20).
 
 On a randomly initialised model every next-token distribution is nearly flat, so a broken file
 barely moves the KL: scrambled attention rows gave 0.0002-0.04, under every quant cap. A model
 that has learned the prompt format predicts most positions with confidence, and a broken tensor
-shows. Until the zoo's trained teacher exists, the session trains one with the project's own SFT
-(tiny-student on scripted-expert household demos, about 30 s on 2 cores).
-
-To verify on a zoo model instead, set PEAKED_MODEL to its name (e.g. "household-teacher"):
-the one fixture below then loads it and trains nothing.
+shows. The tests verify the zoo's trained teacher (atod_edge/zoo/household-teacher: tiny-teacher,
+4.75M parameters, 64% on household eval), loaded by name; nothing is trained here.
 """
 
 from __future__ import annotations
@@ -16,27 +13,15 @@ from pathlib import Path
 
 import pytest
 
-PEAKED_MODEL: str | None = None
-
-# measured on 2 shared cores: 229 turns, 30 steps, 26 s; household prompts then get a mean entropy
-# of 3.8 nats per position (random init: 7.6), and one scrambled k_proj moves mean KL to ~0.7
-SFT_SETTINGS = dict(env="household", model="tiny-student", demos="expert", episodes=30, epochs=2,
-                    lr=3e-3, batch_size=16, micro_batch=16, warmup_steps=5, prompt_loss_weight=0.5,
-                    eval_episodes=0, checkpoint_every=0)
+PEAKED_MODEL = "household-teacher"
 
 
 @pytest.fixture(scope="session")
-def peaked_model(atod_cache, tmp_path_factory) -> Path:
-    """A checkpoint dir of a trained model with peaked next-token distributions."""
+def peaked_model(atod_cache) -> Path:
+    """The checkpoint dir of the zoo teacher (its files checked against its card)."""
     from atod_edge.models import resolve_model
 
-    if PEAKED_MODEL:
-        return resolve_model(PEAKED_MODEL)
-    from atod_edge.train.sft import SFTConfig, train_sft
-
-    out = tmp_path_factory.mktemp("peaked") / "sft-tiny-student"
-    train_sft(SFTConfig(out=str(out), **SFT_SETTINGS), log=lambda message: None)
-    return out
+    return Path(resolve_model(PEAKED_MODEL))
 
 
 @pytest.fixture(scope="session")

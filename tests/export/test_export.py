@@ -51,8 +51,8 @@ def test_export_writes_every_file_and_verification_passes(exported):
     assert json.loads((out / "report.json").read_text())["passed"] is True
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["contexts"]["source"].startswith("household")
-    # the env came from the SFT run's config.yaml beside the checkpoint
-    assert report["env"] == "household" and "run config" in report["env_source"]
+    # the env came from the zoo teacher's card (it has no run config.yaml beside it)
+    assert report["env"] == "household" and "zoo card of household-teacher" in report["env_source"]
     # float files match the student tightly (float32 KV cache for llama.cpp)
     assert _file(report, "onnx/model.onnx")["parity"]["max_abs_logit_diff"] < 1e-4
     assert _file(report, "agent.f32.gguf")["parity"]["max_abs_logit_diff"] < 1e-4
