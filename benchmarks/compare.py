@@ -2,7 +2,7 @@
 
     python benchmarks/compare.py --envs household,shop,searchqa --algos atod,opd,grpo \\
         --seeds 0,1,2 --ablations no-anneal,uniform,token --steps N --eval-episodes 200 \\
-        --out benchmarks/results [--set key=value ...] [--report-only]
+        --out benchmarks/results [--set key=value ...] [--report-only] [--commit]
 
 For each env the teacher and the cold-start student come from the env's recipe
 (pipeline.ensure_model: bootstrapped by SFT once, cached) and are shared by every method and
@@ -12,11 +12,22 @@ household only. Every run, the teacher and the cold-start student are then evalu
 eval and unseen splits (--eval-episodes episodes, temperature 0.4), and OUT gets results.md,
 results.json and PNG plots (benchmarks/compare_report.py).
 
+Every final evaluation (each run's, the teacher's, the cold start's) plays the same tasks with
+the same sampling seed (--eval-seed) and keeps its per-episode outcomes, so the report pairs
+methods task by task (benchmarks/compare_report.py: paired bootstrap intervals per claim).
+
 Resumable and safe to run in the background (`nohup ... &`): every file is written atomically,
 a run with done.json is skipped, a run with metrics but no done.json resumes from its last
-checkpoint, and evaluations are cached per model. Re-running the same command continues.
-Runs go seed-major (all envs and methods of seed 0 first), so a partial benchmark already
-gives a complete one-seed table.
+checkpoint (kill -9 loses at most the steps since it), and evaluations are cached per model.
+Re-running the same command continues. Runs go seed-major (all envs and methods of seed 0
+first), so a partial benchmark already gives a complete one-seed table. Progress: runs done
+of the total and an ETA from the finished runs' cost, after every run.
+
+--commit: after the teacher/cold-start evaluations and after each run, rebuild the report and
+`git commit` only the small result files (compare.result_files: the report, PNGs, model
+evaluations, each run's run.json, config.yaml, metrics.jsonl, done.json, final_eval.json); a
+failed commit is retried and never stops the grid. Checkpoints and samples stay out of git
+(.gitignore rules under benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import contextlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -56,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated ATOD ablations on household: no-anneal, uniform, token ('' = none)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the recipe's)")
     parser.add_argument("--eval-episodes", type=int, default=200, help="final evaluation episodes per split")
+    parser.add_argument("--eval-seed", type=int, default=0,
+                        help="sampling seed of every final evaluation (runs, teacher, cold start: paired tasks)")
     parser.add_argument("--curve-episodes", type=int, default=50,
                         help="episodes per in-training evaluation (the success-vs-step curve)")
     parser.add_argument("--curve-points", type=int, default=5,
@@ -68,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget-note", default="", help="why this step budget (quoted in results.md)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from OUT")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--commit", action="store_true",
+                        help="git-commit the small result files (JSON, metrics, report, PNGs; never checkpoints "
+                             "or samples) after the teacher/cold-start evaluations and after each run")
     return parser.parse_args(argv)
 
 
@@ -144,23 +161,33 @@ def plan_runs(envs: list[str], algos: list[str], seeds: list[int], ablations: li
 # --- evaluation, cached per model ------------------------------------------------------------
 
 def evaluate_cached(cache_file: Path, model_path: str, cfg, split: str, episodes: int, seed: int) -> dict:
-    """Summary of `model_path` on `split` (temperature 0.4), stored in cache_file[split] under a
-    key of everything it depends on."""
+    """Summary of `model_path` on `split` (temperature 0.4, the run's max_turns) and its
+    per-episode outcomes, stored in cache_file[split] under a key of everything it depends on."""
     from atod_edge.evaluate import EvalConfig, evaluate, format_summary
     from atod_edge.policy import TorchPolicy
 
     ecfg = EvalConfig(env=cfg.env, split=split, episodes=episodes, temperature=EVAL_TEMPERATURE, seed=seed,
-                      history_turns=cfg.history_turns, max_new_tokens=cfg.max_new_tokens, device=cfg.device)
+                      history_turns=cfg.history_turns, max_new_tokens=cfg.max_new_tokens,
+                      max_turns=cfg.max_turns, device=cfg.device)  # the training horizon, as the curves
     key = json.dumps({"model": str(model_path), **asdict(ecfg)}, sort_keys=True)
     stored = _read_json(cache_file)
-    if stored.get(split, {}).get("key") == key:
+    if stored.get(split, {}).get("key") == key and "episodes" in stored[split]:
         return stored[split]["summary"]
-    summary, _ = evaluate(TorchPolicy.load(str(model_path), device=cfg.device), ecfg)
+    summary, episodes = evaluate(TorchPolicy.load(str(model_path), device=cfg.device), ecfg)
     log("  " + format_summary(summary) + f" ({summary.get('seconds', 0):.0f} s)")
     stored = _read_json(cache_file)  # re-read: keep the other split's entry
-    stored.update({"path": str(model_path), split: {"key": key, "summary": summary}})
+    stored.update({"path": str(model_path), split: {"key": key, "summary": summary,
+                                                   "episodes": episode_outcomes(episodes)}})
     atomic_write_json(cache_file, stored)
     return summary
+
+
+def episode_outcomes(episodes) -> dict:
+    """Per episode, in task order: task id, success (0/1), turns, invalid turns. Every model is
+    evaluated on the same tasks with the same sampling seed (--eval-seed), so the report pairs
+    these lists task by task (a few KB per split)."""
+    return {"task_id": [ep.task_id for ep in episodes], "success": [int(ep.success) for ep in episodes],
+            "turns": [ep.num_turns for ep in episodes], "invalid": [ep.num_invalid for ep in episodes]}
 
 
 def _read_json(path: Path) -> dict:
@@ -180,7 +207,8 @@ def prepare_env(env: str, args: argparse.Namespace, out: Path) -> dict[str, str]
     for role, path in models.items():
         for split in report.SPLITS:
             log(f"{env} {role}: evaluating on {split} ({args.eval_episodes} episodes)")
-            evaluate_cached(out / "models" / env / f"{role}.json", path, cfg, split, args.eval_episodes, cfg.seed)
+            evaluate_cached(out / "models" / env / f"{role}.json", path, cfg, split, args.eval_episodes,
+                            args.eval_seed)
     return models
 
 
@@ -223,7 +251,8 @@ def run_one(env: str, method: str, seed: int, models: dict[str, str], args: argp
         atomic_write_json(run_dir / "done.json", done)
         trained = True
     for split in report.SPLITS:
-        evaluate_cached(run_dir / "final_eval.json", done["final_checkpoint"], cfg, split, args.eval_episodes, seed)
+        evaluate_cached(run_dir / "final_eval.json", done["final_checkpoint"], cfg, split, args.eval_episodes,
+                        args.eval_seed)
     return trained
 
 
@@ -254,6 +283,104 @@ def _peak_rss_mb() -> float | None:
 
 
 # --- bookkeeping -----------------------------------------------------------------------------
+
+# what --commit adds, by name: everything small the report is built from, never a model
+RUN_FILES = ("run.json", "config.yaml", "metrics.jsonl", "done.json", "final_eval.json", "error.txt")
+TOP_FILES = ("results.md", "results.json", "wall.json", "machine.json")
+COMMIT_MAX_BYTES = 2_000_000
+
+
+def result_files(out: Path) -> list[Path]:
+    """The small result files under OUT that --commit adds (the report, the plots, the model
+    evaluations, each run's records); checkpoints and samples are never among them."""
+    files = [out / name for name in TOP_FILES] + sorted(out.glob("*.png")) + sorted(out.glob("models/*/*.json"))
+    for run_dir in sorted(p for p in (out / "runs").glob("*") if p.is_dir()):
+        files += [run_dir / name for name in RUN_FILES]
+    chosen = []
+    for path in files:
+        if not path.is_file():
+            continue
+        if path.stat().st_size > COMMIT_MAX_BYTES:
+            log(f"--commit: leaving out {path} ({path.stat().st_size / 1e6:.1f} MB, over the "
+                f"{COMMIT_MAX_BYTES / 1e6:.0f} MB limit)")
+            continue
+        chosen.append(path)
+    return chosen
+
+
+def _git(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=check)
+
+
+def commit_results(out: Path, message: str, attempts: int = 5, delay_s: float = 3.0) -> bool:
+    """git add the result files by name and commit only them (`git commit -- PATHS`: whatever
+    else is staged in a shared index stays staged and out of this commit). A failure (another
+    git holding .git/index.lock, say) is retried `attempts` times, then logged: it never stops
+    the grid, and the next commit picks the files up. True when the files are committed (or
+    nothing changed)."""
+    try:
+        _git(["rev-parse", "--show-toplevel"], cwd=out)
+    except (OSError, subprocess.SubprocessError) as error:
+        log(f"--commit: {out} is not in a git work tree ({_short(error)}); results stay on disk only")
+        return False
+    files = [str(path.resolve()) for path in result_files(out)]
+    if not files:
+        return True
+    last = ""
+    for attempt in range(1, attempts + 1):
+        try:
+            # -f: a --out under an ignored folder still commits its listed files (and only them)
+            _git(["add", "-f", "--", *files], cwd=out)
+            if _git(["diff", "--cached", "--quiet", "--", *files], cwd=out, check=False).returncode == 0:
+                return True   # nothing new since the last commit
+            _git(["commit", "-q", "-m", message, "--", *files], cwd=out)
+            log(f"--commit: {message}")
+            return True
+        except (OSError, subprocess.SubprocessError) as error:
+            last = _short(error)
+            if attempt < attempts:
+                time.sleep(delay_s * attempt)
+    log(f"--commit: giving up on '{message}' after {attempts} tries ({last}); results stay on disk "
+        "and the next commit includes them")
+    return False
+
+
+def _short(error: BaseException) -> str:
+    text = getattr(error, "stderr", None) or str(error)
+    lines = [line for line in str(text).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def run_seconds(out: Path, name: str) -> float | None:
+    """A finished run's training plus final-evaluation seconds, from its files (None if unknown)."""
+    done = _read_json(out / "runs" / name / "done.json")
+    if not done.get("wall_s"):
+        return None
+    evals = _read_json(out / "runs" / name / "final_eval.json")
+    return float(done["wall_s"]) + sum(float(evals.get(split, {}).get("summary", {}).get("seconds", 0.0))
+                                       for split in report.SPLITS)
+
+
+def eta_seconds(out: Path, plan: list[tuple[str, str, int]]) -> tuple[int, float | None]:
+    """(runs finished, seconds left): the mean cost of the finished runs that ran in one go, per
+    method where known, times the runs left."""
+    names = [report.run_name(*item) for item in plan]
+    finished = [n for n in names if (out / "runs" / n / "done.json").exists()
+                and all(split in _read_json(out / "runs" / n / "final_eval.json") for split in report.SPLITS)]
+    costs: dict[str, list[float]] = {}
+    for (env, method, seed), name in zip(plan, names):
+        done = _read_json(out / "runs" / name / "done.json")
+        seconds = run_seconds(out, name)
+        if seconds and not done.get("resumed_from_step"):
+            costs.setdefault(method, []).append(seconds)
+    if not costs:
+        return len(finished), None
+    every = [c for values in costs.values() for c in values]
+    left = sum(sum(costs.get(method, every)) / len(costs.get(method, every))
+               for (env, method, seed), name in zip(plan, names) if name not in finished)
+    return len(finished), left
+
+
 
 def machine_info() -> dict:
     import torch
@@ -297,6 +424,29 @@ def exclusive(out: Path):
 def _fmt(seconds: float) -> str:
     hours, rest = divmod(int(seconds), 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _success_text(summaries: dict) -> str:
+    return ", ".join(f"{split} {summaries[split]['summary']['success']:.1%}" for split in report.SPLITS
+                     if isinstance(summaries.get(split), dict) and "summary" in summaries[split])
+
+
+def _model_line(out: Path, env: str) -> str:
+    """'teacher eval 64.0%, unseen 1.0%; cold-start eval ...' for a commit message."""
+    parts = []
+    for role in ("teacher", "cold-start"):
+        text = _success_text(_read_json(out / "models" / env / f"{role}.json"))
+        if text:
+            parts.append(f"{role} {text}")
+    return "; ".join(parts) or "no evaluations"
+
+
+def _run_line(out: Path, name: str) -> str:
+    """'eval 45.0%, unseen 3.0%, 60 steps, 8m10s' for a commit message."""
+    text = _success_text(_read_json(out / "runs" / name / "final_eval.json")) or "no final evaluation"
+    steps = _read_json(out / "runs" / name / "run.json").get("config", {}).get("steps")
+    seconds = run_seconds(out, name)
+    return text + (f", {steps} steps" if steps else "") + (f", {_fmt(seconds)}" if seconds else "")
 
 
 def write_report(out, envs, algos, seeds, ablations, args, machine) -> dict:
@@ -355,36 +505,51 @@ def main(argv: list[str] | None = None) -> int:
             {**machine, "started_at": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:]}]})
         log(f"{len(plan)} runs into {out}: envs {envs}, methods {algos} + ablations {ablations}, seeds {seeds}; "
             f"machine: {machine['cpus_usable']} CPUs, {machine['torch_threads']} torch threads")
+        finished, _ = eta_seconds(out, plan)
+        log(f"{finished}/{len(plan)} runs already finished (skipped, or resumed where they stopped)")
         models: dict[str, dict[str, str]] = {}
         failed: list[str] = []
-        trained_seconds, trained_runs = 0.0, 0
         for i, (env, method, seed) in enumerate(plan, 1):
+            name = report.run_name(env, method, seed)
             if env not in models:
+                evaluated_before = _model_line(out, env)
                 models[env] = prepare_env(env, args, out)
                 clock.flush()
-            log(f"run {i}/{len(plan)}: {report.run_name(env, method, seed)}")
+                if args.commit:
+                    write_report(out, envs, algos, seeds, ablations, args, machine)
+                    line = _model_line(out, env)
+                    commit_results(out, f"compare: {env} teacher and cold start evaluated ({line})"
+                                   if line != evaluated_before else
+                                   f"compare: resumed ({finished}/{len(plan)} runs done; {env}: {line})")
+            log(f"run {i}/{len(plan)}: {name}")
             started = time.perf_counter()
+            outcome = "finished"
             try:
-                if run_one(env, method, seed, models[env], args, out):
-                    trained_seconds += time.perf_counter() - started
-                    trained_runs += 1
+                if not run_one(env, method, seed, models[env], args, out):
+                    outcome = "already finished"
             except (UserError, KeyboardInterrupt):
                 raise
             except Exception:  # noqa: BLE001 - one broken run must not cost the night's other runs
-                name = report.run_name(env, method, seed)
                 failed.append(name)
+                outcome = "FAILED"
                 error_file = out / "runs" / name / "error.txt"
                 atomic_write_text(error_file, traceback.format_exc())
                 log(f"run {i}/{len(plan)} FAILED ({traceback.format_exc().strip().splitlines()[-1]}); "
                     f"traceback in {error_file}; going on (re-run the command to retry it)")
             total = clock.flush()
-            remaining = sum(1 for e, m, s in plan[i:]
-                            if not (out / "runs" / report.run_name(e, m, s) / "done.json").exists())
-            eta = f"ETA {_fmt(trained_seconds / trained_runs * remaining)}" if trained_runs else "ETA ?"
-            log(f"run {i}/{len(plan)} done; {remaining} left to train, {eta}; wall so far {_fmt(total)}")
+            finished, left = eta_seconds(out, plan)
+            eta = f"ETA {_fmt(left)}" if left is not None else "ETA ?"
+            log(f"run {i}/{len(plan)} {outcome} in {_fmt(time.perf_counter() - started)}; "
+                f"{finished}/{len(plan)} runs done, {eta}; wall so far {_fmt(total)}")
             write_report(out, envs, algos, seeds, ablations, args, machine)
+            if args.commit:   # a no-op when nothing changed (a run finished earlier)
+                commit_results(out, f"compare: {name} {outcome.lower()} ({_run_line(out, name)}; "
+                                    f"{finished}/{len(plan)} runs done)")
         clock.flush()
         write_report(out, envs, algos, seeds, ablations, args, machine)
+        if args.commit:
+            commit_results(out, f"compare: report of {len(plan) - len(failed)}/{len(plan)} runs "
+                                f"(wall {_fmt(clock.flush())})")
     if failed:
         log(f"finished with {len(failed)} failed runs: {', '.join(failed)}; report in {out / 'results.md'}")
         return 1

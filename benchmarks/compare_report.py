@@ -7,8 +7,10 @@ tests run it alone. Layout it reads:
     OUT/runs/{env}-{method}-s{seed}/run.json         who the run is (env, method, seed, config)
     OUT/runs/{env}-{method}-s{seed}/metrics.jsonl    per-step rows and eval rows (the trainer's)
     OUT/runs/{env}-{method}-s{seed}/done.json        training finished (final checkpoint, wall time)
-    OUT/runs/{env}-{method}-s{seed}/final_eval.json  {split: {"key", "summary"}} of the final model
-    OUT/models/{env}/{teacher,cold-start}.json       {"path", split: {"key", "summary"}}
+    OUT/runs/{env}-{method}-s{seed}/final_eval.json  {split: {"key", "summary", "episodes"}} of the final
+                                                     model; episodes: per-task outcomes (task_id,
+                                                     success, turns, invalid lists, task order)
+    OUT/models/{env}/{teacher,cold-start}.json       {"path", split: {"key", "summary", "episodes"}}
     OUT/wall.json                                    wall seconds, summed over every invocation
 """
 
@@ -18,6 +20,8 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from atod_edge.io import atomic_path, atomic_write_json, atomic_write_text, read_jsonl
 
@@ -55,6 +59,8 @@ class RunRecord:
     eval_rows: list[dict] = field(default_factory=list)
     done: dict | None = None
     final: dict = field(default_factory=dict)   # split -> eval summary of the final model
+    outcomes: dict = field(default_factory=dict)  # split -> per-episode outcomes of the final model
+    config: dict = field(default_factory=dict)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -69,18 +75,32 @@ def load_run(run_dir: Path) -> RunRecord | None:
     if not info:
         return None
     rows, _ = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else ([], 0)
-    final = {split: entry["summary"] for split, entry in (_read_json(run_dir / "final_eval.json") or {}).items()
-             if isinstance(entry, dict) and "summary" in entry}
+    evals = _read_json(run_dir / "final_eval.json") or {}
+    final = {split: entry["summary"] for split, entry in evals.items() if isinstance(entry, dict) and "summary" in entry}
+    outcomes = {split: entry["episodes"] for split, entry in evals.items()
+                if isinstance(entry, dict) and isinstance(entry.get("episodes"), dict)}
     return RunRecord(name=run_dir.name, env=info["env"], method=info["method"], seed=int(info["seed"]),
                      steps=int(info.get("config", {}).get("steps", 0)),
                      train_rows=[r for r in rows if "eval_success" not in r],
                      eval_rows=[r for r in rows if "eval_success" in r],
-                     done=_read_json(run_dir / "done.json"), final=final)
+                     done=_read_json(run_dir / "done.json"), final=final, outcomes=outcomes,
+                     config=info.get("config", {}))
 
 
 def load_runs(out: Path) -> list[RunRecord]:
     runs = [load_run(p) for p in sorted((out / "runs").glob("*")) if p.is_dir()]
     return [r for r in runs if r is not None]
+
+
+def load_model_outcomes(out: Path) -> dict[str, dict[str, dict]]:
+    """env -> role -> split -> per-episode outcomes of the teacher and the cold start."""
+    found: dict[str, dict[str, dict]] = {}
+    for path in sorted((out / "models").glob("*/*.json")):
+        data = _read_json(path) or {}
+        for split in SPLITS:
+            if isinstance(data.get(split), dict) and isinstance(data[split].get("episodes"), dict):
+                found.setdefault(path.parent.name, {}).setdefault(path.stem, {})[split] = data[split]["episodes"]
+    return found
 
 
 def load_model_evals(out: Path) -> dict[str, dict[str, dict]]:
@@ -193,6 +213,277 @@ def compare_claim(a: dict | None, b: dict | None, claim: str, larger_is_better: 
     else:
         verdict = "holds"
     return f"- {claim}: {verdict} ({numbers})"
+
+
+# --- paired comparisons (the same tasks for every model) ------------------------------------
+
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+TRACKS_MARGIN = 0.05   # "ATOD tracks OPD early": not more than 5 points below it
+
+
+def paired_differences(a: dict, b: dict, key: str = "success") -> tuple[np.ndarray, list] | None:
+    """[seeds, tasks] of a - b per task, from per-episode outcomes.
+
+    a, b: {seed: outcomes} (outcomes: {"task_id": [...], key: [...]}); a model evaluated once
+    (teacher, cold start) is {"-": outcomes} and pairs with every seed of the other side. Seeds:
+    those both sides have; tasks: the task ids both evaluations played, in a's order. None when
+    nothing pairs."""
+    if not a or not b:
+        return None
+    if set(a) == {"-"} and set(b) != {"-"}:
+        flipped = paired_differences(b, a, key)
+        return (-flipped[0], flipped[1]) if flipped else None
+    seeds = sorted(set(a) & set(b), key=str) if set(b) != {"-"} else sorted(a, key=str)
+    if not seeds:
+        return None
+    rows = []
+    for seed in seeds:
+        left, right = a[seed], b[seed if seed in b else "-"]
+        right_by_task = dict(zip(right["task_id"], right[key]))
+        rows.append({task: float(value) - float(right_by_task[task])
+                     for task, value in zip(left["task_id"], left[key]) if task in right_by_task})
+    tasks = [t for t in rows[0] if all(t in row for row in rows)]
+    if not tasks:
+        return None
+    return np.array([[row[t] for t in tasks] for row in rows], dtype=np.float64), seeds
+
+
+def paired_bootstrap(diffs: list[np.ndarray], resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = BOOTSTRAP_SEED) -> dict:
+    """The paired difference and its 95% percentile interval.
+
+    diffs: one [seeds, tasks] array per env (a - b per task, paired by seed). The estimate is
+    the mean over envs of the mean over seeds and tasks. Each resample draws task indices with
+    replacement within each env, the same indices for every seed (a task stays paired across
+    seeds), and averages over seeds: the interval covers which tasks were drawn and how their
+    episodes went, not which training seeds ran (the per-seed values show that spread)."""
+    rng = np.random.default_rng(seed)
+    estimate = float(np.mean([d.mean() for d in diffs]))
+    boot = np.zeros(resamples)
+    for d in diffs:
+        per_task = d.mean(axis=0)
+        boot += per_task[rng.integers(0, len(per_task), size=(resamples, len(per_task)))].mean(axis=1)
+    boot /= len(diffs)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    seeds = min(d.shape[0] for d in diffs)
+    per_seed = [float(np.mean([d[i].mean() for d in diffs])) for i in range(seeds)]
+    return {"diff": estimate, "ci95": [float(low), float(high)], "per_seed": per_seed,
+            "tasks": [int(d.shape[1]) for d in diffs], "seeds": seeds, "resamples": resamples,
+            "bootstrap_seed": seed}
+
+
+def verdict(ci95: list[float], threshold: float = 0.0) -> str:
+    """holds: the whole interval above the threshold; fails: the whole interval below it;
+    inconclusive: the interval spans it."""
+    low, high = ci95
+    if low > threshold:
+        return "holds"
+    if high < threshold:
+        return "fails"
+    return "inconclusive"
+
+
+@dataclass
+class Claim:
+    """One headline claim: positive `diff` means the claim's direction."""
+
+    name: str
+    split: str
+    a: str                      # the row whose outcome comes first in the difference
+    b: str
+    key: str = "success"        # outcome compared: success (0/1) or turns
+    sign: int = 1               # +1: a - b; -1: b - a (fewer turns is better)
+    threshold: float = 0.0
+    curve: bool = False         # in-training evaluations of the first anneal_steps, not the final one
+    note: str = ""
+
+
+def headline_claims(methods: list[str], ablations: list[str]) -> list[Claim]:
+    """ATOD.md section 7's headline claims, on both splits."""
+    claims = []
+    for split in SPLITS:
+        claims += [Claim("ATOD > OPD", split, "atod", "opd"), Claim("OPD > GRPO", split, "opd", "grpo"),
+                   Claim("ATOD > GRPO", split, "atod", "grpo"),
+                   Claim("ATOD >= teacher (the student passes its teacher)", split, "atod", "teacher")]
+    claims.append(Claim("ATOD tracks OPD early", "eval", "atod", "opd", threshold=-TRACKS_MARGIN, curve=True,
+                        note=f"in-training evaluations up to step anneal_steps; holds when ATOD is at most "
+                             f"{TRACKS_MARGIN:.0%} below OPD"))
+    claims += [Claim("ATOD's episodes shorten (fewer turns than the cold start)", "eval", "atod", "cold-start",
+                     key="turns", sign=-1),
+               Claim("GRPO's episodes get longer (more turns than the cold start)", "eval", "grpo", "cold-start",
+                     key="turns"),
+               Claim("ATOD's episodes are shorter than GRPO's", "eval", "atod", "grpo", key="turns", sign=-1)]
+    for split in SPLITS:
+        if "no-anneal" in ablations:
+            claims.append(Claim("annealing helps (ATOD > ATOD without annealing)", split, "atod", "atod-no-anneal"))
+        if "uniform" in ablations:
+            claims.append(Claim("T-DUR helps (ATOD > ATOD with uniform turn weights)", split, "atod", "atod-uniform"))
+        if "token" in ablations:
+            claims.append(Claim("turn-level beats token-level weights", split, "atod", "atod-token"))
+    return [c for c in claims if all(r in ("teacher", "cold-start", *methods) or r.removeprefix("atod-") in ablations
+                                     for r in (c.a, c.b))]
+
+
+def outcomes_by_row(runs: list[RunRecord], model_outcomes: dict, env: str, row: str, split: str) -> dict:
+    """{seed: outcomes} of a method's final evaluations, or {"-": outcomes} of the teacher / cold start."""
+    if row in ("teacher", "cold-start"):
+        found = model_outcomes.get(env, {}).get(row, {}).get(split)
+        return {"-": found} if found else {}
+    return {r.seed: r.outcomes[split] for r in runs if r.env == env and r.method == row and split in r.outcomes}
+
+
+def curve_outcomes(runs: list[RunRecord], env: str, method: str) -> dict:
+    """{seed: outcomes} over the in-training evaluations of a run's first anneal_steps steps:
+    each (step, task) is one pseudo-task, so two runs pair on the same step and task."""
+    found = {}
+    for r in runs:
+        if r.env != env or r.method != method:
+            continue
+        horizon = int(r.config.get("schedule", {}).get("anneal_steps") or r.steps)
+        rows = [row for row in r.eval_rows if isinstance(row.get("eval_outcomes"), list)
+                and int(row["step"]) + 1 <= horizon]
+        if rows:
+            found[r.seed] = {"task_id": [f"{row['step']}:{i}" for row in rows for i in range(len(row["eval_outcomes"]))],
+                             "success": [v for row in rows for v in row["eval_outcomes"]]}
+    return found
+
+
+def evaluate_claims(claims: list[Claim], runs: list[RunRecord], model_outcomes: dict, envs: list[str]) -> list[dict]:
+    results = []
+    for claim in claims:
+        claim_envs = ["household"] if claim.a.startswith("atod-") or claim.b.startswith("atod-") else envs
+        diffs, missing = [], []
+        for env in claim_envs:
+            if claim.curve:
+                a, b = curve_outcomes(runs, env, claim.a), curve_outcomes(runs, env, claim.b)
+            else:
+                a = outcomes_by_row(runs, model_outcomes, env, claim.a, claim.split)
+                b = outcomes_by_row(runs, model_outcomes, env, claim.b, claim.split)
+            paired = paired_differences(a, b, claim.key)
+            if paired is None:
+                missing.append(env)
+            else:
+                diffs.append(claim.sign * paired[0])
+        entry = {"claim": claim.name, "split": claim.split, "a": claim.a, "b": claim.b, "key": claim.key,
+                 "threshold": claim.threshold, "envs": claim_envs, "note": claim.note,
+                 "curve": claim.curve}
+        if missing:
+            entry.update(verdict="not measured", missing_envs=missing)
+        else:
+            entry.update(paired_bootstrap(diffs))
+            entry["verdict"] = verdict(entry["ci95"], claim.threshold)
+        results.append(entry)
+    return results
+
+
+def claim_line(entry: dict) -> str:
+    where = "" if entry["curve"] else f" [{entry['split']}]"
+    if entry["verdict"] == "not measured":
+        return (f"- {entry['claim']}{where}: not measured (no paired per-episode outcomes for "
+                f"{', '.join(entry['missing_envs'])})")
+    scale, unit = (100.0, " points") if entry["key"] == "success" else (1.0, " turns")
+    low, high = entry["ci95"]
+    agree = sum(1 for v in entry["per_seed"] if v > entry["threshold"])
+    seeds = ", ".join(f"{v * scale:+.1f}" for v in entry["per_seed"])
+    return (f"- {entry['claim']}{where}: **{entry['verdict']}** — paired difference {entry['diff'] * scale:+.1f}"
+            f"{unit}, 95% interval [{low * scale:+.1f}, {high * scale:+.1f}]; per seed {seeds} "
+            f"({agree} of {len(entry['per_seed'])} above {entry['threshold'] * scale:+.0f}); "
+            f"{sum(entry['tasks'])} paired tasks" + (f" ({entry['note']})" if entry["note"] else ""))
+
+
+# --- GRPO's signal and the invalid-action penalty (ATOD.md section 6) -----------------------
+
+GRPO_KEYS = ("grpo_groups", "grpo_all_fail_groups", "grpo_penalty_only_groups", "grpo_all_fail_penalty_only_groups",
+             "grpo_abs_adv", "grpo_abs_adv_all_fail", "grpo_abs_adv_all_fail_penalty_only")
+
+
+def grpo_signal(runs: list[RunRecord], env: str, method: str) -> dict | None:
+    """Over every step of every seed of (env, method): how often a group is all-fail, how much
+    of the GRPO advantage (|A| summed over tokens) sits in all-fail groups, and how much of that
+    only the invalid-action penalty creates; the penalty per episode beside the success reward."""
+    group = [r for r in runs if r.env == env and r.method == method]
+    rows = [row for r in group for row in r.train_rows if "time_rollout" in row]
+    if not rows:
+        return None
+    penalty = float(group[0].config.get("invalid_penalty", 0.1))
+    invalid_per_episode = sum(float(r.get("invalid_rate", 0)) * float(r.get("episode_len", 0)) for r in rows) / len(rows)
+    out = {"runs": len(group), "steps": len(rows), "invalid_penalty": penalty,
+           "invalid_turns_per_episode": invalid_per_episode, "penalty_per_episode": penalty * invalid_per_episode,
+           "reward_per_episode": sum(float(r.get("reward", 0)) for r in rows) / len(rows),
+           "success_rate": sum(float(r.get("success", 0)) for r in rows) / len(rows)}
+    logged = [row for row in rows if all(k in row for k in GRPO_KEYS)]
+    if not logged:
+        out["logged"] = False
+        return out
+    total = {k: sum(float(row[k]) for row in logged) for k in GRPO_KEYS}
+
+    def share(num: str, den: str) -> float | None:
+        return total[num] / total[den] if total[den] else None
+
+    out.update(logged=True, logged_steps=len(logged), totals=total,
+               all_fail_group_share=share("grpo_all_fail_groups", "grpo_groups"),
+               all_fail_penalty_only_share=share("grpo_all_fail_penalty_only_groups", "grpo_all_fail_groups"),
+               abs_adv_share_all_fail=share("grpo_abs_adv_all_fail", "grpo_abs_adv"),
+               abs_adv_all_fail_from_penalty=share("grpo_abs_adv_all_fail_penalty_only", "grpo_abs_adv_all_fail"))
+    return out
+
+
+def grpo_signal_md(signals: dict[str, dict]) -> str:
+    def pct(value) -> str:
+        return f"{value:.0%}" if value is not None else "—"
+
+    lines = ["| run | invalid penalty / success reward | penalty per episode | reward per episode | "
+             "all-fail groups | of them signal from the penalty alone | share of \\|A^GRPO\\| in all-fail groups | "
+             "of it from the penalty alone |", "|" + "---|" * 8]
+    for label, s in signals.items():
+        cells = [f"{s['invalid_penalty']:.2f} / 1", f"{s['penalty_per_episode']:.3f} "
+                 f"({s['invalid_turns_per_episode']:.1f} invalid turns)", f"{s['reward_per_episode']:.3f}"]
+        if s.get("logged"):
+            cells += [pct(s["all_fail_group_share"]), pct(s["all_fail_penalty_only_share"]),
+                      pct(s["abs_adv_share_all_fail"]), pct(s["abs_adv_all_fail_from_penalty"])]
+        else:
+            cells += ["not logged"] * 4
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --- the paper's table -----------------------------------------------------------------------
+
+def paper_table(runs: list[RunRecord], models: dict, envs: list[str], rows: list[str]) -> dict[str, dict]:
+    """row -> column ("{env} {split}" and "average") -> stats, success of the final models. The
+    average is, per seed, the mean over every env and split column (the seeds present in all)."""
+    per_split = {split: collect_table(runs, models, envs, rows, split) for split in SPLITS}
+    table = {}
+    for row in rows:
+        columns = {f"{env} {split}": per_split[split][row].get(env) for env in envs for split in SPLITS}
+        stats = {col: cell_stats(values) for col, values in columns.items() if values}
+        if len(stats) == len(columns):
+            seeds = set.intersection(*(set(v) for v in columns.values()))
+            if seeds:
+                stats["average"] = cell_stats({s: sum(v[s] for v in columns.values()) / len(columns) for s in seeds})
+        table[row] = stats
+    return table
+
+
+def paper_cell(stats: dict | None) -> str:
+    if not stats:
+        return "—"
+    text = f"{stats['mean'] * 100:.1f}"
+    if stats.get("single"):
+        return text
+    if stats["n"] > 1:
+        text += f" ± {stats['std'] * 100:.1f}"
+    return text + " (" + ", ".join(f"{v * 100:.1f}" for v in stats["values"]) + ")"
+
+
+def paper_table_md(table: dict[str, dict], envs: list[str], rows: list[str]) -> str:
+    columns = [f"{env} {split}" for env in envs for split in SPLITS] + ["average"]
+    lines = ["| method | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for row in rows:
+        if table.get(row):
+            lines.append(f"| {LABELS.get(row, row)} | " + " | ".join(paper_cell(table[row].get(c)) for c in columns) + " |")
+    return "\n".join(lines)
 
 
 # --- curves ----------------------------------------------------------------------------------
@@ -364,11 +655,9 @@ def plot_success(runs, models, envs, methods, path: Path) -> None:
 
 
 def plot_kappa_rho(runs, envs, methods, path: Path) -> None:
-    """Rows: kappa and rho (the schedule), |lp_T - lp_S| (how far the student is from the
-    teacher), the mean OPD weight; one column per env."""
+    """Rows: kappa and rho (the schedule), the mean OPD (T-DUR) weight; one column per env."""
     plt = _pyplot()
-    panels = [("kappa", "kappa (solid) and rho (dashed)"), ("mean_abs_log_ratio", "mean |lp_T - lp_S|"),
-              ("mean_turn_weight", "mean OPD weight")]
+    panels = [("kappa", "kappa (solid) and rho (dashed)"), ("mean_turn_weight", "mean OPD weight")]
     fig, axes = plt.subplots(len(panels), len(envs), figsize=(5 * len(envs), 3 * len(panels)), squeeze=False)
     for col, env in enumerate(envs):
         for row, (key, title) in enumerate(panels):
@@ -388,6 +677,28 @@ def plot_kappa_rho(runs, envs, methods, path: Path) -> None:
             ax.grid(alpha=0.3)
             if row == 0:
                 ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_log_ratio(runs, envs, methods, path: Path) -> None:
+    """Mean |lp_T - lp_S| per step: the trainer's mean_abs_log_ratio, the mean over the step's
+    trained response tokens of |teacher log-prob - student (rollout) log-prob| of the sampled
+    token. GRPO scores no teacher (its column is 0 by construction): left out."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 4), squeeze=False)
+    for ax, env in zip(axes[0], envs):
+        for method in methods:
+            if method == "grpo":
+                continue
+            curves = [train_curve(r, "mean_abs_log_ratio") for r in runs if r.env == env and r.method == method]
+            _draw_band(ax, curves, method, "--" if method not in MAIN_METHODS else "-")
+        ax.set_title(f"{env}: mean |lp_T - lp_S| per token")
+        ax.set_ylabel("nats (training rollouts; band: min-max over seeds)", fontsize=8)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:   # nothing to draw before a teacher-scored run has rows
+            ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
 
@@ -443,6 +754,19 @@ def build_report(out: str | Path, envs: list[str], algos: list[str], seeds: list
     all_runs = load_runs(out)
     runs = [r for r in all_runs if r.seed in seeds and r.env in envs]
     models = load_model_evals(out)
+    model_outcomes = load_model_outcomes(out)
+    paper_rows = ["cold-start", *[m for m in ("grpo", "opd", "atod") if m in methods],
+                  *(ablation_methods if "household" in envs else []), "teacher"]
+    paper_envs = envs
+    paper = paper_table(runs, models, paper_envs, paper_rows)
+    claims = evaluate_claims(headline_claims(methods, ablations if "household" in envs else []), runs,
+                             model_outcomes, envs)
+    signals = {}
+    for env in envs:
+        for method in [m for m in ("grpo", "atod") if m in methods] + (ablation_methods if env == "household" else []):
+            found = grpo_signal(runs, env, method)
+            if found:
+                signals[f"{env} {LABELS.get(method, method)}"] = found
 
     tables, stats = {}, {}
     for split in SPLITS:
@@ -490,14 +814,19 @@ def build_report(out: str | Path, envs: list[str], algos: list[str], seeds: list
     results = {"settings": {**settings, "envs": envs, "algos": algos, "seeds": seeds, "ablations": ablations},
                "machine": machine or {}, "machine_invocations": (_read_json(out / "machine.json") or {}).get(
                    "invocations", []), "wall_s_total": wall, "models": models,
+               "paper_table": {"rows": paper_rows, "columns": [f"{e} {s}" for e in paper_envs for s in SPLITS]
+                               + ["average"], "cells": paper},
+               "claims": claims, "grpo_signal": signals,
                "tables": {"success": stats, "turns": turns_stats, "ablations": ablation_stats},
                "time_breakdown": groups, "opd_saturation": saturation, "runs": per_run}
 
-    md = _markdown(out, results, tables, turns_table, ablation_md, groups, envs, seeds, budget_note, stats)
+    md = _markdown(out, results, tables, turns_table, ablation_md, groups, envs, seeds, budget_note, stats,
+                   paper_table_md(paper, paper_envs, paper_rows), grpo_signal_md(signals) if signals else "")
     if plots and runs:
         plot_methods = methods + ablation_methods
         plot_success(runs, models, envs, plot_methods, out / "success_vs_step.png")
         plot_kappa_rho(runs, envs, plot_methods, out / "kappa_rho.png")
+        plot_log_ratio(runs, envs, plot_methods, out / "log_ratio_vs_step.png")
         plot_turns(runs, models, envs, plot_methods, out / "turns_vs_step.png")
         if groups:
             plot_time(groups, out / "time_breakdown.png")
@@ -516,7 +845,8 @@ def _ablation_table(stats: dict, rows: list[str], seeds: int) -> str:
     return "\n".join(lines)
 
 
-def _markdown(out, results, tables, turns_table, ablation_md, groups, envs, seeds, budget_note, stats) -> str:
+def _markdown(out, results, tables, turns_table, ablation_md, groups, envs, seeds, budget_note, stats,
+              paper_md="", signal_md="") -> str:
     s = results["settings"]
     m = results["machine"]
     runs = results["runs"]
@@ -529,13 +859,31 @@ def _markdown(out, results, tables, turns_table, ablation_md, groups, envs, seed
         f"{s.get('eval_temperature', 0.4)}; trained runs: mean ± sample std over seeds {seeds}; the "
         "cold-start student and the teacher are one model each (one evaluation, no ±). "
         f"Runs finished: {finished}" + (f" of {expected}" if expected else "") + ".", "",
+        "## Success rate (%): mean ± std over seeds (per-seed values)", "", paper_md, "",
+        "## The paper's claims (ATOD.md section 7), paired over tasks and seeds", "",
+        ("Every final evaluation plays the same tasks with the same sampling seed; a difference is "
+         "taken per task and seed (seed s of one method against seed s of the other; the teacher and "
+         "the cold start are one model, paired with every seed), averaged over seeds and tasks. 95% "
+         f"interval: {BOOTSTRAP_RESAMPLES:,} bootstrap resamples of the tasks (numpy seed {BOOTSTRAP_SEED}), the "
+         "same tasks for every seed. Verdict: holds when the whole interval is above the threshold "
+         "(0 unless said), fails when it is below, inconclusive when it spans it. The interval does "
+         "not resample training seeds: the per-seed values show that spread."), "",
+        *[claim_line(c) for c in results["claims"]], "",
         "## Eval split", "", tables["eval"], "",
         "## Unseen split", "", tables["unseen"], "",
         "## Mean turns per episode (eval split; lower is better when success is equal)", "", turns_table, "",
     ]
     if ablation_md:
         parts += ["## Ablations (household)", "", ablation_md, ""]
-    parts += ["## The paper's claims, as measured (average over envs, eval split)", "", *_claims(results, stats), ""]
+    parts += ["## Claims from the means only (no pairing; for comparison)", "", *_claims(results, stats), ""]
+    if signal_md:
+        parts += ["## GRPO's signal and the invalid-action penalty (ATOD.md section 6)", "", signal_md, "",
+                  ("Over every training step of every seed. Rewards: success 1, failure 0, minus the penalty per "
+                   "invalid turn. A group (the rollouts of one task) is all-fail when none succeeded; its GRPO "
+                   "advantage is then nonzero only through the penalty ('signal from the penalty alone': the "
+                   "env rewards are equal, the penalised ones are not), and std normalisation makes those "
+                   "differences ±1-sized. \\|A^GRPO\\| is summed over the trained tokens (what a token-mean update "
+                   "sees), before rho."), ""]
     parts += ["## Budget", ""]
     steps = s.get("steps")
     parts.append(f"- Steps: {steps} per run, {s.get('tasks_per_step', '?')} tasks x {s.get('group_size', '?')} "
@@ -562,7 +910,8 @@ def _markdown(out, results, tables, turns_table, ablation_md, groups, envs, seed
         parts.append(f"- The benchmark ran in {len(results['machine_invocations'])} invocations (resumed).")
     if wall:
         parts.append(f"- Wall time, all invocations together: {wall / 3600:.2f} h ({wall:,.0f} s).")
-    parts += ["", "Plots: success_vs_step.png, kappa_rho.png, turns_vs_step.png, time_breakdown.png.", ""]
+    parts += ["", "Plots: success_vs_step.png, kappa_rho.png, turns_vs_step.png, log_ratio_vs_step.png, "
+                  "time_breakdown.png.", ""]
     if groups:
         parts += ["## Where the time goes (share of a training step's wall time, mean over seeds)", "",
                   breakdown_table(groups), "",

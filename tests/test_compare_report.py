@@ -189,7 +189,8 @@ def test_claim_verdicts():
 
 def test_plots_are_written(bench_dir):
     report.build_report(bench_dir, ["household", "shop"], ["atod", "opd", "grpo"], [0, 1], ["no-anneal"])
-    for name in ("success_vs_step.png", "kappa_rho.png", "turns_vs_step.png", "time_breakdown.png"):
+    for name in ("success_vs_step.png", "kappa_rho.png", "turns_vs_step.png", "log_ratio_vs_step.png",
+                 "time_breakdown.png"):
         data = (bench_dir / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
     assert not list(bench_dir.glob(".*.tmp"))  # atomic writes leave no temporaries
@@ -228,3 +229,247 @@ def test_env_scoped_overrides():
     assert shop.bootstrap.teacher_noise == 0.4 and household.bootstrap.teacher_noise == recipe_noise != 0.4
     assert household.eval_episodes == 9 and shop.eval_episodes == 50
     assert shop.tasks_per_step == household.tasks_per_step == 3
+
+
+# --- paired comparisons, the paper's table, --commit -----------------------------------------
+
+import numpy as np  # noqa: E402
+
+
+def _outcomes(success: list[int], turns: list[int] | None = None, first_task: int = 0) -> dict:
+    n = len(success)
+    return {"task_id": [f"t{first_task + i}" for i in range(n)], "success": success,
+            "turns": turns or [5] * n, "invalid": [0] * n}
+
+
+def test_paired_bootstrap_interval_and_seeding():
+    rng = np.random.default_rng(1)
+    diffs = [rng.choice([-1.0, 0.0, 1.0], size=(3, 200), p=[0.1, 0.6, 0.3])]
+    first, again = report.paired_bootstrap(diffs), report.paired_bootstrap(diffs)
+    assert first == again                                      # seeded: the same interval every time
+    low, high = first["ci95"]
+    assert first["diff"] == pytest.approx(diffs[0].mean()) and low < first["diff"] < high
+    assert first["per_seed"] == pytest.approx(list(diffs[0].mean(axis=1)))
+    assert first["tasks"] == [200] and first["seeds"] == 3
+    # the interval of a mean of 600 values in {-1, 0, 1} over 200 paired tasks: ~0.05 wide each side
+    assert 0.02 < high - first["diff"] < 0.12
+    # every task the same difference: no spread to resample
+    assert report.paired_bootstrap([np.full((2, 50), 0.25)])["ci95"] == pytest.approx([0.25, 0.25])
+    # two envs: the mean of the env means, each env resampled on its own
+    two = report.paired_bootstrap([np.full((2, 10), 1.0), np.zeros((2, 40))])
+    assert two["diff"] == pytest.approx(0.5) and two["ci95"] == pytest.approx([0.5, 0.5])
+
+
+def test_verdicts():
+    assert report.verdict([0.01, 0.2]) == "holds"
+    assert report.verdict([-0.2, -0.01]) == "fails"
+    assert report.verdict([-0.05, 0.1]) == "inconclusive"
+    # "tracks": at most 5 points below
+    assert report.verdict([-0.04, 0.02], threshold=-0.05) == "holds"
+    assert report.verdict([-0.2, -0.06], threshold=-0.05) == "fails"
+    assert report.verdict([-0.08, 0.0], threshold=-0.05) == "inconclusive"
+
+
+def test_paired_differences_match_tasks_and_seeds():
+    a = {0: _outcomes([1, 1, 0, 1]), 1: _outcomes([0, 1, 1, 1]), 2: _outcomes([1, 1, 1, 1])}
+    b = {0: _outcomes([0, 1, 0, 0], first_task=1), 1: _outcomes([1, 1, 1, 0], first_task=1)}
+    diff, seeds = report.paired_differences(a, b)
+    # seeds both have: 0 and 1; tasks both played: t1..t3 (b starts at t1)
+    assert seeds == [0, 1]
+    assert diff.tolist() == [[1 - 0, 0 - 1, 1 - 0], [1 - 1, 1 - 1, 1 - 1]]
+    teacher = {"-": _outcomes([1, 0, 0, 0])}
+    diff, seeds = report.paired_differences(a, teacher)   # one model pairs with every seed
+    assert seeds == [0, 1, 2] and diff[2].tolist() == [0, 1, 1, 1]
+    flipped, _ = report.paired_differences(teacher, a)
+    assert (flipped == -diff).all()
+    turns, _ = report.paired_differences({0: _outcomes([0, 0], [3, 9])}, {"-": _outcomes([0, 0], [5, 5])}, "turns")
+    assert turns.tolist() == [[-2.0, 4.0]]
+    assert report.paired_differences(a, {}) is None
+
+
+def _add_outcomes(out: Path, run: str, eval_success: list[int], unseen_success: list[int], turns=None):
+    path = out / "runs" / run / "final_eval.json"
+    data = json.loads(path.read_text())
+    data["eval"]["episodes"] = _outcomes(eval_success, turns)
+    data["unseen"]["episodes"] = _outcomes(unseen_success, turns)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def paired_dir(tmp_path):
+    """household only: 3 seeds of every method on 40 tasks; ATOD wins 12 more tasks than OPD
+    on eval, OPD beats GRPO, the teacher sits between; no-anneal equals ATOD (inconclusive);
+    two curve evaluations with per-task outcomes in ATOD and OPD."""
+    out = tmp_path / "results"
+    n = 40
+    make_models(out, "household", teacher=0.5, cold=0.1)
+    for role, ok, turns in (("teacher", 20, 8), ("cold-start", 4, 12)):
+        path = out / "models" / "household" / f"{role}.json"
+        data = json.loads(path.read_text())
+        for split in report.SPLITS:
+            data[split]["episodes"] = _outcomes([1] * ok + [0] * (n - ok), [turns] * n)
+        path.write_text(json.dumps(data))
+    wins = {"atod": 32, "opd": 20, "grpo": 8, "atod-no-anneal": 32, "atod-uniform": 26}
+    for method, ok in wins.items():
+        for seed in (0, 1, 2):
+            k = ok + (seed - 1)  # 31/32/33 etc.: a spread over seeds
+            run_dir = make_run(out, "household", method, seed, k / n, (k - 5) / n, turns=4.0)
+            _add_outcomes(out, run_dir.name, [1] * k + [0] * (n - k), [1] * (k - 5) + [0] * (n - k + 5),
+                          turns=[4] * n)
+            if method in ("atod", "opd"):
+                rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[:-1]]
+                rows.append({"step": 1, "eval_success": 0.4, "eval_outcomes": [1] * 8 + [0] * 12})
+                (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+                info = json.loads((run_dir / "run.json").read_text())
+                info["config"].update(schedule={"anneal_steps": 2}, invalid_penalty=0.1)
+                (run_dir / "run.json").write_text(json.dumps(info))
+    return out
+
+
+def test_claims_table_and_json_from_paired_outcomes(paired_dir):
+    results = report.build_report(paired_dir, ["household"], ["atod", "opd", "grpo"], [0, 1, 2],
+                                  ["no-anneal", "uniform"], settings={"eval_episodes": 40}, plots=False)
+    claims = {(c["claim"], c["split"]): c for c in results["claims"]}
+    atod_opd = claims[("ATOD > OPD", "eval")]
+    assert atod_opd["diff"] == pytest.approx(12 / 40) and atod_opd["verdict"] == "holds"
+    assert atod_opd["per_seed"] == pytest.approx([0.3, 0.3, 0.3]) and atod_opd["tasks"] == [40]
+    assert claims[("OPD > GRPO", "unseen")]["verdict"] == "holds"
+    assert claims[("ATOD >= teacher (the student passes its teacher)", "eval")]["diff"] == pytest.approx(12 / 40)
+    assert claims[("annealing helps (ATOD > ATOD without annealing)", "eval")]["verdict"] == "inconclusive"
+    assert claims[("T-DUR helps (ATOD > ATOD with uniform turn weights)", "eval")]["verdict"] == "holds"
+    # curves: the same per-task outcomes in ATOD and OPD early -> difference 0, within 5 points
+    tracks = claims[("ATOD tracks OPD early", "eval")]
+    assert tracks["diff"] == 0.0 and tracks["verdict"] == "holds" and tracks["tasks"] == [20]
+    shorten = claims[("ATOD's episodes shorten (fewer turns than the cold start)", "eval")]
+    assert shorten["diff"] == pytest.approx(8.0) and shorten["verdict"] == "holds"
+    assert claims[("GRPO's episodes get longer (more turns than the cold start)", "eval")]["verdict"] == "fails"
+
+    md = (paired_dir / "results.md").read_text()
+    assert "- ATOD > OPD [eval]: **holds** — paired difference +30.0 points, 95% interval [" in md
+    assert "per seed +30.0, +30.0, +30.0 (3 of 3 above +0); 40 paired tasks" in md
+    # the paper's table: rows in the paper's order, eval/unseen/average, per-seed values
+    table = md.split("## Success rate (%)")[1].split("##")[0]
+    rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["cold-start student", "GRPO", "OPD", "ATOD", "ATOD without annealing",
+                    "ATOD, uniform turn weights (no T-DUR)", "teacher"]
+    assert "| ATOD | 80.0 ± 2.5 (77.5, 80.0, 82.5) | 67.5 ± 2.5 (65.0, 67.5, 70.0) | 73.8 ± 2.5 (71.2, 73.8, 76.2) |" in md
+    assert "| teacher | 50.0 | 25.0 | 37.5 |" in md
+    saved = json.loads((paired_dir / "results.json").read_text())
+    assert saved["paper_table"]["cells"]["atod"]["average"]["values"] == pytest.approx([0.7125, 0.7375, 0.7625])
+    assert saved["claims"][0]["ci95"][0] > 0
+
+
+def test_grpo_signal_section(paired_dir):
+    run_dir = paired_dir / "runs" / "household-grpo-s0"
+    rows = [{"step": s, "time_rollout": 1.0, "success": 0.0, "reward": 0.0, "invalid_rate": 0.5, "episode_len": 10.0,
+             "grpo_groups": 4, "grpo_all_fail_groups": 3, "grpo_penalty_only_groups": 2,
+             "grpo_all_fail_penalty_only_groups": 2, "grpo_abs_adv": 10.0, "grpo_abs_adv_all_fail": 8.0,
+             "grpo_abs_adv_all_fail_penalty_only": 6.0} for s in range(2)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = json.loads((run_dir / "run.json").read_text())
+    info["config"]["invalid_penalty"] = 0.1
+    (run_dir / "run.json").write_text(json.dumps(info))
+    runs = report.load_runs(paired_dir)
+    signal = report.grpo_signal([r for r in runs if r.seed == 0], "household", "grpo")
+    assert signal["all_fail_group_share"] == pytest.approx(0.75)
+    assert signal["all_fail_penalty_only_share"] == pytest.approx(2 / 3)
+    assert signal["abs_adv_share_all_fail"] == pytest.approx(0.8)
+    assert signal["abs_adv_all_fail_from_penalty"] == pytest.approx(0.75)
+    assert signal["penalty_per_episode"] == pytest.approx(0.5)   # 5 invalid turns x 0.1
+    report.build_report(paired_dir, ["household"], ["grpo"], [0], [], plots=False)
+    md = (paired_dir / "results.md").read_text()
+    assert "| household GRPO | 0.10 / 1 | 0.500 (5.0 invalid turns) | 0.000 | 75% | 67% | 80% | 75% |" in md
+
+
+def _git(repo: Path, *args: str) -> str:
+    import subprocess
+
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture
+def git_results(tmp_path):
+    """A real git repo with the project's .gitignore and a results dir holding one finished run
+    with checkpoints and samples beside its small files."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    _git(repo, "config", "user.email", "t@example.com")
+    _git(repo, "config", "user.name", "t")
+    shutil.copy(Path(__file__).resolve().parents[1] / ".gitignore", repo / ".gitignore")
+    _git(repo, "add", ".gitignore")
+    _git(repo, "commit", "-q", "-m", "init")
+    out = repo / "benchmarks" / "results"
+    make_models(out, "household", teacher=0.6, cold=0.1)
+    run_dir = make_run(out, "household", "atod", 0, 0.5, 0.2)
+    (run_dir / "checkpoints" / "step_000004").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_000004" / "model.safetensors").write_bytes(b"\0" * 1000)
+    (run_dir / "samples").mkdir()
+    (run_dir / "samples" / "step_000000.jsonl").write_text("{}\n")
+    (run_dir / "config.yaml").write_text("algo: atod\n")
+    (out / ".lock").write_text("")
+    report.build_report(out, ["household"], ["atod"], [0], [], plots=False)
+    return repo, out
+
+
+def test_commit_adds_only_the_small_result_files(git_results):
+    compare = _load("compare")
+    repo, out = git_results
+    # someone else's staged change in the shared index stays staged and out of the commit
+    (repo / "other.py").write_text("x = 1\n")
+    _git(repo, "add", "other.py")
+    assert compare.commit_results(out, "compare: household-atod-s0 finished (test)")
+    assert _git(repo, "log", "-1", "--format=%s").strip() == "compare: household-atod-s0 finished (test)"
+    committed = set(_git(repo, "show", "--name-only", "--format=", "HEAD").split())
+    run = "benchmarks/results/runs/household-atod-s0"
+    assert {f"{run}/{n}" for n in ("run.json", "config.yaml", "metrics.jsonl", "done.json", "final_eval.json")} \
+        <= committed
+    assert {"benchmarks/results/results.md", "benchmarks/results/results.json",
+            "benchmarks/results/models/household/teacher.json"} <= committed
+    assert not [f for f in committed if "checkpoints" in f or "samples" in f or f.endswith(".lock")]
+    assert "other.py" not in committed and "other.py" in _git(repo, "diff", "--cached", "--name-only")
+    # the .gitignore rules keep the models out of a careless `git add -A` too
+    ignored = _git(repo, "status", "--porcelain", "--ignored")
+    assert f"!! {run}/checkpoints/" in ignored and f"!! {run}/samples/" in ignored
+    # nothing new: no empty commit
+    head = _git(repo, "rev-parse", "HEAD")
+    assert compare.commit_results(out, "again") and _git(repo, "rev-parse", "HEAD") == head
+
+
+def test_commit_retries_a_busy_index_and_never_raises(git_results, monkeypatch):
+    import threading
+
+    compare = _load("compare")
+    repo, out = git_results
+    lock = repo / ".git" / "index.lock"
+    lock.write_text("")
+    # held for good: a few quick tries, then False (logged), no exception
+    assert compare.commit_results(out, "blocked", attempts=2, delay_s=0.05) is False
+    # released while the commit waits: the retry goes through
+    timer = threading.Timer(0.5, lock.unlink)
+    timer.start()
+    try:
+        assert compare.commit_results(out, "after the lock", attempts=6, delay_s=0.2) is True
+    finally:
+        timer.cancel()
+    assert _git(repo, "log", "-1", "--format=%s").strip() == "after the lock"
+    # outside a git work tree: False, no exception
+    outside = out.parents[2] / "elsewhere"   # tmp_path, beside the repo
+    outside.mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(outside.parent))
+    assert compare.commit_results(outside, "nowhere") is False
+
+
+def test_eta_from_finished_runs(tmp_path):
+    compare = _load("compare")
+    out = tmp_path / "results"
+    plan = [("household", "atod", 0), ("household", "opd", 0), ("household", "atod", 1), ("household", "opd", 1)]
+    for method, wall in (("atod", 100.0), ("opd", 60.0)):
+        make_run(out, "household", method, 0, 0.5, 0.5, wall_s=wall)
+    data = json.loads((out / "runs" / "household-atod-s0" / "final_eval.json").read_text())
+    data["eval"]["summary"]["seconds"] = 20.0
+    (out / "runs" / "household-atod-s0" / "final_eval.json").write_text(json.dumps(data))
+    finished, left = compare.eta_seconds(out, plan)
+    assert finished == 2 and left == pytest.approx(120.0 + 60.0)   # per method: atod 100 + 20 s eval, opd 60
