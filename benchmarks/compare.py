@@ -293,7 +293,7 @@ COMMIT_MAX_BYTES = 2_000_000
 def result_files(out: Path) -> list[Path]:
     """The small result files under OUT that --commit adds (the report, the plots, the model
     evaluations, each run's records); checkpoints and samples are never among them."""
-    files = [out / name for name in TOP_FILES] + sorted(out.glob("*.png")) + sorted(out.glob("models/*/*.json"))
+    files = [out / name for name in (*TOP_FILES, *report.PLOTS)] + sorted(out.glob("models/*/*.json"))
     for run_dir in sorted(p for p in (out / "runs").glob("*") if p.is_dir()):
         files += [run_dir / name for name in RUN_FILES]
     chosen = []

@@ -26,6 +26,7 @@ import numpy as np
 from atod_edge.io import atomic_path, atomic_write_json, atomic_write_text, read_jsonl
 
 SPLITS = ("eval", "unseen")
+PLOTS = ("success_vs_step.png", "kappa_rho.png", "turns_vs_step.png", "log_ratio_vs_step.png", "time_breakdown.png")
 MAIN_METHODS = ("grpo", "opd", "atod")
 # ablation name -> --set overrides on top of ATOD (ATOD.md section 8)
 ABLATIONS = {"no-anneal": ["schedule.anneal=false"], "uniform": ["weights=uniform"], "token": ["weights=token"]}

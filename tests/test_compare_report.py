@@ -410,6 +410,8 @@ def git_results(tmp_path):
     (run_dir / "samples" / "step_000000.jsonl").write_text("{}\n")
     (run_dir / "config.yaml").write_text("algo: atod\n")
     (out / ".lock").write_text("")
+    (out / "success_vs_step.png").write_bytes(b"\x89PNG plot")
+    (out / "someone_elses.png").write_bytes(b"\x89PNG other")
     report.build_report(out, ["household"], ["atod"], [0], [], plots=False)
     return repo, out
 
@@ -427,7 +429,8 @@ def test_commit_adds_only_the_small_result_files(git_results):
     assert {f"{run}/{n}" for n in ("run.json", "config.yaml", "metrics.jsonl", "done.json", "final_eval.json")} \
         <= committed
     assert {"benchmarks/results/results.md", "benchmarks/results/results.json",
-            "benchmarks/results/models/household/teacher.json"} <= committed
+            "benchmarks/results/models/household/teacher.json", "benchmarks/results/success_vs_step.png"} <= committed
+    assert "benchmarks/results/someone_elses.png" not in committed   # only the report's own plots
     assert not [f for f in committed if "checkpoints" in f or "samples" in f or f.endswith(".lock")]
     assert "other.py" not in committed and "other.py" in _git(repo, "diff", "--cached", "--name-only")
     # the .gitignore rules keep the models out of a careless `git add -A` too
