@@ -541,8 +541,10 @@ def main(argv: list[str] | None = None) -> int:
             eta = f"ETA {_fmt(left)}" if left is not None else "ETA ?"
             log(f"run {i}/{len(plan)} {outcome} in {_fmt(time.perf_counter() - started)}; "
                 f"{finished}/{len(plan)} runs done, {eta}; wall so far {_fmt(total)}")
+            if outcome == "already finished":
+                continue   # nothing new to report (anything left over goes into the next commit)
             write_report(out, envs, algos, seeds, ablations, args, machine)
-            if args.commit:   # a no-op when nothing changed (a run finished earlier)
+            if args.commit:
                 commit_results(out, f"compare: {name} {outcome.lower()} ({_run_line(out, name)}; "
                                     f"{finished}/{len(plan)} runs done)")
         clock.flush()
