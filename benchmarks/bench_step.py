@@ -15,10 +15,10 @@ episodes, since a process's freed memory stays mapped and would hide the second 
 batches. Writes benchmarks/results/step.json (top-level "speedup": total step time old / new,
 "sft_speedup": SFT step time old / new).
 
-Models: the recipe's teacher and student when `atod-edge train` has bootstrapped them (cached),
-otherwise the tiny-teacher preset as teacher and, as student, tiny-teacher cut to the recipe's
-layers with a short cold-start SFT of the recipe's own settings (a student that acts a little, so
-its prompts change from turn to turn like a trained one's). The JSON names which.
+Models: the recipe's own teacher (the default recipe's is the zoo's household-teacher) and its
+cold-start student, made the way `atod-edge train` makes them (train/pipeline.ensure_model: cut
+from the teacher and SFT'd on the recipe's demos, cached), or `--student DIR`. The JSON names
+which.
 """
 
 from __future__ import annotations
@@ -107,28 +107,19 @@ def tree_tokens(prompts, responses, micro_batch: int) -> int:
     return total
 
 
-def models(cfg, work: Path, log):
-    """(teacher source, student source, what they are)."""
-    from atod_edge.models import shrink_model
-    from atod_edge.train.pipeline import _bootstrap_dir
-    from atod_edge.train.sft import SFTConfig, train_sft
+def models(cfg, log):
+    """(teacher source, student source, what they are): the recipe's own, made the way
+    `atod-edge train` makes them (ensure_model: a zoo teacher by name, a cold start cut from it and
+    SFT'd on the recipe's demos, both cached, so a later `atod-edge train` reuses them)."""
+    from atod_edge.train.pipeline import ensure_model
 
-    teacher, student = _bootstrap_dir(cfg, "teacher"), _bootstrap_dir(cfg, "student")
-    if cfg.teacher == "auto" and (teacher / "config.json").is_file() and (student / "config.json").is_file():
-        return str(teacher), str(student), "the recipe's bootstrapped teacher and student (cached)"
+    teacher = ensure_model(cfg, "teacher", log)
+    student = ensure_model(cfg, "student", log)
     b = cfg.bootstrap
-    cut = shrink_model("tiny-teacher", b.student_from_teacher or "every:3", work / "student-cut")
-    log(f"student: tiny-teacher cut to {b.student_from_teacher}, cold-start SFT ({b.student_episodes} "
-        f"{b.student_demos} demos)")
-    sft = SFTConfig(env=cfg.env, model=str(cut), demos=b.student_demos, noise=b.student_noise,
-                    episodes=b.student_episodes, epochs=b.student_epochs, lr=b.student_lr,
-                    batch_size=b.student_batch_size, micro_batch=min(16, b.student_batch_size),
-                    history_turns=cfg.history_turns, seed=cfg.seed, out=str(work / "student"), eval_episodes=0)
-    train_sft(sft, log=lambda *a: None)
-    return ("tiny-teacher", str(work / "student"),
-            "teacher: the tiny-teacher preset (random init: scoring costs the same as a trained one's); student: "
-            f"tiny-teacher cut to layers '{b.student_from_teacher}' + the recipe's cold-start SFT "
-            f"({b.student_episodes} {b.student_demos} demos), because no bootstrapped models were cached")
+    start = (f"the teacher cut to layers '{b.student_from_teacher}'" if b.student_from_teacher
+             else f"the {b.student_preset} preset")
+    return teacher, student, (f"teacher: {teacher}; student: the recipe's cold start ({start} + "
+                              f"{b.student_episodes} {b.student_demos} demos, {student})")
 
 
 def bench_train(args, cfg, teacher_src, student_src, device, log) -> dict:
@@ -389,6 +380,7 @@ def main() -> int:
     from atod_edge.config import load_config
     from atod_edge.policy import torch_device
     from atod_edge.train.config import TrainConfig
+    from atod_edge.train.pipeline import ensure_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", default="household")
@@ -412,10 +404,10 @@ def main() -> int:
     torch.manual_seed(cfg.seed)
     with tempfile.TemporaryDirectory(prefix="bench-step-") as work:
         if args.student:
-            teacher_src, student_src = "tiny-teacher", args.student
-            which = f"teacher: the tiny-teacher preset (random init); student: {args.student}"
+            teacher_src, student_src = ensure_model(cfg, "teacher", log), args.student
+            which = f"teacher: {teacher_src}; student: {args.student}"
         else:
-            teacher_src, student_src, which = models(cfg, Path(work), log)
+            teacher_src, student_src, which = models(cfg, log)
         log(f"models: {which}")
         args.work = work
         train = bench_train(args, cfg, teacher_src, student_src, device, log)

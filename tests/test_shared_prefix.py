@@ -102,3 +102,20 @@ def test_score_from_zero_is_refused(tiny_student):
     model, _ = tiny_student
     with pytest.raises(ValueError, match="score_from must be >= 1"):
         shared_prefix_logprobs(model, [[1, 2, 3]], [0])
+
+
+def test_the_direct_sdpa_mask_gives_what_the_models_own_mask_gives(tiny_teacher):
+    # under SDPA each tree batch gets a 4-D mask built here; any other attention gets the 2-D mask
+    # and builds its own: both must see the same keys (eager attention as the reference)
+    model, tokenizer = tiny_teacher
+    prompts, responses = household_turns(tokenizer)
+    assert model.config._attn_implementation == "sdpa"
+    with torch.inference_mode():
+        direct = shared_response_logprobs(model, prompts, responses, pad_id=tokenizer.pad_token_id, micro_batch=16)
+        model.set_attn_implementation("eager")
+        try:
+            own = shared_response_logprobs(model, prompts, responses, pad_id=tokenizer.pad_token_id, micro_batch=16)
+        finally:
+            model.set_attn_implementation("sdpa")
+    for a, b in zip(own, direct):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
