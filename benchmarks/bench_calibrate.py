@@ -2,7 +2,7 @@
 an importance matrix from the student's own train-split episodes, verified side by side in one
 report (the same student reference, the same paired eval episodes).
 
-    python benchmarks/bench_calibrate.py MODEL [--calibrate 16] [--episodes 10] [--out DIR] [--json FILE]
+    python benchmarks/bench_calibrate.py MODEL [--calibrate 16] [--episodes 10] [--out DIR] [--json FILE] [--md FILE]
 
 Prints report.md (logit parity on expert and on-policy contexts, the paired agent table) and the
 KL of each file.
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", help="keep the files here (default: a temporary dir)")
     parser.add_argument("--json", help="write both files' parity and agent rows to this JSON file")
+    parser.add_argument("--md", help="write the report (markdown, with this command) to this file")
     args = parser.parse_args(argv)
 
     from atod_edge.export import VerifyConfig, export_model, verify_dir
@@ -54,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(out / "export.json", manifest)
         report = verify_dir(out, config=config, progress=say)
 
-    print(render_markdown(report))
+    markdown = render_markdown(report)
+    print(markdown)
+    if args.md:
+        from atod_edge.io import atomic_write_text
+
+        command = "python benchmarks/bench_calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        atomic_write_text(args.md, f"{markdown.rstrip()}\n\nMeasured with `{command}`.\n")
     rows = [{"file": f["file"], "calibrated": f.get("calibrated"), "parity": f.get("parity"),
              "parity_on_policy": f.get("parity_on_policy"), "agent": f.get("agent")} for f in report["files"]]
     for row in rows:
