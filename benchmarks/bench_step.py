@@ -187,13 +187,13 @@ def bench_train(args, cfg, teacher_src, student_src, device, log) -> dict:
         update_tokens = {"old": sum(len(p) + len(r) for p, r in zip(batch.prompts, batch.responses)),
                          "new": tree_tokens(batch.prompts, batch.responses, cfg.micro_batch)}
         losses = {}
+        # the old path's copy of the weights and optimizer state, made before either update runs
+        # (the new one updates `student` in place), thrown away after
+        old_model = copy.deepcopy(student)
+        old_opt = torch.optim.AdamW(old_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        old_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
         for name in (first, second):
-            if name == "new":
-                model, opt = student, optimizer
-            else:   # a copy with the same weights and optimizer state, thrown away after
-                model = copy.deepcopy(student)
-                opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-                opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+            model, opt = (student, optimizer) if name == "new" else (old_model, old_opt)
             seconds, peak, stats = timed(device, lambda: update(model, opt, batch, paths[name], DistInfo(), pad_id))
             losses[name] = stats["loss"]
             row.setdefault("update", {})[name] = {"seconds": seconds, "peak_mb": peak, "tokens": update_tokens[name]}
@@ -307,6 +307,7 @@ def summarize(steps: list[dict]) -> dict:
             "turns_per_step": mean(s["turns"] for s in steps),
             "prompt_tokens_per_step": mean(s["prompt_tokens"] for s in steps),
             "teacher_max_abs_diff": max(s["teacher_max_abs_diff"] for s in steps),
+            "update_loss_max_abs_diff": max(abs(s["update_loss"]["old"] - s["update_loss"]["new"]) for s in steps),
             "steps": steps}
 
 
