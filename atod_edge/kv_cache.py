@@ -66,9 +66,21 @@ class BufferLayer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
+        """Keep the rows `indices`. Ascending indices (finished sequences leaving the decode
+        batch) are compacted in place: each kept row moves up over the rows that left, and only
+        the filled positions are copied, not the room after them."""
+        if not self.is_initialized:
+            return
+        keep = indices.tolist()
+        if all(a < b for a, b in zip(keep, keep[1:])):
+            for buffer in (self._k, self._v):
+                for row, source in enumerate(keep):   # source >= row: not yet overwritten
+                    if source != row:
+                        buffer[row, :, :self.length].copy_(buffer[source, :, :self.length])
+            self._k, self._v = self._k[:len(keep)], self._v[:len(keep)]
+        else:                                         # any other selection (repeats, reordering)
             self._k, self._v = self._k[indices], self._v[indices]
-            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
 
 
 def buffer_cache(num_layers: int, capacity: int, prefix: tuple[torch.Tensor, int] | None = None) -> Cache:
@@ -155,15 +167,15 @@ def gather_prefixes(store: PrefixStore, block_keys: list[list[bytes]], hits: lis
     width = max(hits) * store.block
     if width == 0:
         return None
-    rows = [store.prefix(keys[:n]) if n else None for keys, n in zip(block_keys, hits)]
-    sample = next(r for r in rows if r is not None)
+    sample = store.blocks[next(keys[0] for keys, n in zip(block_keys, hits) if n)]
     layers, _, heads, _, dim = sample.shape
-    kv = sample.new_empty((layers, 2, len(rows), heads, max(capacity, width), dim))
-    for i, row in enumerate(rows):
-        start = width - (row.shape[3] if row is not None else 0)
+    kv = sample.new_empty((layers, 2, len(hits), heads, max(capacity, width), dim))
+    for i, (keys, n) in enumerate(zip(block_keys, hits)):
+        start = width - n * store.block
         kv[:, :, i, :, :start] = 0
-        if row is not None:
-            kv[:, :, i, :, start:width] = row
+        for b, key in enumerate(keys[:n]):           # each block straight into its place
+            at = start + b * store.block
+            kv[:, :, i, :, at:at + store.block] = store.blocks[key]
     return kv, width
 
 
@@ -181,3 +193,28 @@ def store_new_blocks(store: PrefixStore, cache, block_keys: list[list[bytes]], h
         for b in range(n, len(keys)):
             offset = width - s + (b - n) * store.block
             store.add(keys[b], kv[:, :, i, :, offset:offset + store.block])
+
+
+def merge_right_aligned(caches: Sequence[Cache], room: int) -> tuple[Cache, int]:
+    """One buffer cache holding the rows of several (batches prefilled separately), each
+    right-aligned to the widest: keys of row i at [width - its width, width), zeros before
+    them (masked out by the caller's attention mask, and finite), `room` positions after.
+    Returns (cache, width)."""
+    width = max(c.get_seq_length() for c in caches)
+    merged = buffer_cache(len(caches[0].layers), width + room)
+    for index, layer in enumerate(merged.layers):
+        parts = [c.layers[index] for c in caches]
+        batch = sum(p.keys.shape[0] for p in parts)
+        _, heads, _, dim = parts[0].keys.shape
+        k = parts[0].keys.new_empty((batch, heads, width + room, dim))
+        v = torch.empty_like(k)
+        row = 0
+        for part in parts:
+            n, start = part.keys.shape[0], width - part.keys.shape[2]
+            for buffer, values in ((k, part.keys), (v, part.values)):
+                buffer[row:row + n, :, :start] = 0
+                buffer[row:row + n, :, start:width] = values
+            row += n
+        layer.adopt(k, v, width)
+    return merged, width
+

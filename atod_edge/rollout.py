@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 from atod_edge.envs import Env, Task, env_class
 from atod_edge.episode import Episode, Turn
 from atod_edge.policy import Policy, SamplingParams
-from atod_edge.prompts import build_messages, encode_prompt, parse_action
+from atod_edge.prompts import build_messages, encode_prompt, encode_prompts, parse_action
 
 
 def close_env(env) -> None:
@@ -208,7 +208,7 @@ def _roll(policy, lives, instructions, history_turns, sampling, seed, turn_limit
         if not active:
             break
         t0 = time.perf_counter()
-        prompts = [encode_prompt(tokenizer, _messages(lv, instructions, history_turns)) for lv in active]
+        prompts = encode_prompts(tokenizer, [_messages(lv, instructions, history_turns) for lv in active])
         t1 = time.perf_counter()
         generations = policy.generate(prompts, sampling, seed=seed * 1_000_003 + turn_index)
         t2 = time.perf_counter()

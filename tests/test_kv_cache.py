@@ -120,3 +120,21 @@ def test_buffer_cache_equals_concatenation_and_grows():
     assert torch.equal(cache.layers[0].keys, torch.cat(chunks, dim=2)[1:])
     keys, _ = cache.update(torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4), 0)
     assert keys.shape == (1, 1, 8, 4) and torch.equal(keys[:, :, :7], torch.cat(chunks, dim=2)[1:])
+
+
+def test_buffer_cache_compacts_rows_in_place():
+    from atod_edge.kv_cache import buffer_cache
+
+    cache = buffer_cache(num_layers=2, capacity=10)
+    for layer in cache.layers:
+        full = torch.randn(5, 2, 6, 3)
+        layer.update(full, full + 1, None)
+        layer.reference = full
+    for keep in ([0, 2, 3], [1, 2], [1, 1, 0]):                      # ascending: in place; others
+        cache.batch_select_indices(torch.tensor(keep))
+        for layer in cache.layers:
+            layer.reference = layer.reference[keep]
+            assert torch.equal(layer.keys, layer.reference) and torch.equal(layer.values, layer.reference + 1)
+    keys, _ = cache.layers[0].update(torch.zeros(3, 2, 1, 3), torch.zeros(3, 2, 1, 3))
+    assert torch.equal(keys[:, :, :6], cache.layers[0].reference) and keys.shape == (3, 2, 7, 3)
+

@@ -8,7 +8,7 @@ import torch
 from atod_edge.envs import make_env
 from atod_edge.errors import UserError
 from atod_edge.backends import load_policy
-from atod_edge.policy import SamplingParams, StopChecker, TorchPolicy, sample_next, torch_device
+from atod_edge.policy import SamplingParams, StopChecker, TorchPolicy, prefill_buckets, sample_next, torch_device
 from atod_edge.prompts import build_messages, encode_prompt, parse_action
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, stop=())
@@ -44,7 +44,8 @@ def full_forward_logprobs(model, prompt, response):
     return logp.gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
 
 
-def test_greedy_batch_equals_each_prompt_alone(greedy_batch, greedy_alone):
+def test_greedy_batch_equals_each_prompt_alone(prompts, greedy_batch, greedy_alone):
+    assert len(prefill_buckets([len(p) for p in prompts])) > 1    # prefilled apart, caches merged
     for together, alone in zip(greedy_batch, greedy_alone):
         assert together.token_ids == alone.token_ids
         assert together.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
@@ -163,6 +164,23 @@ def test_sample_next_greedy_and_top_p():
         assert ids.tolist() == [1, 0]
 
 
+def test_prefill_buckets_are_the_cheapest_split():
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 7))]
+        cost = lambda batches: sum(len(b) * max(lengths[i] for i in b) + 128 for b in batches)  # noqa: E731
+        batches = prefill_buckets(lengths)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        splits = (list(c) for r in range(len(lengths)) for c in itertools.combinations(range(1, len(lengths)), r))
+        cheapest = min(cost([order[a:b] for a, b in zip([0] + cut, cut + [len(lengths)])]) for cut in splits)
+        assert cost(batches) == cheapest
+    assert prefill_buckets([50] * 6) == [list(range(6))]            # equal lengths: one batch
+
+
 def test_sample_next_draws_from_the_tempered_distribution():
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(20_000, 1)
     generator = torch.Generator().manual_seed(1)
@@ -171,6 +189,9 @@ def test_sample_next_draws_from_the_tempered_distribution():
         frequencies = torch.bincount(ids, minlength=4).float() / len(ids)
         assert frequencies == pytest.approx(torch.softmax(logits[0] / temperature, -1), abs=0.015)
         assert logprobs == pytest.approx(torch.log_softmax(logits[0], -1)[ids])   # temperature-1 log-probs
+    # tokens of zero probability (cut by top_p, or underflowing) are never drawn
+    ids, _ = sample_next(torch.tensor([[0.0, 0.0, -200.0, -200.0]]).repeat(20_000, 1), 0.2, 1.0, generator)
+    assert set(ids.tolist()) == {0, 1}
 
 
 def test_empty_inputs(student_policy):

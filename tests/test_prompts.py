@@ -129,3 +129,14 @@ def test_encode_prompt_without_a_chat_template_uses_plain_text(tiny_student):
     text = render_prompt(plain, messages)
     assert text.startswith("### system\nUse verbs.") and text.endswith("### assistant\n")
     assert plain.decode(encode_prompt(plain, messages)) == text
+
+
+def test_encode_prompts_equals_encode_prompt_one_by_one(tiny_student):
+    from atod_edge.prompts import encode_prompts
+
+    _, tokenizer = tiny_student
+    batch = [build_messages("Act.", f"Task {i}: " + "find the key " * i, [("look", "a room")] * (i % 3),
+                            "You see a door." if i else None, ["look", "open door"]) for i in range(6)]
+    assert encode_prompts(tokenizer, batch) == [encode_prompt(tokenizer, m) for m in batch]
+    assert encode_prompts(tokenizer, []) == []
+
