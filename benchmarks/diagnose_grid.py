@@ -192,16 +192,23 @@ def plot(diagnoses: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    methods: dict[str, list[dict]] = {}
+    for d in diagnoses:                      # one line per method: the mean over its seeds
+        methods.setdefault(d["run"].rsplit("-s", 1)[0], []).append(d)
+    for method, runs in methods.items():
+        mids = [np.mean(w["steps"]) for w in runs[0]["windows"]]
+        style = {"atod": "-", "opd": "--", "grpo": ":"}[runs[0]["algo"]]
+        label = f"{method} ({len(runs)} seeds)"
+        for ax, key in ((axes[0], "opd_share"), (axes[1], "no_signal_groups")):
+            if key == "opd_share" and runs[0]["algo"] == "grpo":
+                continue
+            ax.plot(mids, [np.mean([r["windows"][i][key] for r in runs]) for i in range(len(mids))], style,
+                    marker="o", label=label)
     for d in diagnoses:
-        mids = [np.mean(w["steps"]) for w in d["windows"]]
-        style = {"atod": "-", "opd": "--", "grpo": ":"}[d["algo"]]
-        if d["algo"] != "grpo":
-            axes[0].plot(mids, [w["opd_share"] for w in d["windows"]], style, marker="o", label=d["run"])
-        axes[1].plot(mids, [w["no_signal_groups"] for w in d["windows"]], style, marker="o", label=d["run"])
-        steps = d["steps"]
         if d["algo"] == "grpo":
+            steps = d["steps"]
             axes[2].plot([s["step"] for s in steps], [s["truncated_rate"] for s in steps], label=f"{d['run']} truncated")
-            axes[2].plot([s["step"] for s in steps], [s["success"] for s in steps], alpha=0.5, label=f"{d['run']} success")
+            axes[2].plot([s["step"] for s in steps], [s["success"] for s in steps], alpha=0.4, label=f"{d['run']} success")
     axes[0].set(title="share of |A| from κ·A^OPD", xlabel="step", ylim=(0, 1.02))
     axes[1].set(title="groups with no GRPO signal", xlabel="step", ylim=(0, 1.02))
     axes[2].set(title="GRPO runs: truncated turns and batch success", xlabel="step", ylim=(0, 1.02))
