@@ -489,13 +489,34 @@ def paper_table_md(table: dict[str, dict], envs: list[str], rows: list[str]) -> 
 
 # --- curves ----------------------------------------------------------------------------------
 
-def success_curve(run: RunRecord, start: float | None) -> list[tuple[int, float]]:
+def curve_tasks(run: RunRecord) -> int | None:
+    """How many tasks the run's in-training evaluations played (the first n of the eval split),
+    when they kept their per-episode outcomes."""
+    sizes = {len(r["eval_outcomes"]) for r in run.eval_rows if isinstance(r.get("eval_outcomes"), list)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def on_tasks(outcomes: dict | None, n: int | None) -> float | None:
+    """Success over the first n tasks of an evaluation's per-episode outcomes (None without them)."""
+    if not outcomes or not n or len(outcomes.get("success") or []) < n:
+        return None
+    return sum(outcomes["success"][:n]) / n
+
+
+def success_curve(run: RunRecord, start: float | None, start_outcomes: dict | None = None) -> list[tuple[int, float]]:
     """(updates done, eval success): the cold start at 0, the in-training evals (smaller, see
-    the budget note), the final evaluation at the last step."""
+    the budget note), the final evaluation at the last step. Where the in-training evals kept
+    their outcomes, the cold start (given `start_outcomes`) and the final model are scored on the
+    same first n tasks, so every point of the curve is on one task set (the first tasks of the
+    split need not be as hard as all of them)."""
+    n = curve_tasks(run)
+    first = on_tasks(start_outcomes, n)
+    start = first if first is not None else start
     points = [(0, start)] if start is not None else []
     points += [(int(r["step"]) + 1, float(r["eval_success"])) for r in run.eval_rows]
     if "eval" in run.final and run.done:
-        points.append((run.steps, float(run.final["eval"]["success"])))
+        last = on_tasks(run.outcomes.get("eval"), n)
+        points.append((run.steps, last if last is not None else float(run.final["eval"]["success"])))
     return points
 
 
@@ -634,16 +655,25 @@ def _draw_band(ax, curves, method, linestyle="-"):
         ax.fill_between(xs, low, high, color=color, alpha=0.15)
 
 
-def plot_success(runs, models, envs, methods, path: Path) -> None:
+def plot_success(runs, models, envs, methods, path: Path, model_outcomes: dict | None = None) -> None:
+    """Success vs step per method (mean and min-max band over seeds), the teacher as a line; with
+    `model_outcomes`, the cold start, the final points and the teacher on the curves' tasks."""
     plt = _pyplot()
+    model_outcomes = model_outcomes or {}
     fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 4), squeeze=False)
     for ax, env in zip(axes[0], envs):
         start = models.get(env, {}).get("cold-start", {}).get("eval", {}).get("success")
+        cold = model_outcomes.get(env, {}).get("cold-start", {}).get("eval")
+        env_runs = [r for r in runs if r.env == env]
         for method in methods:
-            curves = [success_curve(r, start) for r in runs if r.env == env and r.method == method]
+            curves = [success_curve(r, start, cold) for r in env_runs if r.method == method]
             _draw_band(ax, curves, method, "--" if method not in MAIN_METHODS else "-")
         teacher = models.get(env, {}).get("teacher", {}).get("eval")
-        if teacher:
+        n = next((curve_tasks(r) for r in env_runs if curve_tasks(r)), None)
+        on_curve = on_tasks(model_outcomes.get(env, {}).get("teacher", {}).get("eval"), n)
+        if on_curve is not None:
+            ax.axhline(on_curve, color="black", linestyle=":", label=f"teacher (the curves' {n} tasks)")
+        elif teacher:
             ax.axhline(teacher["success"], color="black", linestyle=":", label="teacher")
         ax.set_title(f"{env}: eval success")
         ax.set_xlabel("training step")
@@ -805,7 +835,8 @@ def build_report(out: str | Path, envs: list[str], algos: list[str], seeds: list
     saturation = {}
     for env in envs:
         start = models.get(env, {}).get("cold-start", {}).get("eval", {}).get("success")
-        curves = [success_curve(r, start) for r in runs if r.env == env and r.method == "opd" and r.done]
+        cold = model_outcomes.get(env, {}).get("cold-start", {}).get("eval")
+        curves = [success_curve(r, start, cold) for r in runs if r.env == env and r.method == "opd" and r.done]
         if curves:
             xs, mean, _, _ = band(curves)
             saturation[env] = {"step_90pct_of_rise": saturation_step(xs, mean), "steps": max(xs),
@@ -825,7 +856,7 @@ def build_report(out: str | Path, envs: list[str], algos: list[str], seeds: list
                    paper_table_md(paper, paper_envs, paper_rows), grpo_signal_md(signals) if signals else "")
     if plots and runs:
         plot_methods = methods + ablation_methods
-        plot_success(runs, models, envs, plot_methods, out / "success_vs_step.png")
+        plot_success(runs, models, envs, plot_methods, out / "success_vs_step.png", model_outcomes)
         plot_kappa_rho(runs, envs, plot_methods, out / "kappa_rho.png")
         plot_log_ratio(runs, envs, plot_methods, out / "log_ratio_vs_step.png")
         plot_turns(runs, models, envs, plot_methods, out / "turns_vs_step.png")
@@ -899,8 +930,9 @@ def _markdown(out, results, tables, turns_table, ablation_md, groups, envs, seed
                if isinstance(curve, int) and isinstance(final, int) and curve < final else "")
     parts.append(f"- Curves: in-training evaluation every {s.get('eval_every', '?')} steps on {curve} eval-split "
                  f"episodes{noisier}; step 0 is the cold-start student's evaluation and the last point each "
-                 "run's final evaluation. Turns and kappa/rho curves are the training rollouts of every step "
-                 "(temperature 1.0).")
+                 "run's final evaluation, both scored on the curves' tasks (the first of the final evaluation's "
+                 "tasks, same seed), as is the teacher's line. Turns and kappa/rho curves are the training "
+                 "rollouts of every step (temperature 1.0).")
     if m:
         parts.append(f"- Machine: {m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs, torch "
                      f"{m.get('torch', '?')} with {m.get('torch_threads', '?')} threads"

@@ -175,6 +175,25 @@ def test_curves_band_and_saturation(tmp_path):
     assert report.saturation_step([0, 5], [0.5, 0.4]) == 0
 
 
+def test_curve_points_are_scored_on_the_curves_tasks(tmp_path):
+    # the in-training evals play the first 4 tasks; the final and cold-start evals play 8, the
+    # first 4 of which are easier: the curve's end points must use those 4, not all 8
+    run_dir = make_run(tmp_path, "household", "opd", 0, 0.5, 0.5)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[:-1]]
+    for row in rows:
+        if "eval_success" in row:
+            row["eval_outcomes"] = [1, 0, 0, 0]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    final = json.loads((run_dir / "final_eval.json").read_text())
+    final["eval"]["episodes"] = {"task_id": [f"t{i}" for i in range(8)], "success": [1, 1, 1, 0, 0, 0, 0, 0]}
+    _write_json(run_dir / "final_eval.json", final)
+    run = report.load_run(run_dir)
+    cold = {"task_id": [f"t{i}" for i in range(8)], "success": [1, 1, 0, 0, 0, 0, 0, 0]}
+    assert report.curve_tasks(run) == 4
+    assert report.success_curve(run, 0.1, cold) == [(0, 0.5), (2, 0.25), (4, 0.75)]
+    assert report.success_curve(run, 0.1) == [(0, 0.1), (2, 0.25), (4, 0.75)]   # no cold-start outcomes
+
+
 def test_claim_verdicts():
     a = {"mean": 0.7, "std": 0.01, "n": 3}
     b = {"mean": 0.6, "std": 0.01, "n": 3}
