@@ -89,7 +89,9 @@ def _cut_from_teacher(cfg: TrainConfig, out: Path, log) -> str:
 
 
 def evaluate_model(path: str, cfg: TrainConfig, cache: Path | None = None) -> dict:
-    """Success/score/turns on the eval split at the eval temperature (cached per model dir)."""
+    """Success/score/turns on the eval split at the eval temperature (cached per model dir), with
+    every episode's outcome by task ("outcomes": task id -> 0/1), for paired comparisons: every
+    model plays the same tasks with the same sampling seeds."""
     from atod_edge.evaluate import EvalConfig, evaluate
     from atod_edge.policy import TorchPolicy
 
@@ -100,7 +102,7 @@ def evaluate_model(path: str, cfg: TrainConfig, cache: Path | None = None) -> di
     cache_file = (cache / "eval_cache.json") if cache else None
     if cache_file and cache_file.is_file():
         stored = json.loads(cache_file.read_text())
-        if stored.get("key") == key:
+        if stored.get("key") == key and "outcomes" in stored["summary"]:
             return stored["summary"]
     if path.lower().endswith(".gguf"):   # a GGUF teacher plays through llama.cpp
         from atod_edge.backends.llamacpp import LlamaCppPolicy
@@ -108,7 +110,8 @@ def evaluate_model(path: str, cfg: TrainConfig, cache: Path | None = None) -> di
         policy = LlamaCppPolicy.load(path)
     else:
         policy = TorchPolicy.load(path, device=cfg.device)
-    summary, _ = evaluate(policy, ecfg)
+    summary, episodes = evaluate(policy, ecfg)
+    summary["outcomes"] = {e.task_id: int(bool(e.success)) for e in episodes}
     if cache_file:
         atomic_write_json(cache_file, {"key": key, "summary": summary})
     return summary
@@ -133,6 +136,26 @@ def comparison_table(rows: list[tuple[str, dict]]) -> str:
         lines.append(f"| {name} | {s['success']:.1%} | [{low:.1%}, {high:.1%}] | {s['score']:.3f} | "
                      f"{s['turns']:.1f} | {s['invalid_rate']:.1%} |")
     return "\n".join(lines)
+
+
+def paired_lines(rows: list[tuple[str, dict]]) -> list[str]:
+    """The last row (the trained student) against each earlier one, paired task by task: the mean
+    difference in success with its 95% interval (evaluate.paired_difference). The honest test of
+    "better than the cold start": two separate intervals can overlap while the paired one does not,
+    or the reverse."""
+    from atod_edge.evaluate import paired_difference
+
+    (name, last), lines = rows[-1], []
+    for other, summary in rows[:-1]:
+        a, b = last.get("outcomes") or {}, summary.get("outcomes") or {}
+        tasks = [t for t in a if t in b]
+        if not tasks:
+            continue
+        d = paired_difference([a[t] for t in tasks], [b[t] for t in tasks])
+        low, high = d["ci95"]
+        lines.append(f"- {name} - {other}: {100 * d['mean']:+.1f} points, 95% interval "
+                     f"[{100 * low:+.1f}, {100 * high:+.1f}], paired over the same {len(tasks)} tasks")
+    return lines
 
 
 def train_command(recipe: str | None, overrides: list[str], out: str | None = None,
@@ -197,12 +220,16 @@ def train_command(recipe: str | None, overrides: list[str], out: str | None = No
                 rows.append(("teacher", evaluate_model(teacher, cfg, _cache_for(teacher))))
         rows.append((f"{cfg.algo.upper()} student", evaluate_model(str(final), cfg)))
         table = comparison_table(rows)
+        paired = "\n".join(paired_lines(rows))
         report["eval"] = {name: s for name, s in rows}
         report["table"] = table
+        report["paired"] = paired
         atomic_write_text(run_dir / "report.md", f"# {run_dir.name}\n\n{cfg.env}, eval split, "
-                          f"{cfg.eval_episodes} episodes, temperature {cfg.eval_temperature}\n\n{table}\n")
+                          f"{cfg.eval_episodes} episodes, temperature {cfg.eval_temperature}\n\n{table}\n\n{paired}\n")
         print(f"\n{cfg.env}, eval split, {cfg.eval_episodes} episodes, temperature {cfg.eval_temperature}:")
         print(table)
+        if paired:
+            print(paired)
     try:
         from atod_edge.train.plots import plot_run
 

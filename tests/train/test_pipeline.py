@@ -73,6 +73,9 @@ def test_train_bootstraps_trains_evaluates_and_reuses_the_cache(atod_cache, one_
         assert summary["episodes"] == 2 and 0.0 <= summary["success"] <= 1.0 and summary["turns"] > 0
     assert report["final_checkpoint"] == str(first / "checkpoints" / "step_000002")
     assert report["table"] in (first / "report.md").read_text()
+    # the trained student against each other row, paired over the same tasks
+    assert report["eval"]["ATOD student"]["outcomes"].keys() == report["eval"]["teacher"]["outcomes"].keys()
+    assert report["paired"].count("paired over the same 2 tasks") == 2 and report["paired"] in out
     assert (first / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = json.loads((first / "run.json").read_text())
     bootstrapped = [run["teacher"], run["student"]]
@@ -207,3 +210,17 @@ def test_resume_of_a_run_killed_after_its_last_checkpoint_writes_the_report(fini
     assert f"resuming {run_dir} after step 2" in capsys.readouterr().out
     assert (run_dir / "metrics.jsonl").read_text() == before
     assert json.loads((run_dir / "report.json").read_text())["final_checkpoint"].endswith("step_000002")
+
+
+def test_paired_lines_pair_task_by_task():
+    from atod_edge.train.pipeline import paired_lines
+
+    cold = {"outcomes": {"t0": 0, "t1": 0, "t2": 1, "t3": 0}}
+    teacher = {"outcomes": {"t0": 1, "t1": 1, "t2": 1, "t3": 1}}
+    student = {"outcomes": {"t3": 1, "t2": 1, "t1": 1, "t0": 0}}     # another order: paired by task id
+    lines = paired_lines([("cold-start student", cold), ("teacher", teacher), ("ATOD student", student)])
+    assert lines[0].startswith("- ATOD student - cold-start student: +50.0 points")
+    assert lines[1].startswith("- ATOD student - teacher: -25.0 points")
+    assert all("paired over the same 4 tasks" in line for line in lines)
+    assert paired_lines([("cold-start student", {}), ("ATOD student", student)]) == []   # no outcomes kept
+
