@@ -172,11 +172,12 @@ def _inverse_cdf(probs, generator):
     return torch.searchsorted(cdf, point, right=True).squeeze(-1)
 
 
-def prefill_buckets(lengths: Sequence[int], call_cost: int = 128) -> list[list[int]]:
-    """Split a batch of prompts (their token counts to prefill) into batches that minimize the
-    padded tokens computed, sum of (rows x longest), plus `call_cost` tokens' worth per extra
-    forward call. Exact dynamic programming over the lengths sorted longest first (batches are
-    runs of that order). Returns the batches as lists of indices into `lengths`, ascending."""
+def length_batches(lengths: Sequence[int], call_cost: int = 128) -> list[list[int]]:
+    """Split sequences of these token counts into batches (each right- or left-padded to its
+    longest) that minimize the padded tokens computed, sum of (rows x longest), plus `call_cost`
+    tokens' worth per forward call. Exact dynamic programming over the lengths sorted longest
+    first (batches are runs of that order). Returns the batches as lists of indices into
+    `lengths`, ascending. Used by the engine's prefill and by atod_edge.shared_prefix."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     n = len(order)
     best = [0.0] + [float("inf")] * n     # best[j]: cost of the first j prompts of `order`
@@ -289,7 +290,7 @@ class TorchPolicy(Policy):
         """The forward over the prompts. Identical prompts (a group's first turn) are computed
         once; inside a reusing_prefixes scope, only the tokens after each prompt's longest stored
         prefix are. Prompts whose new parts differ much in length are prefilled in separate
-        batches (prefill_buckets), so short ones are not padded to the longest, and their caches
+        batches (length_batches), so short ones are not padded to the longest, and their caches
         are then merged, right-aligned. Returns the last position's float32 logits [B, V], the
         cache, the attention mask [B, T], the last position ids [B, 1] and the prompt index of
         every row."""
@@ -311,7 +312,7 @@ class TorchPolicy(Policy):
         else:
             block_keys, hits, reused = [[]] * len(unique), [0] * len(unique), [0] * len(unique)
         new_tokens = [len(p) - r for p, r in zip(unique, reused)]
-        buckets = prefill_buckets(new_tokens) if self._full_attention else [list(range(len(unique)))]
+        buckets = length_batches(new_tokens) if self._full_attention else [list(range(len(unique)))]
         parts = [self._forward_rows([unique[i] for i in b], [reused[i] for i in b], [block_keys[i] for i in b],
                                     [hits[i] for i in b], max_new_tokens if len(buckets) == 1 else 0)
                  for b in buckets]

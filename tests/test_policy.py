@@ -8,7 +8,7 @@ import torch
 from atod_edge.envs import make_env
 from atod_edge.errors import UserError
 from atod_edge.backends import load_policy
-from atod_edge.policy import SamplingParams, StopChecker, TorchPolicy, prefill_buckets, sample_next, torch_device
+from atod_edge.policy import SamplingParams, StopChecker, TorchPolicy, length_batches, sample_next, torch_device
 from atod_edge.prompts import build_messages, encode_prompt, parse_action
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, stop=())
@@ -45,7 +45,7 @@ def full_forward_logprobs(model, prompt, response):
 
 
 def test_greedy_batch_equals_each_prompt_alone(prompts, greedy_batch, greedy_alone):
-    assert len(prefill_buckets([len(p) for p in prompts])) > 1    # prefilled apart, caches merged
+    assert len(length_batches([len(p) for p in prompts])) > 1    # prefilled apart, caches merged
     for together, alone in zip(greedy_batch, greedy_alone):
         assert together.token_ids == alone.token_ids
         assert together.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
@@ -164,7 +164,7 @@ def test_sample_next_greedy_and_top_p():
         assert ids.tolist() == [1, 0]
 
 
-def test_prefill_buckets_are_the_cheapest_split():
+def test_length_batches_are_the_cheapest_split():
     import itertools
     import random
 
@@ -172,13 +172,13 @@ def test_prefill_buckets_are_the_cheapest_split():
     for _ in range(40):
         lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 7))]
         cost = lambda batches: sum(len(b) * max(lengths[i] for i in b) + 128 for b in batches)  # noqa: E731
-        batches = prefill_buckets(lengths)
+        batches = length_batches(lengths)
         assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         splits = (list(c) for r in range(len(lengths)) for c in itertools.combinations(range(1, len(lengths)), r))
         cheapest = min(cost([order[a:b] for a, b in zip([0] + cut, cut + [len(lengths)])]) for cut in splits)
         assert cost(batches) == cheapest
-    assert prefill_buckets([50] * 6) == [list(range(6))]            # equal lengths: one batch
+    assert length_batches([50] * 6) == [list(range(6))]            # equal lengths: one batch
 
 
 def test_sample_next_draws_from_the_tempered_distribution():
