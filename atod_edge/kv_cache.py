@@ -123,10 +123,6 @@ class PrefixStore:
             n += 1
         return n
 
-    def prefix(self, keys: list[bytes]) -> torch.Tensor:
-        """The stored KV of these leading blocks: [layers, 2, kv_heads, n * block, head_dim]."""
-        return torch.cat([self.blocks[k] for k in keys], dim=3)
-
     def add(self, key: bytes, kv: torch.Tensor) -> None:
         if key in self.blocks:
             self.blocks.move_to_end(key)
