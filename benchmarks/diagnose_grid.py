@@ -22,24 +22,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from atod_edge import io
 from atod_edge.train.advantages import grpo_advantages
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # compare_report sits beside this file
+import compare_report  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 WINDOW = 12   # steps per row of the tables
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            rows.append(json.loads(line))
-    return rows
+    """The file's records (atod_edge.io.read_jsonl: a torn last line is skipped)."""
+    return io.read_jsonl(path)[0]
 
 
 def step_terms(episodes: list[dict], kappa: float, rho: float) -> dict:
@@ -127,12 +128,12 @@ def diagnose_run(run: Path) -> dict | None:
 
 def paired(final: list[int], earlier: list[int]) -> dict:
     """The final model minus an earlier curve point on the curve's tasks (the first n of the
-    final evaluation's), with a 95% bootstrap interval over tasks (numpy seed 0)."""
+    final evaluation's), with compare_report's 95% bootstrap interval over tasks."""
     n = len(earlier)
     diff = np.asarray(final[:n], float) - np.asarray(earlier, float)
-    boots = diff[np.random.default_rng(0).integers(0, n, size=(10_000, n))].mean(axis=1)
-    return {"earlier": float(np.mean(earlier)), "final": float(np.mean(final[:n])), "diff": float(diff.mean()),
-            "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))], "tasks": n}
+    stats = compare_report.paired_bootstrap([diff[None, :]])   # one env, one seed: a bootstrap over the tasks
+    return {"earlier": float(np.mean(earlier)), "final": float(np.mean(final[:n])), "diff": stats["diff"],
+            "ci95": stats["ci95"], "tasks": n}
 
 
 def pct(x) -> str:
