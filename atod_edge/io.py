@@ -110,3 +110,9 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where presets are built: $ATOD_EDGE_CACHE, else ~/.cache/atod-edge."""
+    env = os.environ.get("ATOD_EDGE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "atod-edge"

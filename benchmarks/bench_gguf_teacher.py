@@ -25,14 +25,15 @@ from pathlib import Path
 def main() -> None:
     import torch
 
-    from atod_edge.backends.llamacpp_teacher import LlamaCppTeacher
+    from atod_edge.scoring.llamacpp_teacher import LlamaCppTeacher
     from atod_edge.envs import env_class
-    from atod_edge.episode import Episode
+    from atod_edge.rollout.episode import Episode
     from atod_edge.export.gguf import quantize_gguf, write_gguf
-    from atod_edge.models import load_model, resolve_model
-    from atod_edge.policy import SamplingParams, TorchPolicy
-    from atod_edge.rollout import run_episodes
-    from atod_edge.scoring import score_episodes
+    from atod_edge.models.loading import load_model, resolve_model
+    from atod_edge.engine.sampling import SamplingParams
+    from atod_edge.engine.policy import TorchPolicy
+    from atod_edge.rollout.runner import run_episodes
+    from atod_edge.scoring.logprobs import score_episodes
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--teacher", default="tiny-teacher")

@@ -58,7 +58,7 @@ def variants(tokens: int, vocab: int, hidden: int, chunk: int, device: str, seed
     sampled tokens through a [vocab, hidden] LM head."""
     import torch
 
-    from atod_edge.scoring import sampled_logprobs
+    from atod_edge.scoring.tokens import sampled_logprobs
 
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(tokens, hidden, generator=generator).to(device).requires_grad_(True)

@@ -59,9 +59,10 @@ def main() -> None:
     import torch
 
     from atod_edge.envs import env_class
-    from atod_edge.models import load_model
-    from atod_edge.policy import SamplingParams, TorchPolicy
-    from atod_edge.rollout import run_episodes
+    from atod_edge.models.loading import load_model
+    from atod_edge.engine.sampling import SamplingParams
+    from atod_edge.engine.policy import TorchPolicy
+    from atod_edge.rollout.runner import run_episodes
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="tiny-student")

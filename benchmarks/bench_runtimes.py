@@ -55,7 +55,7 @@ def torch_weight_bytes(model) -> int:
 
 
 def first_action_latency(policy, prompts, repeats: int = 3) -> float:
-    from atod_edge.policy import SamplingParams
+    from atod_edge.engine.sampling import SamplingParams
 
     sampling = SamplingParams(max_new_tokens=48, temperature=0.0)
     times = []
@@ -82,11 +82,11 @@ def agent_first_action_latency(policy, tasks: int = 3) -> float:
 
 
 def bench_model(model: str, work: Path, tokens: int, threads: int | None, bandwidth: float) -> list[dict]:
-    from atod_edge.backends.llamacpp import LlamaCppPolicy
-    from atod_edge.backends.ort import OrtPolicy
+    from atod_edge.engine.backends.llamacpp import LlamaCppPolicy
+    from atod_edge.engine.backends.ort import OrtPolicy
     from atod_edge.export import export_model
     from atod_edge.export.verify import VerifyConfig, decode_speed, file_bytes, heldout_contexts
-    from atod_edge.policy import TorchPolicy
+    from atod_edge.engine.policy import TorchPolicy
 
     print(f"[{model}] exporting to {work}", file=sys.stderr, flush=True)
     export_model(model, work, onnx=True, int8=True, gguf_quants=["f16", "q8_0", "q4_k_m"],
@@ -132,7 +132,7 @@ def bench_model(model: str, work: Path, tokens: int, threads: int | None, bandwi
 
 def smollm2_student(work: Path) -> str:
     """A compact student cut from SmolLM2-135M-Instruct: every 3rd layer (11 of 30)."""
-    from atod_edge.models import resolve_model, shrink_model
+    from atod_edge.models.loading import resolve_model, shrink_model
 
     return str(shrink_model(resolve_model("smollm2-135m"), "every:3", work / "smollm2-student"))
 

@@ -96,7 +96,7 @@ def timed(device, fn):
 def tree_tokens(prompts, responses, micro_batch: int) -> int:
     """Tokens the prefix-reuse path runs the model on: its micro-batches' prefix trees (the last
     token of each sequence is only a target)."""
-    from atod_edge.shared_prefix import prefix_tree
+    from atod_edge.scoring.prefix_tree import prefix_tree
 
     sequences = [list(p) + list(r) for p, r in zip(prompts, responses) if r]
     order = sorted(range(len(sequences)), key=lambda i: sequences[i])
@@ -128,10 +128,11 @@ def bench_train(args, cfg, teacher_src, student_src, device, log) -> dict:
     import torch
 
     from atod_edge.envs import env_class
-    from atod_edge.models import load_model
-    from atod_edge.policy import SamplingParams, TorchPolicy
-    from atod_edge.rollout import run_episodes
-    from atod_edge.scoring import score_episodes, turn_pairs
+    from atod_edge.models.loading import load_model
+    from atod_edge.engine.sampling import SamplingParams
+    from atod_edge.engine.policy import TorchPolicy
+    from atod_edge.rollout.runner import run_episodes
+    from atod_edge.scoring.logprobs import score_episodes, turn_pairs
     from atod_edge.train.trainer import DistInfo, build_batch, update
 
     student, tokenizer = load_model(student_src, device=str(device))
@@ -235,8 +236,8 @@ def probe(spec: str, work: Path) -> None:
 
     import torch
 
-    from atod_edge.models import load_model
-    from atod_edge.scoring import score_episodes
+    from atod_edge.models.loading import load_model
+    from atod_edge.scoring.logprobs import score_episodes
     from atod_edge.train.trainer import DistInfo, update
 
     phase, name = spec.split(":")
@@ -318,7 +319,7 @@ def bench_sft(args, cfg, device, log) -> dict:
     import torch
 
     from atod_edge.envs import env_class
-    from atod_edge.models import load_model
+    from atod_edge.models.loading import load_model
     from atod_edge.train.sft import SFTConfig, _chunk_loss, build_examples, demo_episodes
 
     b = cfg.bootstrap
@@ -385,7 +386,7 @@ def main() -> int:
     import torch
 
     from atod_edge.config import load_config
-    from atod_edge.policy import torch_device
+    from atod_edge.engine.precision import torch_device
     from atod_edge.train.config import TrainConfig
     from atod_edge.train.pipeline import ensure_model
 

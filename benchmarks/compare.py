@@ -163,8 +163,8 @@ def plan_runs(envs: list[str], algos: list[str], seeds: list[int], ablations: li
 def evaluate_cached(cache_file: Path, model_path: str, cfg, split: str, episodes: int, seed: int) -> dict:
     """Summary of `model_path` on `split` (temperature 0.4, the run's max_turns) and its
     per-episode outcomes, stored in cache_file[split] under a key of everything it depends on."""
-    from atod_edge.evaluate import EvalConfig, evaluate, format_summary
-    from atod_edge.policy import TorchPolicy
+    from atod_edge.evaluate.evaluate import EvalConfig, evaluate, format_summary
+    from atod_edge.engine.policy import TorchPolicy
 
     ecfg = EvalConfig(env=cfg.env, split=split, episodes=episodes, temperature=EVAL_TEMPERATURE, seed=seed,
                       history_turns=cfg.history_turns, max_new_tokens=cfg.max_new_tokens,

@@ -74,7 +74,7 @@ def smollm2_shaped(out: Path, tokenizer_src: str = "tiny-teacher") -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from atod_edge.models import load_tokenizer
+    from atod_edge.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_src)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -88,7 +88,8 @@ def smollm2_shaped(out: Path, tokenizer_src: str = "tiny-teacher") -> Path:
 
 def pick_models(args, work: Path) -> tuple[str, str, str]:
     """(teacher, student, where the teacher came from)."""
-    from atod_edge.models import cache_dir, resolve_model, shrink_model
+    from atod_edge.io import cache_dir
+    from atod_edge.models.loading import resolve_model, shrink_model
 
     teacher, source = args.teacher, "given"
     if not teacher and args.cpu:
@@ -116,8 +117,9 @@ def check_tests(report: Report, device_kind: str) -> None:
 def rollout_episodes(model, tokenizer, device: str, precision: str, tasks: int, group: int, max_new_tokens: int,
                      seed: int = 0):
     from atod_edge.envs import env_class
-    from atod_edge.policy import SamplingParams, TorchPolicy
-    from atod_edge.rollout import run_episodes
+    from atod_edge.engine.sampling import SamplingParams
+    from atod_edge.engine.policy import TorchPolicy
+    from atod_edge.rollout.runner import run_episodes
 
     env_cls = env_class("household")
     policy = TorchPolicy(model, tokenizer, device=device, precision=precision)
@@ -130,8 +132,8 @@ def check_logprobs(report: Report, student_src: str, device: str, precision: str
     fp32: what recompute_old_logprobs removes from the ratio and from lp_T - lp_S."""
     import torch
 
-    from atod_edge.models import load_model
-    from atod_edge.scoring import response_logprobs, turn_pairs
+    from atod_edge.models.loading import load_model
+    from atod_edge.scoring.logprobs import response_logprobs, turn_pairs
 
     model, tokenizer = load_model(student_src, device=device, dtype=torch.float32)
     episodes = rollout_episodes(model, tokenizer, device, precision, args.tasks, args.group, args.max_new_tokens)
@@ -172,7 +174,7 @@ def check_host_syncs(report: Report, student_src: str, device: str, precision: s
     import torch
 
     from atod_edge.config import load_config
-    from atod_edge.models import load_model
+    from atod_edge.models.loading import load_model
     from atod_edge.train.config import TrainConfig
     from atod_edge.train.trainer import DistInfo, build_batch, update
 
@@ -203,7 +205,7 @@ def check_master_weights(report: Report, student_src: str, teacher_src: str, dev
     from safetensors.torch import load_file
 
     from atod_edge.config import load_config
-    from atod_edge.models import load_model
+    from atod_edge.models.loading import load_model
     from atod_edge.train.config import TrainConfig
     from atod_edge.train.trainer import train
 
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_tests and not cpu:
             check_tests(report, "cuda")
         teacher, student, source = pick_models(args, work)
-        from atod_edge.models import model_info
+        from atod_edge.models.loading import model_info
 
         report("models", teacher=teacher, teacher_source=source, student=student,
                teacher_info=_info(model_info, teacher), student_info=_info(model_info, student))
@@ -333,7 +335,7 @@ def _info(model_info, src: str) -> dict:
 
 
 def _config(src: str) -> dict:
-    from atod_edge.models import resolve_model
+    from atod_edge.models.loading import resolve_model
 
     return json.loads((Path(resolve_model(src)) / "config.json").read_text())
 

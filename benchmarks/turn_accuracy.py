@@ -15,10 +15,10 @@ import argparse
 from collections import Counter
 
 from atod_edge.envs import env_class
-from atod_edge.backends import load_policy
-from atod_edge.policy import SamplingParams
+from atod_edge.engine.backends import load_policy
+from atod_edge.engine.sampling import SamplingParams
 from atod_edge.prompts import encode_prompt, parse_action
-from atod_edge.rollout import episode_messages, run_scripted
+from atod_edge.rollout.runner import episode_messages, run_scripted
 
 
 def turn_accuracy(model: str, env: str, episodes: int, batch: int = 32) -> tuple[float, dict[str, tuple[float, int]]]:

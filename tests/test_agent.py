@@ -16,8 +16,9 @@ import pytest
 
 from atod_edge.envs import make_env
 from atod_edge.errors import UserError
-from atod_edge.policy import SamplingParams, TorchPolicy
-from atod_edge.rollout import run_episodes
+from atod_edge.engine.sampling import SamplingParams
+from atod_edge.engine.policy import TorchPolicy
+from atod_edge.rollout.runner import run_episodes
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -14,11 +14,12 @@ except ImportError:  # CI installs it; a local venv may still be building it
     pytest.skip("llama-cpp-python is not importable (pip install llama-cpp-python==0.3.36)",
                 allow_module_level=True)
 
-from atod_edge.backends import load_policy
-from atod_edge.backends.llamacpp import LlamaCppPolicy
-from atod_edge.backends.ort import OrtPolicy
+from atod_edge.engine.backends import load_policy
+from atod_edge.engine.backends.llamacpp import LlamaCppPolicy
+from atod_edge.engine.backends.ort import OrtPolicy
 from atod_edge.errors import UserError
-from atod_edge.policy import SamplingParams, TorchPolicy
+from atod_edge.engine.sampling import SamplingParams
+from atod_edge.engine.policy import TorchPolicy
 from atod_edge.prompts import build_messages, encode_prompt
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, stop=())
@@ -114,7 +115,7 @@ def test_load_policy_dispatch_and_errors(files, tmp_path):
 def test_a_truncated_gguf_is_refused_in_one_line_naming_the_file(files, tmp_path, capsys):
     import shutil
 
-    from atod_edge.cli import main
+    from atod_edge.cli.main import main
 
     for tokenizer_file in (f for f in files.iterdir() if f.is_file() and f.suffix != ".gguf"):
         shutil.copy(tokenizer_file, tmp_path)
@@ -131,7 +132,7 @@ def test_a_truncated_gguf_is_refused_in_one_line_naming_the_file(files, tmp_path
 @pytest.mark.parametrize("name", ["onnx", "agent.q8_0.gguf"])
 def test_rollout_engine_runs_episodes_with_exported_backends(files, name):
     from atod_edge.envs import make_env
-    from atod_edge.rollout import run_episodes
+    from atod_edge.rollout.runner import run_episodes
 
     policy = load_policy(str(files / name))
     tasks = make_env("household").tasks("eval", 2)

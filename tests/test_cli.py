@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from atod_edge.cli import main
-from atod_edge.episode import read_episodes
+from atod_edge.cli.main import main
+from atod_edge.rollout.episode import read_episodes
 
 SUBCOMMANDS = ("train", "sft", "eval", "export", "tui", "env", "models", "config")
 
@@ -167,7 +167,7 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(command, damaged, tmp_path,
 
 
 def test_a_truncated_safetensors_file_is_one_line(atod_cache, tmp_path, capsys):
-    from atod_edge.models import resolve_model
+    from atod_edge.models.loading import resolve_model
 
     ckpt = shutil.copytree(resolve_model("tiny-student"), tmp_path / "torn")
     weights = ckpt / "model.safetensors"

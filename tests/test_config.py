@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from atod_edge.cli import main
+from atod_edge.cli.main import main
 from atod_edge.config import describe, dump_yaml, load_config, nested, opt, resolve_recipe
 from atod_edge.errors import ConfigError
-from atod_edge.evaluate import EvalConfig
+from atod_edge.evaluate.evaluate import EvalConfig
 
 
 @dataclasses.dataclass

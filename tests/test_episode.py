@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from atod_edge.episode import SCHEMA_VERSION, Episode, Turn, read_episodes, write_episodes
+from atod_edge.rollout.episode import SCHEMA_VERSION, Episode, Turn, read_episodes, write_episodes
 
 
 def full_episode(i: int = 0) -> Episode:

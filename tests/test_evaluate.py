@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from atod_edge.episode import Episode, Turn, read_episodes
-from atod_edge.evaluate import EvalConfig, evaluate, format_summary, save_eval, summarize, wilson_interval
+from atod_edge.rollout.episode import Episode, Turn, read_episodes
+from atod_edge.evaluate.evaluate import EvalConfig, evaluate, format_summary, save_eval, summarize, wilson_interval
 
 
 def test_wilson_interval_known_values_and_edges():
@@ -86,7 +86,7 @@ def test_format_summary_reads_well():
 # --- comparing two policies on the same tasks ------------------------------------------------
 
 def test_t_quantile_matches_the_table_values():
-    from atod_edge.evaluate import t_quantile_975
+    from atod_edge.evaluate.evaluate import t_quantile_975
 
     # two-sided 95% Student t quantiles from any statistics table
     for df, expected in [(1, 12.706), (4, 2.776), (10, 2.228), (20, 2.086), (60, 2.000), (1000, 1.962)]:
@@ -94,7 +94,7 @@ def test_t_quantile_matches_the_table_values():
 
 
 def test_paired_difference_hand_computed():
-    from atod_edge.evaluate import paired_difference
+    from atod_edge.evaluate.evaluate import paired_difference
 
     # differences [1, 0, 1, 0, 0]: mean 0.4, sd sqrt(0.3), half-width 2.776 * sqrt(0.3) / sqrt(5) = 0.680
     result = paired_difference([1, 1, 1, 0, 1], [0, 1, 0, 0, 1])
@@ -105,7 +105,7 @@ def test_paired_difference_hand_computed():
 
 
 def test_pairing_by_task_and_the_comparison_files(tmp_path):
-    from atod_edge.evaluate import PAIRS_FILE, compare_summary, format_comparison, pair_episodes, save_comparison
+    from atod_edge.evaluate.evaluate import PAIRS_FILE, compare_summary, format_comparison, pair_episodes, save_comparison
 
     def ep(task: str, success: bool) -> Episode:
         return Episode("household", task, 0, "eval", success=success, score=float(success))

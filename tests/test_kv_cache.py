@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from atod_edge.envs import make_env
-from atod_edge.policy import SamplingParams, TorchPolicy
-from atod_edge.kv_cache import PrefixStore, supports_prefix_cache
+from atod_edge.engine.sampling import SamplingParams
+from atod_edge.engine.policy import TorchPolicy
+from atod_edge.engine.kv_cache import PrefixStore, supports_prefix_cache
 from atod_edge.prompts import build_messages, encode_prompt
-from atod_edge.rollout import run_episodes
+from atod_edge.rollout.runner import run_episodes
 
 GREEDY = SamplingParams(max_new_tokens=5, temperature=0.0, stop=())
 
@@ -108,7 +109,7 @@ def test_sliding_window_models_are_not_cached(tiny_student):
 
 
 def test_buffer_cache_equals_concatenation_and_grows():
-    from atod_edge.kv_cache import buffer_cache
+    from atod_edge.engine.kv_cache import buffer_cache
 
     cache = buffer_cache(num_layers=1, capacity=3)
     chunks = [torch.randn(2, 1, n, 4) for n in (2, 1, 4)]          # 7 positions: grows past 3
@@ -123,7 +124,7 @@ def test_buffer_cache_equals_concatenation_and_grows():
 
 
 def test_buffer_cache_compacts_rows_in_place():
-    from atod_edge.kv_cache import buffer_cache
+    from atod_edge.engine.kv_cache import buffer_cache
 
     cache = buffer_cache(num_layers=2, capacity=10)
     for layer in cache.layers:

@@ -31,8 +31,8 @@ def recorded(student_policy):
     """The student's episodes on two household tasks, two rollouts each (a GRPO group shares its
     first prompt, the turns of a task their system prompt and task text)."""
     from atod_edge.envs import env_class
-    from atod_edge.policy import SamplingParams
-    from atod_edge.rollout import run_episodes
+    from atod_edge.engine.sampling import SamplingParams
+    from atod_edge.rollout.runner import run_episodes
 
     env_cls = env_class("household")
     return run_episodes(student_policy, env_cls, env_cls().tasks("train", 2), group_size=2,
@@ -40,14 +40,14 @@ def recorded(student_policy):
 
 
 def _copy(episodes):
-    from atod_edge.episode import Episode
+    from atod_edge.rollout.episode import Episode
 
     return [Episode.from_dict(ep.to_dict()) for ep in episodes]
 
 
 def test_gguf_teacher_matches_the_torch_teacher_on_recorded_episodes(gguf_teacher, small_teacher, recorded,
                                                                      tiny_student):
-    from atod_edge.teacher import load_teacher, score_episodes
+    from atod_edge.scoring.teacher import load_teacher, score_episodes
 
     _, tokenizer = tiny_student
     by_torch, by_gguf = _copy(recorded), _copy(recorded)
@@ -76,7 +76,7 @@ def test_gguf_teacher_refuses_another_tokenizer(gguf_teacher, tiny_student, tmp_
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from atod_edge.backends.llamacpp_teacher import LlamaCppTeacher
+    from atod_edge.scoring.llamacpp_teacher import LlamaCppTeacher
 
     _, student_tokenizer = tiny_student
     raw = Tokenizer(models.BPE())
@@ -107,9 +107,9 @@ def test_short_atod_run_with_the_gguf_teacher_and_the_adaptive_schedule_trains(g
     import torch
 
     from atod_edge.config import load_config
-    from atod_edge.episode import read_episodes
+    from atod_edge.rollout.episode import read_episodes
     from atod_edge.io import read_jsonl
-    from atod_edge.models import resolve_model
+    from atod_edge.models.loading import resolve_model
     from atod_edge.train.config import TrainConfig
     from atod_edge.train.trainer import train
 

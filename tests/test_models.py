@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from atod_edge import models, zoo
+from atod_edge.models import loading as models
+
+from atod_edge.models import zoo
 from atod_edge.errors import UserError
 
 ENV_NAMES = ("household", "shop", "searchqa")
@@ -186,7 +188,7 @@ def test_shrink_keeps_chosen_layers(cache, tmp_path):
 
 
 def test_average_is_the_mean_of_the_weights_and_refuses_other_architectures(cache, tmp_path, capsys):
-    from atod_edge import cli
+    from atod_edge.cli import main as cli
 
     student, tokenizer = models.load_model("tiny-student")
     shifted = tmp_path / "shifted"

@@ -7,8 +7,11 @@ import torch
 
 from atod_edge.envs import make_env
 from atod_edge.errors import UserError
-from atod_edge.backends import load_policy
-from atod_edge.policy import SamplingParams, StopChecker, TorchPolicy, length_batches, sample_next, torch_device
+from atod_edge.engine.backends import load_policy
+from atod_edge.engine.sampling import SamplingParams, StopChecker, sample_next
+from atod_edge.engine.policy import TorchPolicy
+from atod_edge.engine.batching import length_batches
+from atod_edge.engine.precision import torch_device
 from atod_edge.prompts import build_messages, encode_prompt, parse_action
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, stop=())
@@ -224,10 +227,10 @@ def test_policy_module_imports_no_backend():
     import ast
     from pathlib import Path
 
-    import atod_edge.policy
+    import atod_edge.engine.policy as policy_module
 
-    tree = ast.parse(Path(atod_edge.policy.__file__).read_text())
+    tree = ast.parse(Path(policy_module.__file__).read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
-    assert not {m for m in imported if m.startswith("atod_edge.backends")}
-    assert not hasattr(atod_edge.policy, "load_policy")
+    assert not {m for m in imported if m.startswith("atod_edge.engine.backends")}
+    assert not hasattr(policy_module, "load_policy")

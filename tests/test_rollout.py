@@ -10,10 +10,11 @@ import torch
 
 from atod_edge.envs import Env, StepResult, Task, make_env
 from atod_edge.envs.household import HouseholdEnv
-from atod_edge.policy import Generation, Policy, SamplingParams
+from atod_edge.engine.policy import Generation, Policy
+from atod_edge.engine.sampling import SamplingParams
 from atod_edge.prompts import build_messages, encode_prompt, parse_action
-from atod_edge.rollout import EnvPool, act, episode_messages, run_episodes, run_scripted
-from atod_edge.scoring import response_logprobs
+from atod_edge.rollout.runner import EnvPool, act, episode_messages, run_episodes, run_scripted
+from atod_edge.scoring.logprobs import response_logprobs
 
 SHORT = SamplingParams(max_new_tokens=6, temperature=1.0)
 

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from atod_edge.episode import Episode, Turn
-from atod_edge.scoring import response_logprobs, score_episodes, turn_pairs
+from atod_edge.rollout.episode import Episode, Turn
+from atod_edge.scoring.logprobs import response_logprobs, score_episodes, turn_pairs
 
 # (prompt length, response length): very different lengths in one micro-batch, an empty response
 SHAPES = [(3, 20), (150, 1), (40, 7), (90, 0), (12, 33)]

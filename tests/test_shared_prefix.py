@@ -8,9 +8,9 @@ import torch
 
 from atod_edge.envs import env_class
 from atod_edge.prompts import encode_prompt
-from atod_edge.rollout import episode_messages, run_scripted
-from atod_edge.scoring import response_logprobs
-from atod_edge.shared_prefix import prefix_tree, shared_prefix_logprobs, shared_response_logprobs
+from atod_edge.rollout.runner import episode_messages, run_scripted
+from atod_edge.scoring.logprobs import response_logprobs
+from atod_edge.scoring.prefix_tree import prefix_tree, shared_prefix_logprobs, shared_response_logprobs
 
 
 def household_turns(tokenizer, tasks: int = 2, group: int = 2, max_turns: int = 5):

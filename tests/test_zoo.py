@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from atod_edge import zoo
+from atod_edge.models import zoo
 from atod_edge.errors import UserError
-from atod_edge.models import load_model, resolve_model
+from atod_edge.models.loading import load_model, resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_shipped_zoo_model_matches_its_card(name):
 def test_household_teacher_is_listed_with_its_measured_success(capsys):
     if "household-teacher" not in zoo.names():
         pytest.fail("the zoo has no household-teacher (the default job's teacher)")
-    from atod_edge.cli import main
+    from atod_edge.cli.main import main
 
     assert main(["models", "list"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("household-teacher"))

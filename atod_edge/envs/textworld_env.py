@@ -71,7 +71,7 @@ def games_dir() -> Path:
     override = os.environ.get("ATOD_EDGE_GAMES_DIR")
     if override:
         return Path(override).expanduser()
-    from atod_edge.models import cache_dir
+    from atod_edge.io import cache_dir
     return cache_dir() / "games"
 
 

@@ -94,7 +94,7 @@ def test_cached_game_is_reused_and_labelled(alfworld_games):
 
 
 def test_import_path_and_scripted_rollout(alfworld_games):
-    from atod_edge.rollout import run_scripted
+    from atod_edge.rollout.runner import run_scripted
 
     cls = env_class("atod_edge.envs.alfworld_env:AlfWorldEngineEnv")
     episodes = run_scripted("expert", cls, cls().tasks("eval", 2))

@@ -7,10 +7,7 @@ import random
 import pytest
 
 from atod_edge.envs import Task, make_env
-from atod_edge.envs.household import (
-    FAMILIES, OBJECTS, RECEPTACLES, RECENT_TURNS, SEEN_OBJECTS, UNSEEN_ONLY_OBJECTS, HouseholdEnv,
-    parse_goal, visible_expert_action,
-)
+from atod_edge.envs.household import FAMILIES, OBJECTS, RECEPTACLES, RECENT_TURNS, SEEN_OBJECTS, UNSEEN_ONLY_OBJECTS, HouseholdEnv, parse_goal, visible_expert_action
 from atod_edge.errors import UserError
 
 

@@ -8,8 +8,7 @@ import pytest
 
 from atod_edge.envs import make_env
 from atod_edge.envs.base import Task
-from atod_edge.envs.searchqa import (ACTION_TEMPLATES, SEEN_QUESTIONS, UNSEEN_QUESTIONS, UNSEEN_RELATIONS,
-                                     SearchQAEnv, World, make_question, normalise_answer, world)
+from atod_edge.envs.searchqa import ACTION_TEMPLATES, SEEN_QUESTIONS, UNSEEN_QUESTIONS, UNSEEN_RELATIONS, SearchQAEnv, World, make_question, normalise_answer, world
 
 
 def run_expert(env: SearchQAEnv, task: Task) -> tuple[list[str], list[str], dict]:

@@ -8,8 +8,7 @@ import pytest
 
 from atod_edge.envs import make_env
 from atod_edge.envs.base import Task
-from atod_edge.envs.shop import (SEEN_CATEGORIES, UNSEEN_CATEGORIES, ShopEnv, catalog, make_goal,
-                                 match_score, satisfies)
+from atod_edge.envs.shop import SEEN_CATEGORIES, UNSEEN_CATEGORIES, ShopEnv, catalog, make_goal, match_score, satisfies
 
 
 def run_expert(env: ShopEnv, task: Task) -> tuple[list[str], list[str], dict]:

@@ -10,8 +10,7 @@ import json
 import pytest
 
 from atod_edge.envs import Task, env_class
-from atod_edge.envs.textworld_env import (TextWorldCoinEnv, TextWorldCookingEnv, TextWorldEnv,
-                                          TextWorldTreasureEnv, clean_observation)
+from atod_edge.envs.textworld_env import TextWorldCoinEnv, TextWorldCookingEnv, TextWorldEnv, TextWorldTreasureEnv, clean_observation
 
 ADAPTERS = [TextWorldCookingEnv, TextWorldCoinEnv, TextWorldTreasureEnv]
 EVAL_TASKS = 2
@@ -119,7 +118,7 @@ def test_unseen_split_uses_other_settings():
 
 
 def test_import_path_and_scripted_rollout(games_dir):
-    from atod_edge.rollout import run_scripted
+    from atod_edge.rollout.runner import run_scripted
 
     cls = env_class("atod_edge.envs.textworld_env:TextWorldCookingEnv")
     assert cls is TextWorldCookingEnv and issubclass(cls, TextWorldEnv)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from atod_edge.episode import Episode, Turn
+from atod_edge.rollout.episode import Episode, Turn
 from atod_edge.export.verify import agent_summary, has_loop, paired_interval
 
 

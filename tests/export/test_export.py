@@ -82,7 +82,7 @@ def test_the_fixture_model_is_peaked(exported):
     import numpy as np
 
     from atod_edge.export.verify import heldout_contexts, torch_logits
-    from atod_edge.models import load_model
+    from atod_edge.models.loading import load_model
 
     _, report = exported
     model, tokenizer = load_model(report["source"])
@@ -170,7 +170,7 @@ def test_one_scrambled_tensor_fails_verification_in_every_format(exported, tmp_p
 def test_width_not_multiple_of_256_is_reported_as_quant_fallback(tmp_path, atod_cache):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from atod_edge.models import load_tokenizer, resolve_model
+    from atod_edge.models.loading import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model("tiny-student"))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=320, intermediate_size=640,
@@ -193,7 +193,7 @@ def test_width_not_multiple_of_256_is_reported_as_quant_fallback(tmp_path, atod_
 
 def test_failed_write_leaves_no_partial_file(exported, tmp_path, monkeypatch):
     out, _ = exported
-    from atod_edge.models import resolve_model
+    from atod_edge.models.loading import resolve_model
 
     target = tmp_path / "agent.f16.gguf"
     target.write_bytes(b"previous good file")
@@ -220,8 +220,8 @@ def test_qwen2_gguf_needs_no_rotary_permutation_and_keeps_biases(tmp_path, atod_
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from atod_edge.backends.llamacpp import LlamaCppPolicy
-    from atod_edge.models import load_tokenizer, resolve_model
+    from atod_edge.engine.backends.llamacpp import LlamaCppPolicy
+    from atod_edge.models.loading import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model("tiny-student"))
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
@@ -277,8 +277,8 @@ TINY_VERIFY = VerifyConfig(n_contexts=1, max_context_tokens=128, greedy_tokens=2
 
 def test_verification_runs_on_the_env_of_the_checkpoints_run_or_the_one_given(tmp_path, atod_cache,
                                                                                monkeypatch, capsys):
-    from atod_edge.cli import main
-    from atod_edge.models import resolve_model
+    from atod_edge.cli.main import main
+    from atod_edge.models.loading import resolve_model
 
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "tickgame.py").write_text(PLUGIN)
@@ -318,7 +318,7 @@ def test_calibrate_quantizes_k_quants_with_the_agents_own_importance_matrix(expo
     assert (tmp_path / "agent.q4_k_m.gguf").read_bytes() != (out / "agent.q4_k_m.gguf").read_bytes()
     assert (tmp_path / "agent.q8_0.gguf").read_bytes() == (out / "agent.q8_0.gguf").read_bytes()
     assert "importance matrix" in (tmp_path / "report.md").read_text()
-    from atod_edge.backends.llamacpp import LlamaCppPolicy
+    from atod_edge.engine.backends.llamacpp import LlamaCppPolicy
 
     LlamaCppPolicy.load(str(tmp_path / "agent.q4_k_m.gguf"), n_threads=1).close()
     with pytest.raises(UserError, match="K-quants"):

@@ -13,7 +13,7 @@ pytest.importorskip("optimum.exporters.onnx")
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
-from atod_edge.cli import main  # noqa: E402
+from atod_edge.cli.main import main  # noqa: E402
 
 QUICK = ["verify.n_contexts=2", "verify.max_context_tokens=256", "verify.greedy_tokens=8", "verify.n_episodes=2",
          "verify.max_turns=2", "verify.speed_tokens=8", "verify.device=cpu"]
@@ -103,9 +103,9 @@ def test_a_lora_adapter_is_merged_into_its_base_at_export(small_teacher, tmp_pat
     import numpy as np
     import torch
 
-    from atod_edge.backends import load_policy
+    from atod_edge.engine.backends import load_policy
     from atod_edge.config import load_config
-    from atod_edge.models import load_model
+    from atod_edge.models.loading import load_model
     from atod_edge.train.config import TrainConfig
     from atod_edge.train.trainer import train
 

@@ -58,8 +58,8 @@ def test_stock_llama_cpp_server_answers_household_prompts_with_actions(peaked_ex
     """Five household prompts through the stock server: every reply holds an action, and it is the
     action the same file gives in-process on the prompt tokens atod-edge builds itself (the server
     applied the GGUF's chat template exactly as training did)."""
-    from atod_edge.backends.llamacpp import LlamaCppPolicy
-    from atod_edge.policy import SamplingParams
+    from atod_edge.engine.backends.llamacpp import LlamaCppPolicy
+    from atod_edge.engine.sampling import SamplingParams
     from atod_edge.prompts import encode_prompt
 
     out, _ = peaked_export
@@ -128,7 +128,7 @@ def test_export_writes_modelfile_and_serve_md(peaked_export):
 
 def test_non_chatml_template_gets_no_ollama_template(atod_cache):
     from atod_edge.export.serve import ollama_template
-    from atod_edge.models import load_tokenizer
+    from atod_edge.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer("tiny-student")
     assert ollama_template(tokenizer) is not None

@@ -112,7 +112,7 @@ def _tiny_llama():
 def _turns(rank: int | None):
     """Rank 0 holds three turns, rank 1 one (None: all four): random tokens, the model's own
     log-probs as lp_S (ratio 1 in the first epoch), random advantages."""
-    from atod_edge.scoring import response_logprobs
+    from atod_edge.scoring.logprobs import response_logprobs
     from atod_edge.train.trainer import TokenBatch
 
     gen = torch.Generator().manual_seed(7)

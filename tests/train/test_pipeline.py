@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from train_fixtures import metric_rows, overrides, run_cli
 
-from atod_edge import cli
-from atod_edge.models import resolve_model, train_tiny_tokenizer
+from atod_edge.cli import main as cli
+from atod_edge.models.loading import resolve_model, train_tiny_tokenizer
 
 
 def _flags(settings: list[str]) -> list[str]:
@@ -114,7 +114,7 @@ def test_student_cut_from_the_teacher_keeps_its_layers_and_tokenizer(atod_cache,
     import torch
 
     from atod_edge.config import load_config
-    from atod_edge.models import load_model
+    from atod_edge.models.loading import load_model
     from atod_edge.train.config import TrainConfig
     from atod_edge.train.pipeline import ensure_model
 

@@ -15,16 +15,14 @@ import pytest
 import torch
 from train_fixtures import load_weights, metric_rows, overrides
 
-from atod_edge import cli
+from atod_edge.cli import main as cli
 from atod_edge.config import load_config
-from atod_edge.episode import SCHEMA_VERSION, Episode, Turn, read_episodes, write_episodes
+from atod_edge.rollout.episode import SCHEMA_VERSION, Episode, Turn, read_episodes, write_episodes
 from atod_edge.errors import ConfigError
-from atod_edge.scoring import sampled_logprobs
+from atod_edge.scoring.tokens import sampled_logprobs
 from atod_edge.train.config import TrainConfig
-from atod_edge.train.precision import (compute_precision, fsdp_mixed_precision, logprob_mismatch,
-                                       recomputes_old_logprobs, truncated_is_weights)
-from atod_edge.train.trainer import (DistInfo, TokenBatch, build_batch, micro_batch_token_index,
-                                     recompute_old_logprobs, train, update)
+from atod_edge.train.precision import compute_precision, fsdp_mixed_precision, logprob_mismatch, recomputes_old_logprobs, truncated_is_weights
+from atod_edge.train.trainer import DistInfo, TokenBatch, build_batch, micro_batch_token_index, recompute_old_logprobs, train, update
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +36,7 @@ def _cfg(*extra: str) -> TrainConfig:
 @pytest.fixture(scope="module")
 def bf16_student(atod_cache, tmp_path_factory) -> Path:
     """tiny-student saved in bf16, as Qwen checkpoints come."""
-    from atod_edge.models import load_model
+    from atod_edge.models.loading import load_model
 
     model, tokenizer = load_model("tiny-student")
     path = tmp_path_factory.mktemp("bf16") / "student"
@@ -80,8 +78,9 @@ def test_compute_precision_and_when_old_logprobs_are_recomputed():
 
 def test_recomputed_old_logprobs_equal_the_rollouts_in_fp32_not_in_bf16(tiny_student, one_thread):
     from atod_edge.envs import env_class
-    from atod_edge.policy import SamplingParams, TorchPolicy
-    from atod_edge.rollout import run_episodes
+    from atod_edge.engine.sampling import SamplingParams
+    from atod_edge.engine.policy import TorchPolicy
+    from atod_edge.rollout.runner import run_episodes
 
     model, tokenizer = tiny_student
     env_cls = env_class("household")
@@ -120,7 +119,7 @@ def test_truncated_importance_weights_and_mismatch_by_hand():
 def test_loss_weights_scale_each_tokens_loss(tiny_student, one_thread):
     from copy import deepcopy
 
-    from atod_edge.scoring import response_logprobs
+    from atod_edge.scoring.logprobs import response_logprobs
 
     model, tokenizer = tiny_student
     prompt = tokenizer("Goal: put the apple in the fridge.")["input_ids"]
@@ -206,9 +205,10 @@ def test_training_refuses_sampling_other_than_the_models_own_distribution(settin
 
 def test_length_truncation_is_recorded_summarised_and_maskable(tiny_student, forced_text, tmp_path):
     from atod_edge.envs import env_class
-    from atod_edge.evaluate import format_summary, summarize
-    from atod_edge.policy import SamplingParams, TorchPolicy
-    from atod_edge.rollout import run_episodes
+    from atod_edge.evaluate.evaluate import format_summary, summarize
+    from atod_edge.engine.sampling import SamplingParams
+    from atod_edge.engine.policy import TorchPolicy
+    from atod_edge.rollout.runner import run_episodes
 
     model, tokenizer = tiny_student
     env_cls = env_class("household")

@@ -21,7 +21,7 @@ def _tiny_llama():
 def _batch(rank: int | None):
     """Eight turns of two 'episodes' (a 24-token shared prefix each, then their own tokens);
     rank 0 holds five, rank 1 three, None all. lp_S: the model's own log-probs; random advantages."""
-    from atod_edge.scoring import response_logprobs
+    from atod_edge.scoring.logprobs import response_logprobs
     from atod_edge.train.trainer import TokenBatch
 
     gen = torch.Generator().manual_seed(3)

@@ -11,14 +11,14 @@ import pytest
 import torch
 from train_fixtures import load_weights, same_weights
 
-from atod_edge import cli
+from atod_edge.cli import main as cli
 from atod_edge.config import load_config
 from atod_edge.envs import env_class
-from atod_edge.episode import read_episodes
+from atod_edge.rollout.episode import read_episodes
 from atod_edge.errors import UserError
 from atod_edge.io import read_jsonl
-from atod_edge.models import check_same_tokenizer, load_model, resolve_model
-from atod_edge.scoring import response_logprobs
+from atod_edge.models.loading import check_same_tokenizer, load_model, resolve_model
+from atod_edge.scoring.logprobs import response_logprobs
 from atod_edge.train.sft import SFTConfig, build_examples, demo_episodes, lr_factor, train_sft, work_dir
 
 
@@ -144,7 +144,8 @@ def test_sft_writes_loss_rows_periodic_eval_rows_and_a_curve(sft_reference):
 
 def test_interrupted_then_resumed_sft_matches_the_uninterrupted_run(sft_reference, one_thread, tmp_path,
                                                                    monkeypatch, capsys):
-    from atod_edge import scoring, shared_prefix
+    from atod_edge.scoring import logprobs as scoring
+    from atod_edge.scoring import prefix_tree as shared_prefix
 
     out = tmp_path / "model"
     calls = []

@@ -6,8 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from atod_edge.errors import UserError
-from atod_edge.train.tdur import (
-    minmax_per_trajectory, token_level_weights, token_weights, turn_statistics, turn_weights)
+from atod_edge.train.tdur import minmax_per_trajectory, token_level_weights, token_weights, turn_statistics, turn_weights
 
 # Two-turn trajectory, by hand:
 #   turn 0: lp_S [-1, -3], lp_T [-2, -1]  -> d = (1 + 2) / 2 = 1.5,  h = (1 + 3) / 2 = 2

@@ -11,9 +11,9 @@ import pytest
 import torch
 from train_fixtures import load_weights, metric_rows, overrides, run_cli, same_weights
 
-from atod_edge import cli
+from atod_edge.cli import main as cli
 from atod_edge.config import load_config
-from atod_edge.episode import Episode, Turn, read_episodes
+from atod_edge.rollout.episode import Episode, Turn, read_episodes
 from atod_edge.train.config import TrainConfig
 from atod_edge.train.lora import peft_available
 from atod_edge.train.schedule import ScheduleConfig, coefficients
@@ -173,7 +173,7 @@ def test_token_level_weights_leave_turn_weights_unset():
 def test_update_raises_the_logprob_of_a_positive_advantage_response(tiny_student, one_thread):
     from copy import deepcopy
 
-    from atod_edge.scoring import response_logprobs
+    from atod_edge.scoring.logprobs import response_logprobs
 
     model, tokenizer = tiny_student
     student = deepcopy(model)
@@ -204,8 +204,8 @@ def _household_batch(tokenizer, model) -> "TokenBatch":
     prefixes), the model's own log-probs as lp_S and random advantages."""
     from atod_edge.envs import env_class
     from atod_edge.prompts import encode_prompt
-    from atod_edge.rollout import episode_messages, run_scripted
-    from atod_edge.scoring import response_logprobs
+    from atod_edge.rollout.runner import episode_messages, run_scripted
+    from atod_edge.scoring.logprobs import response_logprobs
     from atod_edge.train.trainer import TokenBatch
 
     env = env_class("household")
@@ -288,7 +288,7 @@ def atod_run(small_teacher, one_thread, tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(SMOKE_RUNS))
 def test_three_step_smoke_run(name, atod_run, small_teacher, atod_cache, tmp_path):
-    from atod_edge.models import resolve_model
+    from atod_edge.models.loading import resolve_model
 
     cfg, run_dir, final = atod_run if name == "atod" else _smoke(name, tmp_path, small_teacher)
     rows = metric_rows(run_dir)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atod_edge import zoo
-from atod_edge.models import load_model
-from atod_edge.policy import SamplingParams, TorchPolicy
-from atod_edge.rollout import run_episodes
-from atod_edge.scoring import response_logprobs
+from atod_edge.models import zoo
+from atod_edge.models.loading import load_model
+from atod_edge.engine.sampling import SamplingParams
+from atod_edge.engine.policy import TorchPolicy
+from atod_edge.rollout.runner import run_episodes
+from atod_edge.scoring.logprobs import response_logprobs
 from atod_edge.train.config import TrainConfig
 from atod_edge.train.trainer import DistInfo, build_batch, update
 

@@ -7,10 +7,9 @@ import json
 import pytest
 from tui_fixtures import CountingEnv, make_episodes, write_episodes_file
 
-from atod_edge.episode import Turn
+from atod_edge.rollout.episode import Turn
 from atod_edge.errors import UserError
-from atod_edge.tui.data import (EpisodeFilter, MetricsLog, RunDir, TokenDecoder, classify_path,
-                                episode_stats, load_episodes, step_filter_valid, turn_tokens)
+from atod_edge.tui.data import EpisodeFilter, MetricsLog, RunDir, TokenDecoder, classify_path, episode_stats, load_episodes, step_filter_valid, turn_tokens
 from atod_edge.tui.live_session import ExpertAgent, HumanAgent, LiveSession, make_agent
 from atod_edge.tui.widgets.curve_plot import render_bars, resample
 from atod_edge.tui.widgets.token_view import delta_style

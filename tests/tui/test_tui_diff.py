@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from atod_edge.episode import Episode, Turn, write_episodes
+from atod_edge.rollout.episode import Episode, Turn, write_episodes
 from atod_edge.errors import UserError
 from atod_edge.tui.app import AtodApp
 from atod_edge.tui.diff_data import build_diff, load_diff
@@ -121,7 +121,7 @@ async def test_diff_screen_navigation(diff_files):
 
 
 def test_tui_diff_cli_errors(diff_files, tmp_path, capsys):
-    from atod_edge.cli import main
+    from atod_edge.cli.main import main
 
     assert main(["tui", "--diff", str(diff_files[0]), str(tmp_path / "nope.jsonl")]) != 0
     assert "not found" in capsys.readouterr().err
@@ -134,7 +134,7 @@ def test_eval_compare_writes_both_files_and_the_pairing_index(atod_cache, tmp_pa
     the same four seeded tasks; the diff screen opens on the files it wrote."""
     import asyncio
 
-    from atod_edge.cli import main
+    from atod_edge.cli.main import main
 
     out = tmp_path / "cmp"
     code = main(["eval", "--model", "tiny-student", "--compare", "expert", "--episodes", "4", "--out", str(out),

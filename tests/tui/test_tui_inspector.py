@@ -108,7 +108,7 @@ async def test_empty_file(tmp_path):
 
 
 async def test_truncated_turns_are_marked(tmp_path):
-    from atod_edge.episode import Episode, Turn
+    from atod_edge.rollout.episode import Episode, Turn
 
     cut = Turn("You are in a kitchen.", response="<action>open fri", prompt_ids=[1, 2], response_ids=[3, 4, 5],
                student_logprobs=[-1.0, -2.0, -0.5], valid=False, finish_reason="length")

@@ -155,12 +155,12 @@ async def test_expert_on_a_built_in_env():
         assert screen.session.won, transcript(screen)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("atod_edge.policy") is None
+@pytest.mark.skipif(importlib.util.find_spec("atod_edge.engine.policy") is None
                     or not builtin_env_available("household"), reason="no policy module or env")
 async def test_a_tiny_model_takes_turns():
     """The tiny-student preset (random init) through the core policy interface: its turns are
     recorded with the model's raw response, valid or not, and the UI stays usable."""
-    from atod_edge.models import build_preset
+    from atod_edge.models.loading import build_preset
 
     try:
         model = build_preset("tiny-student")

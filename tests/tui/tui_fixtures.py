@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from atod_edge.envs.base import Env, StepResult, Task
-from atod_edge.episode import Episode, Turn, write_episodes
+from atod_edge.rollout.episode import Episode, Turn, write_episodes
 
 CORPUS = [
     "You are in the kitchen. You see a fridge 1, a counter 1 and a cabinet 2.",

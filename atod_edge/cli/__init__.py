@@ -1,0 +1,1 @@
+"""The `atod-edge` command line."""

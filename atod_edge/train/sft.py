@@ -1,0 +1,476 @@
+"""Supervised fine-tuning on demonstration episodes: the teacher bootstrap and the cold start.
+
+The loss is the mean negative log-likelihood of the response tokens (the prompt is masked out,
+unless prompt_loss_weight adds a language-modelling loss on it);
+prompts are built exactly as the rollout engine builds them, so the model is trained on what it
+will see. Demonstrations come from the env's scripted expert, a noisy expert (imperfect demos),
+DART-style demos (noisy execution, every state labelled with the expert's action: the model also
+learns to recover from off-path states, which pure expert demos never show), DAgger demos (the
+start model's own sampled episodes, every state labelled with the expert's action: the states its
+own mistakes lead to, e.g. a loop of one invalid action), or an episodes JSONL file.
+
+The final model goes to `out` (HF layout, written atomically); the run's records go beside it,
+to `<out>.work/`:
+    config.yaml        the resolved SFTConfig
+    data.json          counts and a fingerprint of the training examples (checked on resume)
+    dagger_demos.jsonl dagger demos only: the start model's labelled episodes (a resume reads them back)
+    metrics.jsonl      loss rows every log_every steps, eval rows (periodic and final)
+    checkpoints/       step_XXXXXX/: weights + trainer state, the newest only, for --resume;
+                       removed once the final model is saved
+    curves.png         the learning curve, drawn at the end
+Scripted demonstrations are regenerated from the seed on resume, and the data order is replayed,
+so an interrupted and resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from atod_edge.config import dump_yaml, load_config, opt
+from atod_edge.rollout.episode import Episode, read_episodes
+from atod_edge.errors import UserError
+from atod_edge.io import append_line, atomic_path, atomic_write_json, atomic_write_text
+from atod_edge.train.trainer import _fmt_time, _json, _truncate_metrics, latest_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+LR_SCHEDULES = ("linear", "constant", "cosine")
+
+
+@dataclass
+class SFTConfig:
+    env: str = opt("household", "environment name or pkg.module:Class")
+    model: str = opt("tiny-teacher", "preset name or checkpoint dir to start from")
+    demos: str = opt("expert", "expert | noisy | dart | dagger | a mix of them, e.g. dart+dagger | path to an "
+                     "episodes JSONL")
+    noise: float = opt(0.3, "noisy/dart demos: probability of a random (dart: maybe stale) action",
+                       min=0.0, max=1.0)
+    successful_only: bool = opt(False, "train only on demonstrations that succeeded")
+    episodes: int = opt(200, "number of demonstration episodes", min=1)
+    demo_start: int = opt(0, "index of the first train-split task of generated demos (a later run can "
+                          "take tasks an earlier one did not)", min=0)
+    rollout_temperature: float = opt(0.4, "dagger demos: sampling temperature of the start model's episodes",
+                                     min=0.0)
+    epochs: int = opt(2, "passes over the demonstrations", min=1)
+    lr: float = opt(1e-3, "AdamW learning rate", min=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
+    batch_size: int = opt(16, "turns per optimizer step", min=1)
+    micro_batch: int = opt(16, "turns per forward pass", min=1)
+    prefix_reuse: bool = opt(True, "encode the prompt prefixes a micro-batch's turns share once (same loss and "
+                             "gradients); false: every turn on its own")
+    warmup_steps: int = opt(10, "linear warmup steps", min=0)
+    history_turns: int = opt(2, "past turns in the prompt", min=0)
+    prompt_loss_weight: float = opt(0.0, "weight of a language-modelling loss on the prompt tokens (0: "
+                                    "response tokens only; helps models trained from scratch)", min=0.0)
+    seed: int = opt(0, "seed for demos and shuffling")
+    device: str = opt("cpu", "torch device")
+    out: str = opt("runs/sft", "output model dir (metrics, checkpoints, curves: <out>.work/)")
+    eval_episodes: int = opt(50, "episodes evaluated on the eval split at the end (0 = none)", min=0)
+    lr_schedule: str = opt("linear", "linear (the warmup ramp times a decay to 0 over the whole run, the "
+                           "original schedule) | constant (after warmup) | cosine (from the end of warmup)",
+                           choices=list(LR_SCHEDULES))
+    min_lr_ratio: float = opt(0.0, "floor of the linear or cosine decay, as a fraction of lr", min=0.0, max=1.0)
+    log_every: int = opt(1, "steps between loss rows in <out>.work/metrics.jsonl", min=1)
+    eval_every: int = opt(0, "steps between evaluations during training (0 = only the final one)", min=0)
+    eval_every_episodes: int = opt(20, "eval-split episodes of each periodic evaluation", min=1)
+    checkpoint_every: int = opt(100, "steps between checkpoints in <out>.work/checkpoints, for --resume "
+                                "(0 = none)", min=0)
+
+
+GENERATED_DEMOS = ("expert", "noisy", "dart", "dagger")
+
+
+def demo_episodes(cfg: SFTConfig, dagger: Callable[[list], list[Episode]] | None = None) -> list[Episode]:
+    """The demonstrations cfg.demos names: one generated kind, a mix of kinds joined by "+"
+    (e.g. "dart+dagger": consecutive equal shares of the train tasks, one per kind), or a
+    file. `dagger(tasks)` makes the dagger demos (it needs the model)."""
+    from atod_edge.envs import env_class
+    from atod_edge.rollout.runner import run_scripted
+
+    kinds = cfg.demos.split("+")
+    if all(kind in GENERATED_DEMOS for kind in kinds):
+        env_cls = env_class(cfg.env)
+        tasks = env_cls().tasks("train", cfg.episodes, start=cfg.demo_start)
+        episodes = []
+        for i, kind in enumerate(kinds):
+            share = tasks[i * len(tasks) // len(kinds):(i + 1) * len(tasks) // len(kinds)]
+            if kind != "dagger":
+                episodes += run_scripted(kind, env_cls, share, seed=cfg.seed, noise=cfg.noise)
+            elif dagger is None:
+                raise UserError("dagger demos need a model to roll out (train_sft makes them)")
+            else:
+                episodes += dagger(share)
+    else:
+        path = Path(cfg.demos)
+        if not path.is_file():
+            raise UserError(f"demos '{cfg.demos}': not expert, noisy, dart, dagger (or a mix like dart+dagger) "
+                            "or an existing episodes file")
+        try:
+            episodes, _ = read_episodes(path)
+        except OSError as e:
+            raise UserError(f"demos '{cfg.demos}': cannot read it ({e.strerror or type(e).__name__})") from None
+        well_formed = [ep for ep in episodes if _is_well_formed(ep)]
+        if len(well_formed) < len(episodes):
+            logger.warning("%s: skipped %d episode(s) with fields of the wrong type",
+                        path, len(episodes) - len(well_formed))
+        episodes = well_formed[:cfg.episodes]
+    if cfg.successful_only:
+        episodes = [ep for ep in episodes if ep.success]
+    if not episodes:
+        raise UserError(f"no demonstration episodes to train on (demos={cfg.demos})")
+    return episodes
+
+
+def dagger_episodes(cfg: SFTConfig, tasks: list, work: Path, model=None, tokenizer=None, log=print,
+                    ) -> list[Episode]:
+    """DAgger demos (Ross et al., 2011): the start model's own episodes on `tasks` (consecutive
+    train-split tasks), sampled at cfg.rollout_temperature by the batched engine, every turn
+    labelled with the scripted expert's action in that state. SFT on them teaches recovery from the states the model's own mistakes
+    reach, which expert and DART demos cover only by chance.
+
+    Saved to <work>/dagger_demos.jsonl (atomically). `model`/`tokenizer`: the start model, in a
+    fresh run. A resumed run, whose model is a checkpoint and no longer the start model, passes
+    none: the saved demos are read back (or, if they are missing, cfg.model is loaded to redo them)."""
+    from atod_edge.rollout.episode import write_episodes
+    from atod_edge.evaluate.evaluate import EvalConfig, evaluate
+    from atod_edge.models.loading import load_model
+    from atod_edge.engine.policy import TorchPolicy
+
+    if not tasks:
+        return []
+    path = work / "dagger_demos.jsonl"
+    if model is None and path.is_file():
+        episodes, skipped = read_episodes(path)
+        if not skipped and len(episodes) == len(tasks):
+            log(f"sft: {len(episodes)} dagger demos read back from {path}")
+            return episodes
+    if model is None:
+        model, tokenizer = load_model(cfg.model, device=cfg.device)
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        rate = done / (time.perf_counter() - started)
+        print(f"\rsft: dagger demos {done}/{total} | {rate:.1f} episodes/s | ETA {_fmt_time((total - done) / rate)}   ",
+              end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    # the eval code path on consecutive train tasks (64 concurrent episodes, the same seeds)
+    rollouts = EvalConfig(env=cfg.env, split="train", episodes=len(tasks), start=tasks[0].index,
+                          temperature=cfg.rollout_temperature, history_turns=cfg.history_turns,
+                          seed=cfg.seed, device=cfg.device)
+    summary, episodes = evaluate(TorchPolicy(model, tokenizer, name=f"dagger:{cfg.model}"), rollouts,
+                                 progress=progress, label_expert=True)
+    model.train(was_training)
+    log(f"sft: dagger demos from {cfg.model}: success {summary['success']:.1%}, invalid actions "
+        f"{summary['invalid_rate']:.1%}, {summary['turns']:.1f} turns")
+    with atomic_path(path) as tmp:
+        write_episodes(tmp, episodes)
+    return episodes
+
+
+def _is_well_formed(episode: Episode) -> bool:
+    """The text fields SFT builds prompts from have the right types (a parseable JSON line can
+    still hold numbers where text belongs)."""
+    def text(value, optional=False):
+        return isinstance(value, str) or (optional and value is None)
+
+    return text(episode.final_observation) and all(
+        text(t.observation) and text(t.response) and text(t.action, optional=True)
+        and text(t.expert_action, optional=True)
+        and (t.admissible is None or (isinstance(t.admissible, list) and all(map(text, t.admissible))))
+        for t in episode.turns)
+
+
+def build_examples(episodes: list[Episode], tokenizer, instructions: str, history_turns: int,
+                   ) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids + end-of-turn) for every valid demonstrated turn, and for every
+    turn labelled with an expert action (dart demos), whatever was executed there."""
+    from atod_edge.prompts import encode_prompt, format_response
+    from atod_edge.rollout.runner import episode_messages
+
+    end = tokenizer.eos_token_id
+    examples = []
+    for ep in episodes:
+        for k, turn in enumerate(ep.turns):
+            if turn.expert_action:
+                target = format_response(turn.expert_action)
+            elif turn.valid and turn.action is not None:
+                target = turn.response
+            else:
+                continue
+            prompt = encode_prompt(tokenizer, episode_messages(ep, k, instructions, history_turns))
+            response = tokenizer(target, add_special_tokens=False)["input_ids"]
+            if end is not None:
+                response = response + [end]
+            examples.append((prompt, response))
+    return examples
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "linear", min_ratio: float = 0.0) -> float:
+    """The multiplier of the peak learning rate at optimizer step `step` (0-based) of `total`.
+
+    Every shape ramps up linearly over `warmup` steps. linear: the ramp times a linear decay from
+    1 at step 0 to 0 at step `total` (the original SFT schedule); constant: flat after the ramp;
+    cosine: half a cosine from 1 at the end of warmup to 0 at step `total`. The decay is floored
+    at min_ratio: factor = ramp * (min_ratio + (1 - min_ratio) * decay).
+    """
+    ramp = min(1.0, (step + 1) / max(1, warmup))
+    if schedule == "linear":
+        decay = max(0.0, 1 - step / total)
+    elif schedule == "constant":
+        decay = 1.0
+    elif schedule == "cosine":
+        progress = min(1.0, max(0, step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise UserError(f"lr_schedule '{schedule}' is unknown; choose one of {', '.join(LR_SCHEDULES)}")
+    return ramp * (min_ratio + (1.0 - min_ratio) * decay)
+
+
+def work_dir(out: str | Path) -> Path:
+    """Where an SFT run keeps its metrics, checkpoints and curves: `<out>.work`, beside the model."""
+    out = Path(out)
+    return out.with_name(out.name + ".work")
+
+
+def train_sft(cfg: SFTConfig, log=print, resume: bool = False) -> Path:
+    """Fine-tune cfg.model on demonstrations and save it (HF layout) to cfg.out, atomically.
+
+    resume=True continues from the newest checkpoint in `<out>.work/checkpoints` (from the
+    start when there is none). Without it, a leftover checkpoint of an interrupted run is an error.
+    """
+    from atod_edge.envs import env_class
+    from atod_edge.models.loading import load_model
+    from atod_edge.engine.precision import torch_device
+
+    torch_device(cfg.device)  # a one-line error for a bad device name
+    out, work = Path(cfg.out), work_dir(cfg.out)
+    found = latest_checkpoint(work)
+    if found and not resume:
+        raise UserError(f"{work} holds the checkpoint of an interrupted sft run (step {found[0]}): continue it "
+                        f"with `atod-edge sft --resume {out}`, or remove {work} to start over")
+    done_steps, start = found if (resume and found) else (0, cfg.model)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(start, device=cfg.device)
+    model.train()
+    instructions = env_class(cfg.env).instructions
+    # a resumed run's model is a checkpoint, not the start model: dagger_episodes reads its demos back
+    start_model = (model, tokenizer) if not done_steps else (None, None)
+    episodes = demo_episodes(cfg, lambda tasks: dagger_episodes(cfg, tasks, work, *start_model, log=log))
+    examples = build_examples(episodes, tokenizer, instructions, cfg.history_turns)
+    if not examples:
+        raise UserError("the demonstrations hold no valid turns to train on")
+    data = {"demos": len(episodes), "successful": sum(e.success for e in episodes), "examples": len(examples),
+            "sha256": _fingerprint(examples)}
+    pad = tokenizer.pad_token_id or 0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio))
+    metrics = work / "metrics.jsonl"
+    if done_steps:
+        _check_same_data(work, data)
+        state = torch.load(Path(start) / "trainer_state.pt", weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        _truncate_metrics(metrics, done_steps)
+        log(f"resuming {work} after step {done_steps}")
+    else:
+        if resume and metrics.is_file():
+            log(f"sft: no checkpoint in {work}: starting from the beginning")
+        atomic_write_text(metrics, "")
+    atomic_write_text(work / "config.yaml", dump_yaml(cfg))
+    atomic_write_json(work / "data.json", data)
+    log(f"sft: {len(episodes)} demos ({data['successful']} successful), "
+        f"{len(examples)} turns, {cfg.epochs} epochs, {total} steps")
+
+    rng = random.Random(cfg.seed)
+    started, train_seconds, trained, step = time.perf_counter(), 0.0, 0, 0
+    try:
+        for epoch in range(cfg.epochs):
+            # every epoch's shuffle is replayed on resume, so the data order is the uninterrupted one
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            for first in range(0, len(order), cfg.batch_size):
+                if step < done_steps:
+                    step += 1
+                    continue
+                t0 = time.perf_counter()
+                batch = [examples[i] for i in order[first:first + cfg.batch_size]]
+                # sorted by length, micro-batches pad little; by tokens, they share the most prefix
+                batch.sort(key=(lambda ex: ex[0] + ex[1]) if cfg.prefix_reuse else (lambda ex: len(ex[0]) + len(ex[1])))
+                n_tokens = sum(len(r) for _, r in batch)
+                n_prompt = sum(len(p) - 1 for p, _ in batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss_value = 0.0
+                for m in range(0, len(batch), cfg.micro_batch):
+                    chunk = batch[m:m + cfg.micro_batch]
+                    loss = _chunk_loss(model, chunk, pad, cfg, n_tokens, n_prompt)
+                    loss.backward()
+                    loss_value += float(loss.detach())
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                lr = scheduler.get_last_lr()[0]   # the rate this step used
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                step_seconds = time.perf_counter() - t0
+                train_seconds += step_seconds
+                trained += len(batch)
+                # Records first, checkpoint last: a checkpoint of step N implies every row before N is on
+                # disk (resume drops the rows after it).
+                if step % cfg.log_every == 0 or step == total:
+                    append_line(metrics, _json({"step": step - 1, "epoch": epoch, "loss": loss_value, "lr": lr,
+                                                "grad_norm": float(grad_norm), "examples": len(batch),
+                                                "tokens": n_tokens, "time_step": step_seconds}))
+                _progress(step, total, done_steps, loss_value, trained / max(train_seconds, 1e-9),
+                          time.perf_counter() - started)
+                if (cfg.eval_every and step % cfg.eval_every == 0
+                        and (step < total or not cfg.eval_episodes)):   # the final eval covers the end
+                    if step < total:
+                        print(file=sys.stderr)   # end the progress line
+                    summary = _evaluate(model, tokenizer, cfg, cfg.eval_every_episodes, metrics, step)
+                    log(f"sft: eval at step {step}: success {summary['success']:.1%}, score "
+                        f"{summary['score']:.3f}, {summary['turns']:.1f} turns ({cfg.eval_every_episodes} episodes)")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                    save_checkpoint(work, step, model, tokenizer, optimizer.state_dict(), scheduler, keep=1)
+    except KeyboardInterrupt:
+        last = latest_checkpoint(work)
+        where = f"its last checkpoint is step {last[0]}" if last else "it has no checkpoint yet"
+        print(f"\nsft: interrupted after step {step}/{total}; {where}: continue with "
+              f"`atod-edge sft --resume {out}`", file=sys.stderr)
+        raise
+    model.eval()
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    # the checkpoints only served resuming; the final model replaces them
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    append_line(metrics, _json({"step": total - 1, "saved": str(out),
+                                "time_total": time.perf_counter() - started}))
+    log(f"sft: saved {out} ({time.perf_counter() - started:.0f}s)")
+    if cfg.eval_episodes:
+        from atod_edge.evaluate.evaluate import format_summary, save_eval
+
+        summary, eval_episodes = _evaluate(model, tokenizer, cfg, cfg.eval_episodes, metrics, total, final=True)
+        save_eval(out / "eval", summary, eval_episodes)
+        log(format_summary(summary))
+    try:
+        from atod_edge.train.plots import plot_sft
+
+        plot_sft(work)
+    except ImportError:
+        pass
+    return out
+
+
+def _evaluate(model, tokenizer, cfg: SFTConfig, episodes: int, metrics: Path, step: int, final: bool = False):
+    """Evaluate the model being trained on the eval split (EvalConfig's temperature) and append
+    an eval row to metrics. Returns the summary (and the episodes for the final evaluation)."""
+    from atod_edge.evaluate.evaluate import EvalConfig, evaluate
+    from atod_edge.engine.policy import TorchPolicy
+
+    started = time.perf_counter()
+    model.eval()
+    policy = TorchPolicy(model, tokenizer, name=str(cfg.out))
+    summary, eval_episodes = evaluate(policy, EvalConfig(env=cfg.env, episodes=episodes, seed=cfg.seed,
+                                                         history_turns=cfg.history_turns, device=cfg.device))
+    model.train()
+    append_line(metrics, _json({"step": step - 1, "eval_success": summary["success"], "eval_score": summary["score"],
+                                "eval_turns": summary["turns"], "eval_episodes": episodes,
+                                "time_eval": time.perf_counter() - started}))
+    return (summary, eval_episodes) if final else summary
+
+
+def _fingerprint(examples: list[tuple[list[int], list[int]]]) -> str:
+    return hashlib.sha256(json.dumps(examples, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_same_data(work: Path, data: dict) -> None:
+    """Resuming on other examples (a changed demos file, other settings) would not continue the run."""
+    try:
+        stored = json.loads((work / "data.json").read_text())
+    except (OSError, ValueError):
+        stored = {}
+    if stored.get("sha256") != data["sha256"]:
+        raise UserError(f"{work}: the demonstrations differ from the interrupted run's ({data['examples']} turns now, "
+                        f"{stored.get('examples', '?')} then); resume with the same settings, or remove {work}")
+
+
+def _chunk_loss(model, chunk, pad: int, cfg: SFTConfig, n_tokens: int, n_prompt: int):
+    """This micro-batch's share of the step's loss: the response tokens' mean NLL over the batch,
+    plus prompt_loss_weight times the prompt tokens' mean NLL (a language-modelling loss on the
+    observations and admissible lists: for a model trained from scratch, copying names from
+    them is most of what acting needs, and the prompt holds ~20x more tokens than the response)."""
+    from atod_edge.scoring.logprobs import response_logprobs
+    from atod_edge.scoring.prefix_tree import prefix_reuse_applies, shared_prefix_logprobs
+
+    if cfg.prefix_reuse and prefix_reuse_applies(model):
+        # one prefix tree: the system text (and a task, where turns share one) is encoded once
+        first = [1 if cfg.prompt_loss_weight else len(p) for p, _ in chunk]
+        lps = shared_prefix_logprobs(model, [list(p) + list(r) for p, r in chunk], first, pad_id=pad)
+        if not cfg.prompt_loss_weight:
+            return -torch.cat(lps).sum() / n_tokens
+    elif not cfg.prompt_loss_weight:
+        lps = response_logprobs(model, [p for p, _ in chunk], [r for _, r in chunk], pad_id=pad,
+                                micro_batch=cfg.micro_batch)
+        return -torch.cat(lps).sum() / n_tokens
+    else:
+        # Score every token after the first: prompt[1:] and the response, in one forward.
+        lps = response_logprobs(model, [p[:1] for p, _ in chunk], [list(p[1:]) + list(r) for p, r in chunk],
+                                pad_id=pad, micro_batch=cfg.micro_batch)
+    prompt_nll = -sum(lp[:len(p) - 1].sum() for lp, (p, _) in zip(lps, chunk))
+    response_nll = -sum(lp[len(p) - 1:].sum() for lp, (p, _) in zip(lps, chunk))
+    return response_nll / n_tokens + cfg.prompt_loss_weight * prompt_nll / max(n_prompt, 1)
+
+
+def _progress(done: int, total: int, first: int, loss: float, examples_per_s: float, elapsed: float) -> None:
+    eta = elapsed / max(1, done - first) * (total - done)
+    print(f"\rsft step {done}/{total} | loss {loss:.3f} | {examples_per_s:.1f} examples/s | ETA {_fmt_time(eta)}   ",
+          end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+
+def resolve_resume(path: str) -> tuple[Path, Path]:
+    """(work dir, output dir) of the SFT run to resume, given either of them."""
+    given = Path(path)
+    for work in (given, work_dir(given)):
+        if work.name.endswith(".work") and (work / "config.yaml").is_file():
+            return work, work.with_name(work.name[:-len(".work")])
+    raise UserError(f"--resume {path}: not an sft run (no {work_dir(given)}/config.yaml)")
+
+
+def sft_command(recipe: str | None, overrides: list[str], resume: str | None = None) -> int:
+    if resume:
+        if recipe:
+            raise UserError("--resume continues a run with its own config: give no recipe")
+        work, out = resolve_resume(resume)
+        cfg = load_config(SFTConfig, str(work / "config.yaml"), [*overrides, f"out={out}"])
+        if latest_checkpoint(work) is None and _finished(work):
+            raise UserError(f"{out} is complete (nothing to resume); evaluate it with "
+                            f"`atod-edge eval --model {out}`")
+    else:
+        cfg = load_config(SFTConfig, recipe, overrides)
+    train_sft(cfg, resume=bool(resume))
+    return 0
+
+
+def _finished(work: Path) -> bool:
+    """The run saved its final model (a metrics row says so)."""
+    from atod_edge.io import read_jsonl
+
+    path = work / "metrics.jsonl"
+    return path.is_file() and any("saved" in row for row in read_jsonl(path)[0])
