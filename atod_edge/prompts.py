@@ -1,9 +1,9 @@
 """One prompt builder and one action parser for every env and every model.
 
 The prompt holds: a system instruction (the env's action syntax and the response format), the
-task (the first observation), the last H turns (action + observation, default 2 as in the ATOD
-paper's setup), the current observation and the admissible actions. Models with a chat template
-get it applied; others get a plain-text rendering.
+task (the first observation), the last H turns (action + observation, default HISTORY_TURNS = 2
+from envs/base.py, as in the ATOD paper's setup), the current observation and the admissible
+actions. Models with a chat template get it applied; others get a plain-text rendering.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from atod_edge.envs.base import HISTORY_TURNS, MAX_ACTION_CHARS
+
 RESPONSE_FORMAT = ("Think briefly if you need to, then reply with exactly one action inside "
                    "<action>...</action>.")
-MAX_ACTION_CHARS = 200
 MAX_ADMISSIBLE_SHOWN = 40
 _OPEN_TAG = re.compile(r"<action>", re.IGNORECASE)
 _CLOSE_TAG = re.compile(r"</action>", re.IGNORECASE)
@@ -58,7 +59,7 @@ def format_response(action: str, reasoning: str = "") -> str:
 
 def build_messages(instructions: str, task_observation: str, history: Sequence[tuple[str, str]],
                    observation: str | None, admissible: Sequence[str] | None,
-                   history_turns: int = 2) -> list[dict]:
+                   history_turns: int = HISTORY_TURNS) -> list[dict]:
     """Chat messages for one turn.
 
     task_observation: the first observation of the episode (it states the task).

@@ -29,7 +29,8 @@ def main() -> None:
     from atod_edge.envs import env_class
     from atod_edge.rollout.episode import Episode
     from atod_edge.export.gguf import quantize_gguf, write_gguf
-    from atod_edge.models.loading import load_model, resolve_model
+    from atod_edge.models.loading import load_model
+    from atod_edge.models.presets import resolve_model
     from atod_edge.engine.sampling import SamplingParams
     from atod_edge.engine.policy import TorchPolicy
     from atod_edge.rollout.runner import run_episodes

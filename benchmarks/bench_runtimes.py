@@ -132,7 +132,8 @@ def bench_model(model: str, work: Path, tokens: int, threads: int | None, bandwi
 
 def smollm2_student(work: Path) -> str:
     """A compact student cut from SmolLM2-135M-Instruct: every 3rd layer (11 of 30)."""
-    from atod_edge.models.loading import resolve_model, shrink_model
+    from atod_edge.models.presets import resolve_model
+    from atod_edge.models.surgery import shrink_model
 
     return str(shrink_model(resolve_model("smollm2-135m"), "every:3", work / "smollm2-student"))
 

@@ -133,7 +133,9 @@ def bench_train(args, cfg, teacher_src, student_src, device, log) -> dict:
     from atod_edge.engine.policy import TorchPolicy
     from atod_edge.rollout.runner import run_episodes
     from atod_edge.scoring.logprobs import score_episodes, turn_pairs
-    from atod_edge.train.trainer import DistInfo, build_batch, update
+    from atod_edge.train.batch import build_batch
+    from atod_edge.train.distributed import DistInfo
+    from atod_edge.train.update import update
 
     student, tokenizer = load_model(student_src, device=str(device))
     teacher, _ = load_model(teacher_src, device=str(device))
@@ -238,7 +240,8 @@ def probe(spec: str, work: Path) -> None:
 
     from atod_edge.models.loading import load_model
     from atod_edge.scoring.logprobs import score_episodes
-    from atod_edge.train.trainer import DistInfo, update
+    from atod_edge.train.distributed import DistInfo
+    from atod_edge.train.update import update
 
     phase, name = spec.split(":")
     with open(work / "inputs.pkl", "rb") as f:
@@ -320,7 +323,9 @@ def bench_sft(args, cfg, device, log) -> dict:
 
     from atod_edge.envs import env_class
     from atod_edge.models.loading import load_model
-    from atod_edge.train.sft import SFTConfig, _chunk_loss, build_examples, demo_episodes
+    from atod_edge.train.config import SFTConfig
+    from atod_edge.train.demos import build_examples, demo_episodes
+    from atod_edge.train.sft import chunk_loss
 
     b = cfg.bootstrap
     sft = SFTConfig(env=cfg.env, model=b.teacher_preset, demos=b.teacher_demos, noise=b.teacher_noise,
@@ -354,7 +359,7 @@ def bench_sft(args, cfg, device, log) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 total = 0.0
                 for m in range(0, len(ordered), run_cfg.micro_batch):
-                    loss = _chunk_loss(run_model, ordered[m:m + run_cfg.micro_batch], pad, run_cfg, n_tokens, n_prompt)
+                    loss = chunk_loss(run_model, ordered[m:m + run_cfg.micro_batch], pad, run_cfg, n_tokens, n_prompt)
                     loss.backward()
                     total += float(loss.detach())
                 torch.nn.utils.clip_grad_norm_(run_model.parameters(), 1.0)

@@ -217,7 +217,8 @@ def prepare_env(env: str, args: argparse.Namespace, out: Path) -> dict[str, str]
 def run_one(env: str, method: str, seed: int, models: dict[str, str], args: argparse.Namespace,
             out: Path) -> bool:
     """Train (or resume, or skip) one run, then evaluate its final model. True if it trained."""
-    from atod_edge.train.trainer import latest_checkpoint, train
+    from atod_edge.train.checkpoint import latest_checkpoint
+    from atod_edge.train.trainer import train
 
     cfg = run_config(env, method, seed, args)
     run_dir = out / "runs" / report.run_name(env, method, seed)

@@ -89,7 +89,8 @@ def smollm2_shaped(out: Path, tokenizer_src: str = "tiny-teacher") -> Path:
 def pick_models(args, work: Path) -> tuple[str, str, str]:
     """(teacher, student, where the teacher came from)."""
     from atod_edge.io import cache_dir
-    from atod_edge.models.loading import resolve_model, shrink_model
+    from atod_edge.models.presets import resolve_model
+    from atod_edge.models.surgery import shrink_model
 
     teacher, source = args.teacher, "given"
     if not teacher and args.cpu:
@@ -176,7 +177,9 @@ def check_host_syncs(report: Report, student_src: str, device: str, precision: s
     from atod_edge.config import load_config
     from atod_edge.models.loading import load_model
     from atod_edge.train.config import TrainConfig
-    from atod_edge.train.trainer import DistInfo, build_batch, update
+    from atod_edge.train.batch import build_batch
+    from atod_edge.train.distributed import DistInfo
+    from atod_edge.train.update import update
 
     model, tokenizer = load_model(student_src, device=device, dtype=torch.float32)
     episodes = rollout_episodes(model, tokenizer, device, precision, args.tasks, args.group, args.max_new_tokens)
@@ -302,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_tests and not cpu:
             check_tests(report, "cuda")
         teacher, student, source = pick_models(args, work)
-        from atod_edge.models.loading import model_info
+        from atod_edge.models.describe import model_info
 
         report("models", teacher=teacher, teacher_source=source, student=student,
                teacher_info=_info(model_info, teacher), student_info=_info(model_info, student))
@@ -335,7 +338,7 @@ def _info(model_info, src: str) -> dict:
 
 
 def _config(src: str) -> dict:
-    from atod_edge.models.loading import resolve_model
+    from atod_edge.models.presets import resolve_model
 
     return json.loads((Path(resolve_model(src)) / "config.json").read_text())
 

@@ -13,7 +13,7 @@ import pytest
 def atod_cache(tmp_path_factory):
     """A temporary ATOD_EDGE_CACHE (set before anything is built), with tiny-student built in it.
     Subprocesses started by tests inherit it through the environment."""
-    from atod_edge.models.loading import resolve_model
+    from atod_edge.models.presets import resolve_model
 
     path = tmp_path_factory.mktemp("atod-cache")
     with pytest.MonkeyPatch.context() as mp:
@@ -42,7 +42,7 @@ def tiny_teacher(atod_cache):
 def small_teacher(atod_cache, tmp_path_factory):
     """A teacher with the student's tokenizer but other outputs: tiny-student cut to its first
     layer (cheaper than tiny-teacher, and unlike the student itself it disagrees with it)."""
-    from atod_edge.models.loading import shrink_model
+    from atod_edge.models.surgery import shrink_model
 
     return shrink_model("tiny-student", [0], tmp_path_factory.mktemp("teacher") / "small-teacher")
 
@@ -98,7 +98,7 @@ def _damage(src, out, how: str):
 @pytest.fixture(scope="session")
 def damage(atod_cache):
     """`damage(out, how)`: a damaged copy of tiny-student at `out` ("renamed tensor" or "wrong shape")."""
-    from atod_edge.models.loading import resolve_model
+    from atod_edge.models.presets import resolve_model
 
     student = resolve_model("tiny-student")   # built now, before a test registers its own envs
     return lambda out, how="renamed tensor": _damage(student, out, how)

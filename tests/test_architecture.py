@@ -15,14 +15,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "atod_edge"
 MAX_LINES = 450
 
 
-def module_name(path: Path) -> str:
-    parts = ["atod_edge", *path.relative_to(PACKAGE).with_suffix("").parts]
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = ["atod_edge", *path.relative_to(package).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     """module -> the atod_edge modules it imports anywhere in its file (functions included)."""
-    files = {module_name(p): p for p in package.rglob("*.py")}
+    files = {module_name(p, package): p for p in package.rglob("*.py")}
 
     def known(name: str) -> str:
         while name and name not in files:

@@ -1,4 +1,4 @@
-"""End-to-end tests of the `atod-edge` command line (atod_edge/cli.py) on the tiny presets.
+"""End-to-end tests of the `atod-edge` command line (atod_edge/cli/) on the tiny presets.
 train, sft, export and tui have their own tests beside their stages."""
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(command, damaged, tmp_path,
 
 
 def test_a_truncated_safetensors_file_is_one_line(atod_cache, tmp_path, capsys):
-    from atod_edge.models.loading import resolve_model
+    from atod_edge.models.presets import resolve_model
 
     ckpt = shutil.copytree(resolve_model("tiny-student"), tmp_path / "torn")
     weights = ckpt / "model.safetensors"

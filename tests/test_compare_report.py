@@ -364,7 +364,7 @@ def test_claims_table_and_json_from_paired_outcomes(paired_dir):
     assert claims[("GRPO's episodes get longer (more turns than the cold start)", "eval")]["verdict"] == "fails"
 
     md = (paired_dir / "results.md").read_text()
-    assert "- ATOD > OPD [eval]: **holds** — paired difference +30.0 points, 95% interval [" in md
+    assert "- ATOD > OPD [eval]: **holds** — paired difference +30.0 points; seed-level 95% t interval [" in md
     assert "per seed +30.0, +30.0, +30.0 (3 of 3 above +0); 40 paired tasks" in md
     # the paper's table: rows in the paper's order, eval/unseen/average, per-seed values
     table = md.split("## Success rate (%)")[1].split("##")[0]
@@ -495,3 +495,13 @@ def test_eta_from_finished_runs(tmp_path):
     (out / "runs" / "household-atod-s0" / "final_eval.json").write_text(json.dumps(data))
     finished, left = compare.eta_seconds(out, plan)
     assert finished == 2 and left == pytest.approx(120.0 + 60.0)   # per method: atod 100 + 20 s eval, opd 60
+
+
+def test_a_split_no_model_solves_is_not_testable():
+    """Every model at 0% (the tiny models on household's unseen split): no claim is testable there."""
+    report = _load("compare_report")
+    zeros = {"task_id": [f"t{i}" for i in range(20)], "success": [0] * 20, "turns": [15] * 20}
+    runs = [report.RunRecord(name=f"household-{m}-s{s}", env="household", method=m, seed=s, steps=1,
+                             outcomes={"unseen": zeros}) for m in ("atod", "opd") for s in (0, 1, 2)]
+    [entry] = report.evaluate_claims([report.Claim("ATOD > OPD", "unseen", "atod", "opd")], runs, {}, ["household"])
+    assert entry["verdict"].startswith("not testable here")

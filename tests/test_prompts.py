@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from atod_edge.prompts import MAX_ACTION_CHARS, MAX_ADMISSIBLE_SHOWN, RESPONSE_FORMAT, ParsedAction, build_messages, encode_prompt, format_response, parse_action, render_prompt
+from atod_edge.envs.base import MAX_ACTION_CHARS
+from atod_edge.prompts import MAX_ADMISSIBLE_SHOWN, RESPONSE_FORMAT, ParsedAction, build_messages, encode_prompt, format_response, parse_action, render_prompt
 
 # text biased towards the parser's own tags, so the interesting cases come up often
 TAGGY_TEXT = st.lists(st.one_of(st.text(max_size=30), st.sampled_from(

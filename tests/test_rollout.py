@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from atod_edge.envs import Env, StepResult, Task, make_env
-from atod_edge.envs.household import HouseholdEnv
+from atod_edge.envs.household.env import HouseholdEnv
 from atod_edge.engine.policy import Generation, Policy
 from atod_edge.engine.sampling import SamplingParams
 from atod_edge.prompts import build_messages, encode_prompt, parse_action

@@ -13,15 +13,18 @@ import pytest
 
 from atod_edge.models import zoo
 from atod_edge.errors import UserError
-from atod_edge.models.loading import load_model, resolve_model
+from atod_edge.evaluate.publish import publish
+from atod_edge.io import file_sha256
+from atod_edge.models.loading import load_model
+from atod_edge.models.presets import resolve_model
 
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     """tiny-student published into a scratch zoo (2 episodes per split: the mechanism, not a score)."""
     root = tmp_path_factory.mktemp("zoo")
-    zoo.publish("tiny-student", "scratch-student", ["atod-edge models list"], episodes=2,
-                max_turns=2, root=root, log=lambda *_: None)
+    publish("tiny-student", "scratch-student", ["atod-edge models list"], episodes=2,
+            max_turns=2, root=root, log=lambda *_: None)
     return root
 
 
@@ -32,7 +35,7 @@ def test_publish_writes_fp16_weights_and_a_card_that_matches_them(published):
     assert card["storage_dtype"] == "float16"
     assert set(card["evaluation"]) >= {"eval", "unseen"}
     assert card["evaluation"]["eval"]["episodes"] == 2
-    assert card["files"]["model.safetensors"]["sha256"] == zoo.file_sha256(entry / "model.safetensors")
+    assert card["files"]["model.safetensors"]["sha256"] == file_sha256(entry / "model.safetensors")
     assert "tokenizer.json" in card["files"]
     from safetensors import safe_open
 

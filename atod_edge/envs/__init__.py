@@ -11,7 +11,7 @@ __all__ = ["Env", "StepResult", "Task", "SPLITS", "make_env", "env_class", "list
 
 # name -> "module:Class"; imported lazily so listing envs stays fast
 BUILTIN: dict[str, str] = {
-    "household": "atod_edge.envs.household:HouseholdEnv",
+    "household": "atod_edge.envs.household.env:HouseholdEnv",
     "shop": "atod_edge.envs.shop:ShopEnv",
     "searchqa": "atod_edge.envs.searchqa:SearchQAEnv",
 }

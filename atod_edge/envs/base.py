@@ -29,6 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 SPLITS = ("train", "eval", "unseen")
+#: longest action text an env parses (and the prompt parser accepts); longer inputs are rejected
+#: before any parsing work, so junk input stays cheap
+MAX_ACTION_CHARS = 200
+#: past turns (action, observation) the agent's prompt shows by default (the default of every
+#: `history_turns` option, prompts.build_messages). Declared here, below the prompt, because an
+#: env's expert that acts only on what the prompt shows reads exactly this many (household).
+HISTORY_TURNS = 2
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,9 @@ import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
-from atod_edge.envs.base import SPLITS, Env, StepResult, Task
+from atod_edge.envs.base import MAX_ACTION_CHARS, SPLITS, Env, StepResult, Task
 from atod_edge.errors import UserError
 
-MAX_ACTION_CHARS = 200
 INSTALL_HINT = "install the optional extra: pip install 'atod-edge[envs]'"
 
 # Lines of the ASCII-art banner are made of these characters (plus spaces).

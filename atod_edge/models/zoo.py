@@ -12,7 +12,7 @@ truncated, replaced) is refused with one line naming it, before transformers rea
 `atod-edge models publish SRC --name NAME --chain FILE` makes an entry (`publish` below): an fp16
 copy of SRC, evaluated as stored, and its card. Zoo models load by name anywhere a model is
 accepted (`--model household-teacher`, `teacher: household-teacher`), through
-`atod_edge.models.loading.resolve_model`.
+`atod_edge.models.presets.resolve_model`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The training config: one typed dataclass, filled from YAML recipes and --set overrides."""
+"""The training package's configs, typed dataclasses filled from YAML recipes and --set overrides
+(atod_edge/config.py): TrainConfig for `atod-edge train` (its `schedule:` section is
+schedule.ScheduleConfig, beside the formulas it feeds) and SFTConfig for `atod-edge sft` and the
+bootstrap. Read by trainer.py, pipeline.py and sft.py; validated here, once, at the edge.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +10,7 @@ from dataclasses import dataclass
 
 from atod_edge.config import nested, opt
 from atod_edge.errors import ConfigError
-
-
-@dataclass
-class ScheduleOptions:
-    anneal: bool = opt(True, "anneal kappa/rho (false: constant kappa_init/rho_init, the no-annealing ablation)")
-    anneal_steps: int = opt(80, "T: steps over which kappa decays and rho rises (paper: 80 of 150)", min=0)
-    kappa_init: float = opt(1.0, "OPD coefficient at step 0", min=0.0)
-    kappa_min: float = opt(0.1, "OPD coefficient floor", min=0.0)
-    rho_init: float = opt(1.0, "GRPO coefficient at step 0", min=0.0)
-    rho_max: float = opt(2.0, "GRPO coefficient after T steps", min=0.0)
-    shape: str = opt("linear", "annealing shape: linear | cosine (the clock p = s/T) | adaptive (p moved by a "
-                     "measured signal, see train/schedule.py)", choices=["linear", "cosine", "adaptive"])
-    signal: str = opt("success", "adaptive: success (the student's rollout success over the teacher's) | "
-                      "disagreement (T counts only the steps where mean |lp_T - lp_S| stopped falling)",
-                      choices=["success", "disagreement"])
-    teacher_success: float = opt(0.0, "adaptive, signal success: SR_T, the teacher's success rate (e.g. from "
-                                 "its zoo card)", min=0.0, max=1.0)
-    target: float = opt(1.0, "adaptive, signal success: the teacher is fully retired at student success "
-                        "target * teacher_success", min=0.01)
-    smoothing: float = opt(0.7, "adaptive: EMA factor beta of the signal (0: no smoothing)", min=0.0, max=0.99)
-    plateau_tol: float = opt(0.02, "adaptive, signal disagreement: a step counts when the smoothed "
-                             "disagreement fell by less than this fraction of its best", min=0.0, max=1.0)
+from atod_edge.train.schedule import ScheduleConfig
 
 
 @dataclass
@@ -128,7 +111,7 @@ class TrainConfig:
                            "rollouts use a full copy of the weights per rank)", choices=["ddp", "fsdp"])
     lora: LoraOptions = nested(LoraOptions, "LoRA adapters instead of full fine-tuning (needs peft)")
     seed: int = opt(0, "seed for rollouts and initialisation")
-    schedule: ScheduleOptions = nested(ScheduleOptions, "the annealed kappa/rho schedule")
+    schedule: ScheduleConfig = nested(ScheduleConfig, "the annealed kappa/rho schedule")
     bootstrap: BootstrapOptions = nested(BootstrapOptions, "teacher bootstrap and cold start")
     compare: bool = opt(True, "at the end, evaluate the cold-start student and the teacher too and print a table")
 
@@ -142,14 +125,11 @@ class TrainConfig:
         if self.tis_cap and self.recompute_old_logprobs == "never":
             raise ConfigError("config key 'tis_cap': truncated importance sampling needs the recomputed old "
                               "log-probs; set recompute_old_logprobs to auto or always")
+        # ScheduleConfig validates its own keys; this one is a recipe's mistake only (the formula
+        # itself takes a floor above the start: kappa = kappa_min from step 0)
         if self.schedule.kappa_min > self.schedule.kappa_init:
             raise ConfigError(f"config key 'schedule.kappa_min': got {self.schedule.kappa_min}, "
                               f"must be <= schedule.kappa_init ({self.schedule.kappa_init})")
-        sched = self.schedule
-        if sched.shape == "adaptive" and sched.signal == "success" and not sched.teacher_success > 0:
-            raise ConfigError("config key 'schedule.teacher_success': schedule.shape=adaptive with "
-                              "signal=success needs the teacher's success rate in (0, 1] "
-                              "(or use schedule.signal=disagreement)")
         if self.algo != "opd" and self.group_size < 2:
             raise ConfigError(f"config key 'group_size': got {self.group_size}, GRPO needs >= 2 rollouts "
                               f"per task (algo={self.algo})")
@@ -164,3 +144,49 @@ class TrainConfig:
             if not peft_available():
                 raise ConfigError(f"config key 'lora.rank': got {self.lora.rank}, but LoRA needs peft, which is "
                                   f"not installed: {INSTALL_HINT}")
+
+
+LR_SCHEDULES = ("linear", "constant", "cosine")   # the shapes of sft.lr_factor
+
+
+@dataclass
+class SFTConfig:
+    """`atod-edge sft` and the bootstrap's fine-tuning (sft.py): demonstrations (demos.py), the
+    optimizer and its learning-rate shape, evaluation, checkpoints."""
+
+    env: str = opt("household", "environment name or pkg.module:Class")
+    model: str = opt("tiny-teacher", "preset name or checkpoint dir to start from")
+    demos: str = opt("expert", "expert | noisy | dart | dagger | a mix of them, e.g. dart+dagger | path to an "
+                     "episodes JSONL")
+    noise: float = opt(0.3, "noisy/dart demos: probability of a random (dart: maybe stale) action",
+                       min=0.0, max=1.0)
+    successful_only: bool = opt(False, "train only on demonstrations that succeeded")
+    episodes: int = opt(200, "number of demonstration episodes", min=1)
+    demo_start: int = opt(0, "index of the first train-split task of generated demos (a later run can "
+                          "take tasks an earlier one did not)", min=0)
+    rollout_temperature: float = opt(0.4, "dagger demos: sampling temperature of the start model's episodes",
+                                     min=0.0)
+    epochs: int = opt(2, "passes over the demonstrations", min=1)
+    lr: float = opt(1e-3, "AdamW learning rate", min=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
+    batch_size: int = opt(16, "turns per optimizer step", min=1)
+    micro_batch: int = opt(16, "turns per forward pass", min=1)
+    prefix_reuse: bool = opt(True, "encode the prompt prefixes a micro-batch's turns share once (same loss and "
+                             "gradients); false: every turn on its own")
+    warmup_steps: int = opt(10, "linear warmup steps", min=0)
+    history_turns: int = opt(2, "past turns in the prompt", min=0)
+    prompt_loss_weight: float = opt(0.0, "weight of a language-modelling loss on the prompt tokens (0: "
+                                    "response tokens only; helps models trained from scratch)", min=0.0)
+    seed: int = opt(0, "seed for demos and shuffling")
+    device: str = opt("cpu", "torch device")
+    out: str = opt("runs/sft", "output model dir (metrics, checkpoints, curves: <out>.work/)")
+    eval_episodes: int = opt(50, "episodes evaluated on the eval split at the end (0 = none)", min=0)
+    lr_schedule: str = opt("linear", "linear (the warmup ramp times a decay to 0 over the whole run, the "
+                           "original schedule) | constant (after warmup) | cosine (from the end of warmup)",
+                           choices=list(LR_SCHEDULES))
+    min_lr_ratio: float = opt(0.0, "floor of the linear or cosine decay, as a fraction of lr", min=0.0, max=1.0)
+    log_every: int = opt(1, "steps between loss rows in <out>.work/metrics.jsonl", min=1)
+    eval_every: int = opt(0, "steps between evaluations during training (0 = only the final one)", min=0)
+    eval_every_episodes: int = opt(20, "eval-split episodes of each periodic evaluation", min=1)
+    checkpoint_every: int = opt(100, "steps between checkpoints in <out>.work/checkpoints, for --resume "
+                                "(0 = none)", min=0)

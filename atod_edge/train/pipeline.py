@@ -55,7 +55,8 @@ def ensure_model(cfg: TrainConfig, role: str, log=print) -> str:
     if (out / "config.json").is_file():
         log(f"{role}: cached {out}")
         return str(out)
-    from atod_edge.train.sft import SFTConfig, train_sft
+    from atod_edge.train.config import SFTConfig
+    from atod_edge.train.sft import train_sft
 
     b = cfg.bootstrap
     prefix = "teacher" if role == "teacher" else "student"
@@ -78,7 +79,7 @@ def ensure_model(cfg: TrainConfig, role: str, log=print) -> str:
 def _cut_from_teacher(cfg: TrainConfig, out: Path, log) -> str:
     """The cold-start student's starting point: the teacher with only some of its layers (a
     compact model that keeps the teacher's embeddings and tokenizer), cached beside `out`."""
-    from atod_edge.models.loading import shrink_model
+    from atod_edge.models.surgery import shrink_model
 
     cut = out.with_name(out.name + "-cut")
     if not (cut / "config.json").is_file():
@@ -160,7 +161,8 @@ def paired_lines(rows: list[tuple[str, dict]]) -> list[str]:
 
 def train_command(recipe: str | None, overrides: list[str], out: str | None = None,
                   resume: str | None = None) -> int:
-    from atod_edge.train.trainer import _barrier, init_distributed, train
+    from atod_edge.train.distributed import barrier, init_distributed
+    from atod_edge.train.trainer import train
 
     if resume:
         run_dir = Path(resume)
@@ -186,7 +188,7 @@ def train_command(recipe: str | None, overrides: list[str], out: str | None = No
         if info.main:  # rank 0 bootstraps; the others wait, then find the cached models
             teacher = ensure_model(cfg, "teacher") if want_teacher else None
             student = ensure_model(cfg, "student")
-        _barrier(info)
+        barrier(info)
         if not info.main:
             teacher = ensure_model(cfg, "teacher", log=_quiet) if want_teacher else None
             student = ensure_model(cfg, "student", log=_quiet)

@@ -31,10 +31,12 @@ decreases: a teacher once retired stays retired. Two signals:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
-from atod_edge.errors import UserError
+from atod_edge.config import opt
+from atod_edge.errors import ConfigError, UserError
 
 SHAPES = ("linear", "cosine", "adaptive")
 SIGNALS = ("success", "disagreement")
@@ -43,40 +45,51 @@ ALGOS = ("atod", "opd", "grpo")
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Schedule parameters; defaults are the paper's (T = 80 steps, kappa 1 -> 0.1, rho 1 -> 2).
+    """Schedule parameters, the `schedule:` keys of a training recipe (TrainConfig.schedule);
+    defaults are the paper's (T = 80 steps, kappa 1 -> 0.1, rho 1 -> 2).
 
     anneal=False holds kappa = kappa_init and rho = rho_init for every step (the
     "ATOD without annealing" ablation: kappa = rho = 1 with the defaults).
     """
 
-    anneal_steps: int = 80
-    kappa_init: float = 1.0
-    kappa_min: float = 0.1
-    rho_init: float = 1.0
-    rho_max: float = 2.0
-    shape: str = "linear"
-    anneal: bool = True
+    anneal: bool = opt(True, "anneal kappa/rho (false: constant kappa_init/rho_init, the no-annealing ablation)")
+    anneal_steps: int = opt(80, "T: steps over which kappa decays and rho rises (paper: 80 of 150)", min=0)
+    kappa_init: float = opt(1.0, "OPD coefficient at step 0", min=0.0)
+    kappa_min: float = opt(0.1, "OPD coefficient floor", min=0.0)
+    rho_init: float = opt(1.0, "GRPO coefficient at step 0", min=0.0)
+    rho_max: float = opt(2.0, "GRPO coefficient after T steps", min=0.0)
+    shape: str = opt("linear", "annealing shape: linear | cosine (the clock p = s/T) | adaptive (p moved by a "
+                     "measured signal, see train/schedule.py)", choices=list(SHAPES))
     # adaptive shape only (see the module docstring)
-    signal: str = "success"
-    teacher_success: float = 0.0     # SR_T; 0: unknown (the success signal then needs it set)
-    target: float = 1.0              # c
-    smoothing: float = 0.7           # beta
-    plateau_tol: float = 0.02        # tol
+    signal: str = opt("success", "adaptive: success (the student's rollout success over the teacher's) | "
+                      "disagreement (T counts only the steps where mean |lp_T - lp_S| stopped falling)",
+                      choices=list(SIGNALS))
+    # SR_T; 0: unknown (the success signal then needs it set)
+    teacher_success: float = opt(0.0, "adaptive, signal success: SR_T, the teacher's success rate (e.g. from "
+                                 "its zoo card)", min=0.0, max=1.0)
+    target: float = opt(1.0, "adaptive, signal success: the teacher is fully retired at student success "
+                        "target * teacher_success", min=0.01)   # c
+    smoothing: float = opt(0.7, "adaptive: EMA factor beta of the signal (0: no smoothing)", min=0.0, max=0.99)
+    plateau_tol: float = opt(0.02, "adaptive, signal disagreement: a step counts when the smoothed "
+                             "disagreement fell by less than this fraction of its best", min=0.0, max=1.0)  # tol
 
     def __post_init__(self) -> None:
-        if self.shape not in SHAPES:
-            raise UserError(f"schedule shape '{self.shape}' is unknown; choose one of {', '.join(SHAPES)}")
-        if self.anneal_steps < 0:
-            raise UserError(f"schedule anneal_steps must be >= 0, got {self.anneal_steps}")
-        if self.signal not in SIGNALS:
-            raise UserError(f"schedule signal '{self.signal}' is unknown; choose one of {', '.join(SIGNALS)}")
-        if not self.target > 0:
-            raise UserError(f"schedule target must be > 0, got {self.target}")
-        if not 0.0 <= self.smoothing < 1.0:
-            raise UserError(f"schedule smoothing must be in [0, 1), got {self.smoothing}")
-        if self.shape == "adaptive" and self.anneal and self.signal == "success" and self.teacher_success <= 0:
-            raise UserError("schedule shape 'adaptive' with signal 'success' needs the teacher's success rate: "
-                            "set schedule.teacher_success (in (0, 1]), or use schedule.signal=disagreement")
+        """The schedule's one validation, for a recipe (load_config builds this class from the
+        `schedule:` keys) and a direct construction alike: each field's choices and bounds as
+        declared above, then the rule across fields. A ConfigError (a UserError) names the key."""
+        for f in dataclasses.fields(self):
+            key, value = f"schedule.{f.name}", getattr(self, f.name)
+            choices, lo, hi = f.metadata["choices"], f.metadata["min"], f.metadata["max"]
+            if choices is not None and value not in choices:
+                raise ConfigError(f"config key '{key}': got {value!r}, allowed: {', '.join(choices)}")
+            if lo is not None and not value >= lo:
+                raise ConfigError(f"config key '{key}': got {value!r}, must be >= {lo}")
+            if hi is not None and not value <= hi:
+                raise ConfigError(f"config key '{key}': got {value!r}, must be <= {hi}")
+        if self.shape == "adaptive" and self.signal == "success" and not self.teacher_success > 0:
+            raise ConfigError("config key 'schedule.teacher_success': schedule.shape=adaptive with "
+                              "signal=success needs the teacher's success rate in (0, 1] "
+                              "(or use schedule.signal=disagreement)")
 
 
 def progress(step: float, anneal_steps: float, shape: str = "linear") -> float:

@@ -3,11 +3,12 @@
 The loss is the mean negative log-likelihood of the response tokens (the prompt is masked out,
 unless prompt_loss_weight adds a language-modelling loss on it);
 prompts are built exactly as the rollout engine builds them, so the model is trained on what it
-will see. Demonstrations come from the env's scripted expert, a noisy expert (imperfect demos),
+will see. Demonstrations (demos.py) come from the env's scripted expert, a noisy expert (imperfect demos),
 DART-style demos (noisy execution, every state labelled with the expert's action: the model also
 learns to recover from off-path states, which pure expert demos never show), DAgger demos (the
 start model's own sampled episodes, every state labelled with the expert's action: the states its
-own mistakes lead to, e.g. a loop of one invalid action), or an episodes JSONL file.
+own mistakes lead to, e.g. a loop of one invalid action), or an episodes JSONL file. The config
+is config.SFTConfig; checkpoints and records are shared with RL training (checkpoint.py, run_log.py).
 
 The final model goes to `out` (HF layout, written atomically); the run's records go beside it,
 to `<out>.work/`:
@@ -26,197 +27,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from atod_edge.config import dump_yaml, load_config, opt
-from atod_edge.rollout.episode import Episode, read_episodes
+from atod_edge.config import dump_yaml, load_config
 from atod_edge.errors import UserError
 from atod_edge.io import append_line, atomic_path, atomic_write_json, atomic_write_text
-from atod_edge.train.trainer import _fmt_time, _json, _truncate_metrics, latest_checkpoint, save_checkpoint
-
-logger = logging.getLogger(__name__)
-
-LR_SCHEDULES = ("linear", "constant", "cosine")
-
-
-@dataclass
-class SFTConfig:
-    env: str = opt("household", "environment name or pkg.module:Class")
-    model: str = opt("tiny-teacher", "preset name or checkpoint dir to start from")
-    demos: str = opt("expert", "expert | noisy | dart | dagger | a mix of them, e.g. dart+dagger | path to an "
-                     "episodes JSONL")
-    noise: float = opt(0.3, "noisy/dart demos: probability of a random (dart: maybe stale) action",
-                       min=0.0, max=1.0)
-    successful_only: bool = opt(False, "train only on demonstrations that succeeded")
-    episodes: int = opt(200, "number of demonstration episodes", min=1)
-    demo_start: int = opt(0, "index of the first train-split task of generated demos (a later run can "
-                          "take tasks an earlier one did not)", min=0)
-    rollout_temperature: float = opt(0.4, "dagger demos: sampling temperature of the start model's episodes",
-                                     min=0.0)
-    epochs: int = opt(2, "passes over the demonstrations", min=1)
-    lr: float = opt(1e-3, "AdamW learning rate", min=0.0)
-    weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
-    batch_size: int = opt(16, "turns per optimizer step", min=1)
-    micro_batch: int = opt(16, "turns per forward pass", min=1)
-    prefix_reuse: bool = opt(True, "encode the prompt prefixes a micro-batch's turns share once (same loss and "
-                             "gradients); false: every turn on its own")
-    warmup_steps: int = opt(10, "linear warmup steps", min=0)
-    history_turns: int = opt(2, "past turns in the prompt", min=0)
-    prompt_loss_weight: float = opt(0.0, "weight of a language-modelling loss on the prompt tokens (0: "
-                                    "response tokens only; helps models trained from scratch)", min=0.0)
-    seed: int = opt(0, "seed for demos and shuffling")
-    device: str = opt("cpu", "torch device")
-    out: str = opt("runs/sft", "output model dir (metrics, checkpoints, curves: <out>.work/)")
-    eval_episodes: int = opt(50, "episodes evaluated on the eval split at the end (0 = none)", min=0)
-    lr_schedule: str = opt("linear", "linear (the warmup ramp times a decay to 0 over the whole run, the "
-                           "original schedule) | constant (after warmup) | cosine (from the end of warmup)",
-                           choices=list(LR_SCHEDULES))
-    min_lr_ratio: float = opt(0.0, "floor of the linear or cosine decay, as a fraction of lr", min=0.0, max=1.0)
-    log_every: int = opt(1, "steps between loss rows in <out>.work/metrics.jsonl", min=1)
-    eval_every: int = opt(0, "steps between evaluations during training (0 = only the final one)", min=0)
-    eval_every_episodes: int = opt(20, "eval-split episodes of each periodic evaluation", min=1)
-    checkpoint_every: int = opt(100, "steps between checkpoints in <out>.work/checkpoints, for --resume "
-                                "(0 = none)", min=0)
-
-
-GENERATED_DEMOS = ("expert", "noisy", "dart", "dagger")
-
-
-def demo_episodes(cfg: SFTConfig, dagger: Callable[[list], list[Episode]] | None = None) -> list[Episode]:
-    """The demonstrations cfg.demos names: one generated kind, a mix of kinds joined by "+"
-    (e.g. "dart+dagger": consecutive equal shares of the train tasks, one per kind), or a
-    file. `dagger(tasks)` makes the dagger demos (it needs the model)."""
-    from atod_edge.envs import env_class
-    from atod_edge.rollout.runner import run_scripted
-
-    kinds = cfg.demos.split("+")
-    if all(kind in GENERATED_DEMOS for kind in kinds):
-        env_cls = env_class(cfg.env)
-        tasks = env_cls().tasks("train", cfg.episodes, start=cfg.demo_start)
-        episodes = []
-        for i, kind in enumerate(kinds):
-            share = tasks[i * len(tasks) // len(kinds):(i + 1) * len(tasks) // len(kinds)]
-            if kind != "dagger":
-                episodes += run_scripted(kind, env_cls, share, seed=cfg.seed, noise=cfg.noise)
-            elif dagger is None:
-                raise UserError("dagger demos need a model to roll out (train_sft makes them)")
-            else:
-                episodes += dagger(share)
-    else:
-        path = Path(cfg.demos)
-        if not path.is_file():
-            raise UserError(f"demos '{cfg.demos}': not expert, noisy, dart, dagger (or a mix like dart+dagger) "
-                            "or an existing episodes file")
-        try:
-            episodes, _ = read_episodes(path)
-        except OSError as e:
-            raise UserError(f"demos '{cfg.demos}': cannot read it ({e.strerror or type(e).__name__})") from None
-        well_formed = [ep for ep in episodes if _is_well_formed(ep)]
-        if len(well_formed) < len(episodes):
-            logger.warning("%s: skipped %d episode(s) with fields of the wrong type",
-                        path, len(episodes) - len(well_formed))
-        episodes = well_formed[:cfg.episodes]
-    if cfg.successful_only:
-        episodes = [ep for ep in episodes if ep.success]
-    if not episodes:
-        raise UserError(f"no demonstration episodes to train on (demos={cfg.demos})")
-    return episodes
-
-
-def dagger_episodes(cfg: SFTConfig, tasks: list, work: Path, model=None, tokenizer=None, log=print,
-                    ) -> list[Episode]:
-    """DAgger demos (Ross et al., 2011): the start model's own episodes on `tasks` (consecutive
-    train-split tasks), sampled at cfg.rollout_temperature by the batched engine, every turn
-    labelled with the scripted expert's action in that state. SFT on them teaches recovery from the states the model's own mistakes
-    reach, which expert and DART demos cover only by chance.
-
-    Saved to <work>/dagger_demos.jsonl (atomically). `model`/`tokenizer`: the start model, in a
-    fresh run. A resumed run, whose model is a checkpoint and no longer the start model, passes
-    none: the saved demos are read back (or, if they are missing, cfg.model is loaded to redo them)."""
-    from atod_edge.rollout.episode import write_episodes
-    from atod_edge.evaluate.evaluate import EvalConfig, evaluate
-    from atod_edge.models.loading import load_model
-    from atod_edge.engine.policy import TorchPolicy
-
-    if not tasks:
-        return []
-    path = work / "dagger_demos.jsonl"
-    if model is None and path.is_file():
-        episodes, skipped = read_episodes(path)
-        if not skipped and len(episodes) == len(tasks):
-            log(f"sft: {len(episodes)} dagger demos read back from {path}")
-            return episodes
-    if model is None:
-        model, tokenizer = load_model(cfg.model, device=cfg.device)
-    was_training = model.training
-    model.eval()
-    started = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        rate = done / (time.perf_counter() - started)
-        print(f"\rsft: dagger demos {done}/{total} | {rate:.1f} episodes/s | ETA {_fmt_time((total - done) / rate)}   ",
-              end="" if done < total else "\n", file=sys.stderr, flush=True)
-
-    # the eval code path on consecutive train tasks (64 concurrent episodes, the same seeds)
-    rollouts = EvalConfig(env=cfg.env, split="train", episodes=len(tasks), start=tasks[0].index,
-                          temperature=cfg.rollout_temperature, history_turns=cfg.history_turns,
-                          seed=cfg.seed, device=cfg.device)
-    summary, episodes = evaluate(TorchPolicy(model, tokenizer, name=f"dagger:{cfg.model}"), rollouts,
-                                 progress=progress, label_expert=True)
-    model.train(was_training)
-    log(f"sft: dagger demos from {cfg.model}: success {summary['success']:.1%}, invalid actions "
-        f"{summary['invalid_rate']:.1%}, {summary['turns']:.1f} turns")
-    with atomic_path(path) as tmp:
-        write_episodes(tmp, episodes)
-    return episodes
-
-
-def _is_well_formed(episode: Episode) -> bool:
-    """The text fields SFT builds prompts from have the right types (a parseable JSON line can
-    still hold numbers where text belongs)."""
-    def text(value, optional=False):
-        return isinstance(value, str) or (optional and value is None)
-
-    return text(episode.final_observation) and all(
-        text(t.observation) and text(t.response) and text(t.action, optional=True)
-        and text(t.expert_action, optional=True)
-        and (t.admissible is None or (isinstance(t.admissible, list) and all(map(text, t.admissible))))
-        for t in episode.turns)
-
-
-def build_examples(episodes: list[Episode], tokenizer, instructions: str, history_turns: int,
-                   ) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids + end-of-turn) for every valid demonstrated turn, and for every
-    turn labelled with an expert action (dart demos), whatever was executed there."""
-    from atod_edge.prompts import encode_prompt, format_response
-    from atod_edge.rollout.runner import episode_messages
-
-    end = tokenizer.eos_token_id
-    examples = []
-    for ep in episodes:
-        for k, turn in enumerate(ep.turns):
-            if turn.expert_action:
-                target = format_response(turn.expert_action)
-            elif turn.valid and turn.action is not None:
-                target = turn.response
-            else:
-                continue
-            prompt = encode_prompt(tokenizer, episode_messages(ep, k, instructions, history_turns))
-            response = tokenizer(target, add_special_tokens=False)["input_ids"]
-            if end is not None:
-                response = response + [end]
-            examples.append((prompt, response))
-    return examples
+from atod_edge.train.checkpoint import latest_checkpoint, save_checkpoint
+from atod_edge.train.config import LR_SCHEDULES, SFTConfig
+from atod_edge.train.demos import build_examples, dagger_episodes, demo_episodes
+from atod_edge.train.run_log import format_duration, json_line, truncate_metrics
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str = "linear", min_ratio: float = 0.0) -> float:
@@ -288,7 +114,7 @@ def train_sft(cfg: SFTConfig, log=print, resume: bool = False) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        _truncate_metrics(metrics, done_steps)
+        truncate_metrics(metrics, done_steps)
         log(f"resuming {work} after step {done_steps}")
     else:
         if resume and metrics.is_file():
@@ -320,7 +146,7 @@ def train_sft(cfg: SFTConfig, log=print, resume: bool = False) -> Path:
                 loss_value = 0.0
                 for m in range(0, len(batch), cfg.micro_batch):
                     chunk = batch[m:m + cfg.micro_batch]
-                    loss = _chunk_loss(model, chunk, pad, cfg, n_tokens, n_prompt)
+                    loss = chunk_loss(model, chunk, pad, cfg, n_tokens, n_prompt)
                     loss.backward()
                     loss_value += float(loss.detach())
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -334,9 +160,9 @@ def train_sft(cfg: SFTConfig, log=print, resume: bool = False) -> Path:
                 # Records first, checkpoint last: a checkpoint of step N implies every row before N is on
                 # disk (resume drops the rows after it).
                 if step % cfg.log_every == 0 or step == total:
-                    append_line(metrics, _json({"step": step - 1, "epoch": epoch, "loss": loss_value, "lr": lr,
-                                                "grad_norm": float(grad_norm), "examples": len(batch),
-                                                "tokens": n_tokens, "time_step": step_seconds}))
+                    append_line(metrics, json_line({"step": step - 1, "epoch": epoch, "loss": loss_value, "lr": lr,
+                                                    "grad_norm": float(grad_norm), "examples": len(batch),
+                                                    "tokens": n_tokens, "time_step": step_seconds}))
                 _progress(step, total, done_steps, loss_value, trained / max(train_seconds, 1e-9),
                           time.perf_counter() - started)
                 if (cfg.eval_every and step % cfg.eval_every == 0
@@ -360,8 +186,8 @@ def train_sft(cfg: SFTConfig, log=print, resume: bool = False) -> Path:
         tokenizer.save_pretrained(tmp)
     # the checkpoints only served resuming; the final model replaces them
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    append_line(metrics, _json({"step": total - 1, "saved": str(out),
-                                "time_total": time.perf_counter() - started}))
+    append_line(metrics, json_line({"step": total - 1, "saved": str(out),
+                                    "time_total": time.perf_counter() - started}))
     log(f"sft: saved {out} ({time.perf_counter() - started:.0f}s)")
     if cfg.eval_episodes:
         from atod_edge.evaluate.evaluate import format_summary, save_eval
@@ -390,9 +216,9 @@ def _evaluate(model, tokenizer, cfg: SFTConfig, episodes: int, metrics: Path, st
     summary, eval_episodes = evaluate(policy, EvalConfig(env=cfg.env, episodes=episodes, seed=cfg.seed,
                                                          history_turns=cfg.history_turns, device=cfg.device))
     model.train()
-    append_line(metrics, _json({"step": step - 1, "eval_success": summary["success"], "eval_score": summary["score"],
-                                "eval_turns": summary["turns"], "eval_episodes": episodes,
-                                "time_eval": time.perf_counter() - started}))
+    append_line(metrics, json_line({"step": step - 1, "eval_success": summary["success"],
+                                    "eval_score": summary["score"], "eval_turns": summary["turns"],
+                                    "eval_episodes": episodes, "time_eval": time.perf_counter() - started}))
     return (summary, eval_episodes) if final else summary
 
 
@@ -411,7 +237,7 @@ def _check_same_data(work: Path, data: dict) -> None:
                         f"{stored.get('examples', '?')} then); resume with the same settings, or remove {work}")
 
 
-def _chunk_loss(model, chunk, pad: int, cfg: SFTConfig, n_tokens: int, n_prompt: int):
+def chunk_loss(model, chunk, pad: int, cfg: SFTConfig, n_tokens: int, n_prompt: int):
     """This micro-batch's share of the step's loss: the response tokens' mean NLL over the batch,
     plus prompt_loss_weight times the prompt tokens' mean NLL (a language-modelling loss on the
     observations and admissible lists: for a model trained from scratch, copying names from
@@ -439,8 +265,8 @@ def _chunk_loss(model, chunk, pad: int, cfg: SFTConfig, n_tokens: int, n_prompt:
 
 
 def _progress(done: int, total: int, first: int, loss: float, examples_per_s: float, elapsed: float) -> None:
-    eta = elapsed / max(1, done - first) * (total - done)
-    print(f"\rsft step {done}/{total} | loss {loss:.3f} | {examples_per_s:.1f} examples/s | ETA {_fmt_time(eta)}   ",
+    eta = format_duration(elapsed / max(1, done - first) * (total - done))
+    print(f"\rsft step {done}/{total} | loss {loss:.3f} | {examples_per_s:.1f} examples/s | ETA {eta}   ",
           end="" if done < total else "\n", file=sys.stderr, flush=True)
 
 

@@ -17,7 +17,8 @@ from textual.screen import Screen
 
 from atod_edge.errors import UserError
 from atod_edge.tui.commands import AtodCommands
-from atod_edge.tui.data import TokenDecoder, classify_path
+from atod_edge.tui.data import classify_path
+from atod_edge.tui.tokens import TokenDecoder
 
 THEMES = {"dark": "textual-dark", "light": "textual-light"}
 

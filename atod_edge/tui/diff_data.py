@@ -16,7 +16,7 @@ from pathlib import Path
 from atod_edge.rollout.episode import Episode, Turn
 from atod_edge.errors import UserError
 from atod_edge.evaluate.evaluate import compare_summary, outcome, pair_episodes
-from atod_edge.tui.data import load_episodes
+from atod_edge.tui.episodes import load_episodes
 
 # task rows: A won (B failed), then B won (A failed), then ties
 OUTCOME_ORDER = {"a": 0, "b": 1, "tie": 2}
@@ -143,7 +143,8 @@ def _model_folders(name: str) -> list[Path]:
     model = Path(name)
     folders = [model, model.parent] if model.exists() else []
     try:
-        from atod_edge.models.loading import PRESETS, preset_dir
+        from atod_edge.models.cache import preset_dir
+        from atod_edge.models.presets import PRESETS
 
         if name in PRESETS:
             folders.append(preset_dir(name))

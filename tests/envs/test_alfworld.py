@@ -1,5 +1,5 @@
-"""alfworld-engine (atod_edge/envs/alfworld_env.py): locally generated ALFWorld-style tasks
-played in the real ALFWorld/TextWorld PDDL engine. Not the official ALFWorld splits."""
+"""alfworld-engine (atod_edge/envs/alfworld_env.py, alfworld_problem.py): locally generated
+ALFWorld-style tasks played in the real ALFWorld/TextWorld PDDL engine. Not the official ALFWorld splits."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import pytest
 
 from atod_edge.envs import Task, env_class
-from atod_edge.envs.alfworld_env import FAMILIES, AlfWorldEngineEnv, game_folder, generate_problem
+from atod_edge.envs.alfworld_env import AlfWorldEngineEnv, game_folder
+from atod_edge.envs.alfworld_problem import FAMILIES, generate_problem
 
 EVAL_TASKS = 3
 

@@ -1,4 +1,4 @@
-"""Tests for the built-in ALFWorld-style household environment (atod_edge/envs/household.py)."""
+"""Tests for the built-in ALFWorld-style household environment (atod_edge/envs/household/)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import random
 import pytest
 
 from atod_edge.envs import Task, make_env
-from atod_edge.envs.household import FAMILIES, OBJECTS, RECEPTACLES, RECENT_TURNS, SEEN_OBJECTS, UNSEEN_ONLY_OBJECTS, HouseholdEnv, parse_goal, visible_expert_action
+from atod_edge.envs.base import HISTORY_TURNS as RECENT_TURNS
+from atod_edge.envs.household.catalog import FAMILIES, OBJECTS, RECEPTACLES, SEEN_OBJECTS, UNSEEN_ONLY_OBJECTS
+from atod_edge.envs.household.env import HouseholdEnv
+from atod_edge.envs.household.experts import parse_goal, visible_expert_action
 from atod_edge.errors import UserError
 
 
@@ -410,3 +413,23 @@ def test_noisy_expert_mostly_wins():
             env.step(rng.choice(env.admissible_actions()) if noisy else env.expert_action())
         wins += env.won
     assert wins >= 95
+
+
+def test_the_expert_reads_the_turns_the_default_prompt_shows():
+    """The visible expert reads the last HISTORY_TURNS turns (envs/base.py); its demonstrations
+    are imitable only if the prompt shows as many. Every default of `history_turns` is that
+    one constant, so changing it changes both sides together."""
+    import dataclasses
+    import inspect
+
+    from atod_edge.evaluate.evaluate import EvalConfig
+    from atod_edge.prompts import build_messages
+    from atod_edge.rollout.agent import Agent
+    from atod_edge.rollout.runner import act, episode_messages, run_episodes
+    from atod_edge.train.config import SFTConfig, TrainConfig
+
+    functions = [build_messages, episode_messages, run_episodes, act, Agent.__init__, Agent.load]
+    defaults = {f.__qualname__: inspect.signature(f).parameters["history_turns"].default for f in functions}
+    for cls in (EvalConfig, TrainConfig, SFTConfig):
+        defaults[cls.__name__] = next(f.default for f in dataclasses.fields(cls) if f.name == "history_turns")
+    assert defaults == {name: RECENT_TURNS for name in defaults}

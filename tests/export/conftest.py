@@ -19,7 +19,7 @@ PEAKED_MODEL = "household-teacher"
 @pytest.fixture(scope="session")
 def peaked_model(atod_cache) -> Path:
     """The checkpoint dir of the zoo teacher (its files checked against its card)."""
-    from atod_edge.models.loading import resolve_model
+    from atod_edge.models.presets import resolve_model
 
     return Path(resolve_model(PEAKED_MODEL))
 

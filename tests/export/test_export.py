@@ -170,7 +170,8 @@ def test_one_scrambled_tensor_fails_verification_in_every_format(exported, tmp_p
 def test_width_not_multiple_of_256_is_reported_as_quant_fallback(tmp_path, atod_cache):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from atod_edge.models.loading import load_tokenizer, resolve_model
+    from atod_edge.models.loading import load_tokenizer
+    from atod_edge.models.presets import resolve_model
 
     tokenizer = load_tokenizer(resolve_model("tiny-student"))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=320, intermediate_size=640,
@@ -193,7 +194,7 @@ def test_width_not_multiple_of_256_is_reported_as_quant_fallback(tmp_path, atod_
 
 def test_failed_write_leaves_no_partial_file(exported, tmp_path, monkeypatch):
     out, _ = exported
-    from atod_edge.models.loading import resolve_model
+    from atod_edge.models.presets import resolve_model
 
     target = tmp_path / "agent.f16.gguf"
     target.write_bytes(b"previous good file")
@@ -221,7 +222,8 @@ def test_qwen2_gguf_needs_no_rotary_permutation_and_keeps_biases(tmp_path, atod_
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from atod_edge.engine.backends.llamacpp import LlamaCppPolicy
-    from atod_edge.models.loading import load_tokenizer, resolve_model
+    from atod_edge.models.loading import load_tokenizer
+    from atod_edge.models.presets import resolve_model
 
     tokenizer = load_tokenizer(resolve_model("tiny-student"))
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
@@ -278,7 +280,7 @@ TINY_VERIFY = VerifyConfig(n_contexts=1, max_context_tokens=128, greedy_tokens=2
 def test_verification_runs_on_the_env_of_the_checkpoints_run_or_the_one_given(tmp_path, atod_cache,
                                                                                monkeypatch, capsys):
     from atod_edge.cli.main import main
-    from atod_edge.models.loading import resolve_model
+    from atod_edge.models.presets import resolve_model
 
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "tickgame.py").write_text(PLUGIN)

@@ -113,7 +113,7 @@ def _turns(rank: int | None):
     """Rank 0 holds three turns, rank 1 one (None: all four): random tokens, the model's own
     log-probs as lp_S (ratio 1 in the first epoch), random advantages."""
     from atod_edge.scoring.logprobs import response_logprobs
-    from atod_edge.train.trainer import TokenBatch
+    from atod_edge.train.batch import TokenBatch
 
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(1, 64, (n,), generator=gen).tolist() for n in (2, 5, 3, 4)]
@@ -138,7 +138,8 @@ def _update_cfg():
 def _fsdp_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from atod_edge.train.trainer import DistInfo, shard_fsdp, update
+    from atod_edge.train.distributed import DistInfo, shard_fsdp
+    from atod_edge.train.update import update
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -161,7 +162,8 @@ def test_fsdp_update_on_uneven_batches_equals_one_process_over_all_turns(tmp_pat
     collectives match (without them this hangs), and the result is the one-process update."""
     import torch.multiprocessing as mp
 
-    from atod_edge.train.trainer import DistInfo, update
+    from atod_edge.train.distributed import DistInfo
+    from atod_edge.train.update import update
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -108,7 +108,8 @@ def lora_run(small_teacher, one_thread, tmp_path_factory):
 
 @needs_peft
 def test_lora_run_trains_only_the_adapters_and_saves_a_merged_plain_checkpoint(lora_run, atod_cache):
-    from atod_edge.models.loading import load_model, resolve_model
+    from atod_edge.models.loading import load_model
+    from atod_edge.models.presets import resolve_model
 
     run_dir, final, live = lora_run
     rows = metric_rows(run_dir)

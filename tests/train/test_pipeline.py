@@ -11,7 +11,8 @@ import pytest
 from train_fixtures import metric_rows, overrides, run_cli
 
 from atod_edge.cli import main as cli
-from atod_edge.models.loading import resolve_model, train_tiny_tokenizer
+from atod_edge.models.presets import resolve_model
+from atod_edge.models.tiny import train_tiny_tokenizer
 
 
 def _flags(settings: list[str]) -> list[str]:

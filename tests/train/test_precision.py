@@ -22,7 +22,10 @@ from atod_edge.errors import ConfigError
 from atod_edge.scoring.tokens import sampled_logprobs
 from atod_edge.train.config import TrainConfig
 from atod_edge.train.precision import compute_precision, fsdp_mixed_precision, logprob_mismatch, recomputes_old_logprobs, truncated_is_weights
-from atod_edge.train.trainer import DistInfo, TokenBatch, build_batch, micro_batch_token_index, recompute_old_logprobs, train, update
+from atod_edge.train.batch import TokenBatch, build_batch, micro_batch_token_index
+from atod_edge.train.distributed import DistInfo
+from atod_edge.train.trainer import train
+from atod_edge.train.update import recompute_old_logprobs, update
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -22,7 +22,7 @@ def _batch(rank: int | None):
     """Eight turns of two 'episodes' (a 24-token shared prefix each, then their own tokens);
     rank 0 holds five, rank 1 three, None all. lp_S: the model's own log-probs; random advantages."""
     from atod_edge.scoring.logprobs import response_logprobs
-    from atod_edge.train.trainer import TokenBatch
+    from atod_edge.train.batch import TokenBatch
 
     gen = torch.Generator().manual_seed(3)
     shared = [torch.randint(1, 64, (24,), generator=gen).tolist() for _ in range(2)]
@@ -48,7 +48,8 @@ def _cfg(reuse: bool):
 def _worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from atod_edge.train.trainer import DistInfo, update
+    from atod_edge.train.distributed import DistInfo
+    from atod_edge.train.update import update
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -65,7 +66,8 @@ def _worker(rank: int, port: int, out: str) -> None:
 def test_two_gloo_ranks_with_prefix_reuse_sum_to_the_per_turn_gradients(tmp_path):
     import torch.multiprocessing as mp
 
-    from atod_edge.train.trainer import DistInfo, update
+    from atod_edge.train.distributed import DistInfo
+    from atod_edge.train.update import update
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

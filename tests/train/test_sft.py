@@ -17,9 +17,12 @@ from atod_edge.envs import env_class
 from atod_edge.rollout.episode import read_episodes
 from atod_edge.errors import UserError
 from atod_edge.io import read_jsonl
-from atod_edge.models.loading import check_same_tokenizer, load_model, resolve_model
+from atod_edge.models.loading import check_same_tokenizer, load_model
+from atod_edge.models.presets import resolve_model
 from atod_edge.scoring.logprobs import response_logprobs
-from atod_edge.train.sft import SFTConfig, build_examples, demo_episodes, lr_factor, train_sft, work_dir
+from atod_edge.train.config import SFTConfig
+from atod_edge.train.demos import build_examples, demo_episodes
+from atod_edge.train.sft import lr_factor, train_sft, work_dir
 
 
 def test_sft_command_writes_a_loadable_checkpoint(atod_cache, one_thread, tmp_path, capsys):
@@ -201,7 +204,7 @@ def test_bad_sft_option_gives_a_one_line_error(args, tmp_path, monkeypatch, caps
 def test_prompt_loss_weight_adds_the_prompt_tokens_mean_nll(atod_cache, one_thread):
     """The loss with prompt_loss_weight=w equals response mean NLL + w * prompt mean NLL, both
     computed here from one plain full-sequence forward per example."""
-    from atod_edge.train.sft import _chunk_loss
+    from atod_edge.train.sft import chunk_loss
 
     model, tokenizer = load_model("tiny-student")
     cfg = SFTConfig(env="household", demos="expert", episodes=1, prompt_loss_weight=0.3)
@@ -217,9 +220,9 @@ def test_prompt_loss_weight_adds_the_prompt_tokens_mean_nll(atod_cache, one_thre
             prompt_nll += float(token_nll[:len(p) - 1].sum())
             resp_nll += float(token_nll[len(p) - 1:].sum())
         pad = tokenizer.pad_token_id
-        with_prompt = float(_chunk_loss(model, examples, pad, cfg, n_resp, n_prompt))
+        with_prompt = float(chunk_loss(model, examples, pad, cfg, n_resp, n_prompt))
         cfg.prompt_loss_weight = 0.0
-        response_only = float(_chunk_loss(model, examples, pad, cfg, n_resp, n_prompt))
+        response_only = float(chunk_loss(model, examples, pad, cfg, n_resp, n_prompt))
     assert response_only == pytest.approx(resp_nll / n_resp, rel=1e-4)
     assert with_prompt == pytest.approx(resp_nll / n_resp + 0.3 * prompt_nll / n_prompt, rel=1e-4)
     assert with_prompt > response_only + 0.1   # the prompt term is really there
@@ -227,9 +230,9 @@ def test_prompt_loss_weight_adds_the_prompt_tokens_mean_nll(atod_cache, one_thre
 
 @pytest.mark.parametrize("prompt_loss_weight", [0.0, 0.5])
 def test_sft_loss_with_prefix_reuse_has_the_per_turn_value_and_gradients(atod_cache, one_thread, prompt_loss_weight):
-    """_chunk_loss over turns of two demo episodes (they share the system text and, within an
+    """chunk_loss over turns of two demo episodes (they share the system text and, within an
     episode, the task) with prefix_reuse on and off: the same loss and gradients (1e-5 relative)."""
-    from atod_edge.train.sft import _chunk_loss
+    from atod_edge.train.sft import chunk_loss
 
     model, tokenizer = load_model("tiny-student")
     cfg = SFTConfig(env="household", demos="noisy", episodes=2, prompt_loss_weight=prompt_loss_weight)
@@ -239,7 +242,7 @@ def test_sft_loss_with_prefix_reuse_has_the_per_turn_value_and_gradients(atod_ca
     for reuse in (False, True):
         cfg.prefix_reuse = reuse
         model.zero_grad(set_to_none=True)
-        loss = _chunk_loss(model, examples, tokenizer.pad_token_id, cfg, n_resp, n_prompt)
+        loss = chunk_loss(model, examples, tokenizer.pad_token_id, cfg, n_resp, n_prompt)
         loss.backward()
         results.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (loss_turns, expected), (loss_shared, got) = results
@@ -268,7 +271,7 @@ def test_dagger_demos_label_the_models_own_states_with_the_expert_and_are_read_b
     """dagger demos: the start model's own episodes, every turn labelled with the expert's action
     in that state (checked by replaying the episode in a fresh env); a fresh run trains on all of
     them; a resumed run (no model given) reads the saved demos back instead of rolling out again."""
-    from atod_edge.train.sft import dagger_episodes
+    from atod_edge.train.demos import dagger_episodes
 
     out = tmp_path / "sft"
     cfg = SFTConfig(env="household", model="tiny-student", demos="dagger", episodes=1, demo_start=5, epochs=1,

@@ -17,7 +17,11 @@ from atod_edge.rollout.episode import Episode, Turn, read_episodes
 from atod_edge.train.config import TrainConfig
 from atod_edge.train.lora import peft_available
 from atod_edge.train.schedule import ScheduleConfig, coefficients
-from atod_edge.train.trainer import DistInfo, build_batch, latest_checkpoint, train, update
+from atod_edge.train.batch import build_batch
+from atod_edge.train.checkpoint import latest_checkpoint
+from atod_edge.train.distributed import DistInfo
+from atod_edge.train.trainer import train
+from atod_edge.train.update import update
 
 # --- build_batch on hand-built episodes ---------------------------------------------------------
 
@@ -206,7 +210,7 @@ def _household_batch(tokenizer, model) -> "TokenBatch":
     from atod_edge.prompts import encode_prompt
     from atod_edge.rollout.runner import episode_messages, run_scripted
     from atod_edge.scoring.logprobs import response_logprobs
-    from atod_edge.train.trainer import TokenBatch
+    from atod_edge.train.batch import TokenBatch
 
     env = env_class("household")
     prompts, responses = [], []
@@ -288,7 +292,7 @@ def atod_run(small_teacher, one_thread, tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(SMOKE_RUNS))
 def test_three_step_smoke_run(name, atod_run, small_teacher, atod_cache, tmp_path):
-    from atod_edge.models.loading import resolve_model
+    from atod_edge.models.presets import resolve_model
 
     cfg, run_dir, final = atod_run if name == "atod" else _smoke(name, tmp_path, small_teacher)
     rows = metric_rows(run_dir)

@@ -13,7 +13,9 @@ from atod_edge.engine.policy import TorchPolicy
 from atod_edge.rollout.runner import run_episodes
 from atod_edge.scoring.logprobs import response_logprobs
 from atod_edge.train.config import TrainConfig
-from atod_edge.train.trainer import DistInfo, build_batch, update
+from atod_edge.train.batch import build_batch
+from atod_edge.train.distributed import DistInfo
+from atod_edge.train.update import update
 
 TEACHER = "household-teacher"
 

@@ -1,4 +1,4 @@
-"""tui/data.py, tui/live_session.py and the pure parts of the widgets (no app running)."""
+"""tui/data.py, episodes.py, tokens.py, live_session.py and the pure parts of the widgets (no app running)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from tui_fixtures import CountingEnv, make_episodes, write_episodes_file
 
 from atod_edge.rollout.episode import Turn
 from atod_edge.errors import UserError
-from atod_edge.tui.data import EpisodeFilter, MetricsLog, RunDir, TokenDecoder, classify_path, episode_stats, load_episodes, step_filter_valid, turn_tokens
+from atod_edge.tui.data import MetricsLog, RunDir, classify_path
+from atod_edge.tui.episodes import EpisodeFilter, episode_stats, load_episodes, step_filter_valid
 from atod_edge.tui.live_session import ExpertAgent, HumanAgent, LiveSession, make_agent
+from atod_edge.tui.tokens import TokenDecoder, turn_tokens
 from atod_edge.tui.widgets.curve_plot import render_bars, resample
 from atod_edge.tui.widgets.token_view import delta_style
 

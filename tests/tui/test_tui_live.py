@@ -160,7 +160,7 @@ async def test_expert_on_a_built_in_env():
 async def test_a_tiny_model_takes_turns():
     """The tiny-student preset (random init) through the core policy interface: its turns are
     recorded with the model's raw response, valid or not, and the UI stays usable."""
-    from atod_edge.models.loading import build_preset
+    from atod_edge.models.presets import build_preset
 
     try:
         model = build_preset("tiny-student")

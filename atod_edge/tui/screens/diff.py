@@ -15,9 +15,9 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from atod_edge.rollout.episode import Turn
-from atod_edge.tui.data import TokenDecoder, turn_tokens
 from atod_edge.tui.diff_data import DiffData, TaskPair, same_action
-from atod_edge.tui.screens.inspector import _clip, fmt, short_task
+from atod_edge.tui.screens.inspector import clip_cell, fmt, short_task
+from atod_edge.tui.tokens import TokenDecoder, turn_tokens
 from atod_edge.tui.widgets.token_view import TokenView, legend, surprisal_legend
 
 DIVERGE_MARK = "◆"
@@ -106,7 +106,7 @@ class DiffScreen(Screen):
         for k, pair in enumerate(self.data.pairs):
             label, style = OUTCOME_TEXT[pair.outcome]
             div = pair.first_divergence
-            tasks.add_row(_clip(short_task(pair.a), 18), _ok(pair.a.success), _ok(pair.b.success),
+            tasks.add_row(clip_cell(short_task(pair.a), 18), _ok(pair.a.success), _ok(pair.b.success),
                           Text(label, style=style), f"{pair.a.num_turns}/{pair.b.num_turns}",
                           "–" if div is None else str(div + 1), key=str(k))
         self.query_one("#diff-list-status", Static).update(
@@ -176,7 +176,7 @@ class DiffScreen(Screen):
     def _action_cell(turn: Turn | None, other: Turn | None) -> Text:
         if turn is None:
             return Text("(ended)", style="dim italic")
-        text = _clip(turn.action if turn.action is not None else "∅ unparsable", 28)
+        text = clip_cell(turn.action if turn.action is not None else "∅ unparsable", 28)
         style = "" if turn.valid else "red"
         if other is not None and not same_action(turn, other):
             style = (style + " bold").strip()

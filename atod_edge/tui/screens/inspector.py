@@ -15,7 +15,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Select, Static
 
 from atod_edge.rollout.episode import Episode, Turn
-from atod_edge.tui.data import OUTCOMES, EpisodeFilter, TokenDecoder, TokenInfo, episode_search_text, episode_stats, load_episodes, step_filter_valid, turn_tokens
+from atod_edge.tui.episodes import OUTCOMES, EpisodeFilter, episode_search_text, episode_stats, load_episodes, step_filter_valid
+from atod_edge.tui.tokens import TokenDecoder, TokenInfo, turn_tokens
 from atod_edge.tui.widgets.token_view import TokenView, legend
 
 
@@ -25,7 +26,8 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def _clip(text: str, width: int) -> str:
+def clip_cell(text: str, width: int) -> str:
+    """`text` cut to a table cell of `width` characters, with an ellipsis."""
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -184,7 +186,7 @@ class InspectorScreen(Screen):
         summary.update(self.summary_text(ep))
         for k, turn in enumerate(ep.turns):
             valid = Text("yes", style="green") if turn.valid else Text("no", style="red")
-            turns.add_row(str(k + 1), _clip(turn.action or "∅", 30), valid, fmt(turn.reward),
+            turns.add_row(str(k + 1), clip_cell(turn.action or "∅", 30), valid, fmt(turn.reward),
                           fmt(turn.disagreement), fmt(turn.uncertainty), fmt(turn.weight),
                           str(len(turn.response_ids or [])), key=str(k))
         if ep.turns:

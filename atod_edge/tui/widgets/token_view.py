@@ -8,7 +8,7 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from atod_edge.tui.data import TokenInfo
+from atod_edge.tui.tokens import TokenInfo
 
 # Background colours by |delta| bucket: green where the teacher likes the token more than the
 # student (OPD pushes it up), red where it likes it less. Same hues in dark and light themes.

@@ -1,0 +1,118 @@
+"""`atod-edge eval`: evaluate one agent on an environment split, or two on the same seeded tasks.
+
+The agents are models (checkpoint dir, preset, .onnx, .gguf: engine.backends.load_policy) or the
+scripted `expert` / `random`; evaluate.evaluate plays them and writes report.json + episodes.jsonl,
+or for two agents OUT/a/, OUT/b/ and the pairing index that `atod-edge tui --diff` opens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from atod_edge.cli.options import add_recipe_args, shortcut_overrides
+from atod_edge.errors import UserError
+
+SCRIPTED = ("expert", "random")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a policy on an environment split")
+    add_recipe_args(p, "recipe YAML (optional)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--model", action="append",
+                     help="checkpoint dir, preset, .onnx file/dir or .gguf file; twice (--model A --model B) "
+                          "compares A and B on the same seeded tasks")
+    who.add_argument("--policy", choices=list(SCRIPTED), help="a scripted policy")
+    p.add_argument("--compare", metavar="AGENT",
+                   help="a second agent (model, or expert/random) played on the same seeded tasks: writes "
+                        "OUT/a/, OUT/b/ and the pairing index OUT/pairs.json, for `atod-edge tui --diff`")
+    p.add_argument("--env", help="environment name or pkg.module:Class")
+    p.add_argument("--split", choices=["train", "eval", "unseen"])
+    p.add_argument("--episodes", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--device", help="torch device (cpu, cuda)")
+    p.add_argument("--out", help="directory for report.json and episodes.jsonl")
+
+
+def run(args: argparse.Namespace) -> int:
+    from atod_edge.config import load_config
+    from atod_edge.evaluate.evaluate import EvalConfig
+
+    overrides = shortcut_overrides(args, ("env", "split", "episodes", "temperature", "device"))
+    cfg = load_config(EvalConfig, args.recipe, overrides)
+    agents = [*(args.model or []), *([args.policy] if args.policy else []), *([args.compare] if args.compare else [])]
+    if len(agents) > 2:
+        raise UserError(f"a comparison takes two agents, got {len(agents)}: {', '.join(agents)}")
+    if len(agents) == 2:
+        return _compare(cfg, agents, args.out)
+    if not args.policy and not args.model:
+        raise UserError("give --model PATH or --policy expert|random")
+    if args.policy:
+        policy = _load_agent(args.policy, cfg.device, scripted=True)
+    else:
+        policy = _load_agent(args.model[0], cfg.device, scripted=False)   # --model appends: one here
+    return _evaluate_one(cfg, policy, args.out)
+
+
+def _evaluate_one(cfg, policy, out: str | None) -> int:
+    from atod_edge.evaluate.evaluate import evaluate, format_summary, save_eval
+
+    summary, episodes = evaluate(policy, cfg, progress=_progress_printer("eval", "episodes"))
+    out = out or f"runs/eval-{_env_slug(cfg.env)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    save_eval(out, summary, episodes)
+    print(format_summary(summary))
+    print(f"report and episodes: {out}/")
+    return 0
+
+
+def _compare(cfg, agents: list[str], out: str | None) -> int:
+    """Evaluate two agents with one config (same tasks, same sampling seeds) and pair them."""
+    from atod_edge.evaluate.evaluate import compare_summary, evaluate, format_comparison, format_summary, save_comparison
+
+    runs = []
+    for label, spec in zip("ab", agents):
+        # a file or directory named like a scripted policy is a model
+        policy = _load_agent(spec, cfg.device, scripted=spec in SCRIPTED and not Path(spec).exists())
+        summary, episodes = evaluate(policy, cfg, progress=_progress_printer(f"eval {label.upper()}", "episodes"))
+        if not isinstance(policy, str):
+            policy.close()
+        runs.append((spec, summary, episodes))
+    out = out or f"runs/compare-{_env_slug(cfg.env)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    save_comparison(out, runs)
+    for label, (spec, summary, _) in zip("AB", runs):
+        print(f"{label}: {format_summary(summary)}")
+    print(format_comparison(compare_summary(runs[0][2], runs[1][2])))
+    print(f"episodes and pairing index: {out}/  (view: atod-edge tui --diff {out}/a/episodes.jsonl "
+          f"{out}/b/episodes.jsonl)")
+    return 0
+
+
+def _load_agent(spec: str, device: str, scripted: bool):
+    """The scripted policy's name as evaluate() takes it, or the model loaded as a Policy."""
+    if scripted:
+        return spec
+    from atod_edge.engine.backends import load_policy
+
+    return load_policy(spec, device=device)
+
+
+def _env_slug(env: str) -> str:
+    return env.replace(":", "_").replace(".", "_")
+
+
+def _progress_printer(label: str, unit: str):
+    """A one-line progress display on stderr: done/total, rate and ETA."""
+    started = time.perf_counter()
+
+    def show(done: int, total: int) -> None:
+        elapsed = time.perf_counter() - started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else float("nan")
+        end = "\n" if done >= total else ""
+        print(f"\r{label}: {done}/{total} {unit}  {rate:.1f}/s  ETA {eta:.0f}s", end=end,
+              file=sys.stderr, flush=True)
+
+    return show
