@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
     play = env_sub.add_parser("play", help="play an environment in the terminal")
     play.add_argument("env")
     play.add_argument("--seed", type=int, default=0, help="task index")
-    play.add_argument("--split", default="eval", choices=["train", "eval", "unseen"])
+    play.add_argument("--split", default="eval", choices=["train", "valid", "eval", "unseen"])
 
 
 def run(args: argparse.Namespace) -> int:

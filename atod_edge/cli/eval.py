@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
                    help="a second agent (model, or expert/random) played on the same seeded tasks: writes "
                         "OUT/a/, OUT/b/ and the pairing index OUT/pairs.json, for `atod-edge tui --diff`")
     p.add_argument("--env", help="environment name or pkg.module:Class")
-    p.add_argument("--split", choices=["train", "eval", "unseen"])
+    p.add_argument("--split", choices=["train", "valid", "eval", "unseen"])
     p.add_argument("--episodes", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--device", help="torch device (cpu, cuda)")

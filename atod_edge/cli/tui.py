@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("path", nargs="?", help="run dir, episodes .jsonl, or model (dir/.onnx/.gguf)")
     p.add_argument("--env", default=None, help="environment for live runs")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir for decoding tokens")
-    p.add_argument("--split", default="eval", choices=["train", "eval", "unseen"], help="task split for live runs")
+    p.add_argument("--split", default="eval", choices=["train", "valid", "eval", "unseen"], help="task split for live runs")
     p.add_argument("--index", type=int, default=0, help="task index for live runs")
     p.add_argument("--theme", default="dark", choices=["dark", "light"])
     p.add_argument("--diff", nargs=2, metavar=("A.jsonl", "B.jsonl"),

@@ -28,7 +28,10 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-SPLITS = ("train", "eval", "unseen")
+#: train: what training and SFT demos draw from; valid: the same distribution on disjoint seeds, kept
+#: for choosing settings (never trained on, never reported in the tables); eval: the same distribution,
+#: what the tables report; unseen: held-out kinds (each env says which)
+SPLITS = ("train", "valid", "eval", "unseen")
 #: longest action text an env parses (and the prompt parser accepts); longer inputs are rejected
 #: before any parsing work, so junk input stays cheap
 MAX_ACTION_CHARS = 200

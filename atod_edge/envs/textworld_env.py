@@ -279,6 +279,7 @@ class TextWorldCookingEnv(TextWorldEnv):
                                        "cut": True, "drop": False, "recipe_seed": 0}
     settings: ClassVar[dict[str, dict[str, Any]]] = {
         "train": {**_base, "split": "train"},
+        "valid": {**_base, "split": "train"},
         "eval": {**_base, "split": "train"},
         "unseen": {**_base, "split": "test"},
     }
@@ -300,7 +301,7 @@ class TextWorldCoinEnv(TextWorldEnv):
     )
     challenge: ClassVar[str] = "coin_collector"
     settings: ClassVar[dict[str, dict[str, Any]]] = {
-        "train": {"level": 105}, "eval": {"level": 105}, "unseen": {"level": 110},
+        "train": {"level": 105}, "valid": {"level": 105}, "eval": {"level": 105}, "unseen": {"level": 110},
     }
 
 
@@ -321,5 +322,5 @@ class TextWorldTreasureEnv(TextWorldEnv):
     )
     challenge: ClassVar[str] = "treasure_hunter"
     settings: ClassVar[dict[str, dict[str, Any]]] = {
-        "train": {"level": 15}, "eval": {"level": 15}, "unseen": {"level": 25},
+        "train": {"level": 15}, "valid": {"level": 15}, "eval": {"level": 15}, "unseen": {"level": 25},
     }

@@ -26,7 +26,7 @@ PAIRS_SCHEMA_VERSION = 1
 @dataclass
 class EvalConfig:
     env: str = opt("household", "environment name or import path pkg.module:Class")
-    split: str = opt("eval", "task split", choices=["train", "eval", "unseen"])
+    split: str = opt("eval", "task split", choices=["train", "valid", "eval", "unseen"])
     episodes: int = opt(100, "number of episodes", min=1)
     start: int = opt(0, "index of the first task in the split", min=0)
     temperature: float = opt(0.4, "sampling temperature (0 = greedy); the paper evaluates at 0.4", min=0.0)

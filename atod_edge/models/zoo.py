@@ -113,6 +113,3 @@ def summary_line(card: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Publishing: an fp16 copy of a trained checkpoint, evaluated as stored, with its card
-
-

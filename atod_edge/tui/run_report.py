@@ -1,7 +1,9 @@
 """A finished run's final evaluation, as the dashboard shows it: read from the report.json that
 train/pipeline.py writes after the last step (the evaluation of the trained student on the eval
-split, and with `compare` the cold-start student and the teacher on the same tasks, the trained
-student last). metrics.jsonl holds only the evaluations made during training.
+split, and with `compare` the cold-start student and the teacher on the same tasks). report.json
+is written with sorted keys, so the rows take the order of the report's markdown table, the trained
+student ("ATOD student", after the config's algo) last. metrics.jsonl holds only the evaluations
+made during training.
 
 Like data.py, it takes whatever the file holds: a report without an evaluation, or a row that is
 not a summary with a finite success, gives None or drops the row; nothing here raises.
@@ -61,6 +63,12 @@ def final_eval(report: Any) -> FinalEval | None:
     if not rows:
         return None
     config = report.get("config") if isinstance(report.get("config"), dict) else {}
+    algo = config.get("algo")
+    trained = f"{algo.upper()} student" if isinstance(algo, str) else None   # train/pipeline.py's name
+    table = report.get("table")
+    order = [cells[1].strip() for line in table.splitlines()
+             if len(cells := line.split("|")) > 2] if isinstance(table, str) else []
+    rows.sort(key=lambda row: (row.model == trained, order.index(row.model) if row.model in order else len(order)))
     paired = report.get("paired")
     return FinalEval(rows=rows,
                      paired=[line for line in paired.splitlines() if line.strip()] if isinstance(paired, str) else [],

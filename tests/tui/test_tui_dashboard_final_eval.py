@@ -30,7 +30,10 @@ REPORT = {
     "eval": {"cold-start student": summary(0.12, 0.082, 0.172, 0.21, 9.8, 0.031),
              "teacher": summary(0.64, 0.571, 0.704, 0.70, 6.1, 0.004),
              "ATOD student": summary(0.62, 0.551, 0.684, 0.68, 6.3, 0.006)},
-    "table": "| model | success | 95% CI | score | turns | invalid |\n|---|---|---|---|---|---|",
+    "table": "| model | success | 95% CI | score | turns | invalid |\n|---|---|---|---|---|---|\n"
+             "| cold-start student | 12.0% | [8.2%, 17.2%] | 0.210 | 9.8 | 3.1% |\n"
+             "| teacher | 64.0% | [57.1%, 70.4%] | 0.700 | 6.1 | 0.4% |\n"
+             "| ATOD student | 62.0% | [55.1%, 68.4%] | 0.680 | 6.3 | 0.6% |",
     "paired": "- ATOD student - cold-start student: +50.0 points, 95% interval [+43.1, +56.9], paired over "
               "the same 200 tasks\n- ATOD student - teacher: -2.0 points, 95% interval [-6.1, +2.1], paired "
               "over the same 200 tasks",
@@ -43,7 +46,7 @@ def finished_run(root, report: dict) -> object:
     (root / "config.yaml").write_text("algo: atod\nenv: household\n")
     rows = [{"step": s, "loss": 1.0 / (s + 1), "success": 0.5, "reward": 0.5} for s in range(4)]
     (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "report.json").write_text(json.dumps(report))
+    (root / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))   # as atomic_write_json
     return root
 
 
@@ -85,7 +88,7 @@ async def test_a_run_without_a_final_evaluation_shows_none(tmp_path):
 
 @pytest.mark.asyncio
 async def test_evaluations_during_training_keep_their_curve_beside_the_final_one(run_dir):
-    (run_dir / "report.json").write_text(json.dumps(REPORT))
+    (run_dir / "report.json").write_text(json.dumps(REPORT, sort_keys=True))
     app = AtodApp(str(run_dir), refresh_seconds=0)
     async with app.run_test(size=SIZE):
         screen = app.screen
@@ -101,3 +104,12 @@ def test_the_reader_takes_a_damaged_report_without_raising():
                       "paired": 3, "config": []})
     assert [row.model for row in one.rows] == ["ATOD student"] and one.student.ci95 is None
     assert one.paired == [] and one.temperature is None and one.env is None
+
+
+def test_the_trained_student_is_the_last_row_whatever_the_key_order():
+    """report.json's keys are sorted: the table's order wins, or without a table the config's algo."""
+    rows = final_eval(json.loads(json.dumps(REPORT, sort_keys=True))).rows
+    assert [row.model for row in rows] == ["cold-start student", "teacher", "ATOD student"]
+    two = final_eval({"eval": {"GRPO student": {"success": 0.5}, "teacher": {"success": 0.6}},
+                      "config": {"algo": "grpo"}})
+    assert [row.model for row in two.rows] == ["teacher", "GRPO student"] and two.student.success == 0.5
