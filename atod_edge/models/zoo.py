@@ -110,6 +110,3 @@ def summary_line(card: dict[str, Any]) -> str:
     if not parts:
         return "not evaluated"
     return f"{card.get('env', '?')} " + ", ".join(parts) + f" (temperature {evaluation.get('temperature', '?')})"
-
-
-# --------------------------------------------------------------------------------------------
