@@ -91,7 +91,8 @@ def main() -> int:
         if not (model / "config.json").exists():
             cli("sft", "--model", "tiny-student", "--env", "household", "--demos", "noisy", "--episodes", str(n),
                 "--out", str(model), "--set", "noise=0.3", "--set", "epochs=1", "--set", "lr=1e-3",
-                "--set", "batch_size=16", "--set", "prompt_loss_weight=0.0", "--set", "seed=0")
+                "--set", "batch_size=16", "--set", "prompt_loss_weight=0.0", "--set", "seed=0",
+                "--set", "eval_episodes=0")   # no eval-split look: choices are made on valid only
         cold[key] = {"model": str(model), "valid": valid_outcomes(str(model))}
         log(f"P1 N={n}: valid success {cold[key]['valid']['success']:.1%}")
         save()
