@@ -47,7 +47,7 @@ def cli(*args: str) -> None:
 def valid_outcomes(model: str) -> dict:
     policy = TorchPolicy.load(model)
     summary, episodes = evaluate(policy, EvalConfig(env="household", split="valid", episodes=VALID_EPISODES,
-                                                    temperature=0.4, seed=0))
+                                                    temperature=0.4, seed=0, max_turns=15))
     return {"success": summary["success"], "success_ci95": summary["success_ci95"],
             "turns": summary["turns"], "invalid_rate": summary["invalid_rate"],
             "task_id": [e.task_id for e in episodes], "won": [float(bool(e.success)) for e in episodes]}
