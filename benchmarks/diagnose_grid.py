@@ -7,9 +7,10 @@ batch) and samples/step_*.jsonl (the first `sample_episodes` episodes of every s
 token's student and teacher log-probs and every turn's T-DUR weight; samples stay out of git, so
 this runs where the grid ran). Writes diagnosis.md, diagnosis.json and diagnosis.png:
 
-- which term carries the update: the share of sum_t |A_t| that comes from kappa * A^OPD rather
-  than rho * A^GRPO (ATOD.md sections 1-3), per window of steps, recomputed from the samples
-  with the trainer's own advantage functions;
+- the share of sum_t |A_t| that comes from kappa * A^OPD rather than rho * A^GRPO (ATOD.md
+  sections 1-3), per window of steps, recomputed from the samples with the trainer's own advantage
+  functions: the size of the advantages, NOT which term drives the update (that needs the per-term
+  gradient norms the trainer logs as grad_norm_opd / grad_norm_grpo);
 - whether GRPO's groups are degenerate: the share of groups with no GRPO signal (every rollout
   failed, or every one succeeded), and the truncated and invalid turn rates;
 - whether T-DUR's weight concentrates on the turns that matter: the mean turn weight on invalid
@@ -145,7 +146,10 @@ def report(diagnoses: list[dict]) -> str:
              "From each run's metrics.jsonl (whole batches) and its saved samples (the first 8 episodes of "
              "every step, 2 whole groups), by `python benchmarks/diagnose_grid.py`. Windows of "
              f"{WINDOW} steps.", "",
-             "## Which term carries the update: share of sum |A_t| from kappa A^OPD (the rest is rho A^GRPO)", "",
+             "## Share of sum |A_t| (advantage size, not gradient) from kappa A^OPD (the rest is rho A^GRPO)", "",
+             "Shares of advantage size do not say which term drives the update: a constant advantage on "
+             "near-deterministic tokens has a small gradient. The per-term gradient norms "
+             "(grad_norm_opd, grad_norm_grpo in metrics.jsonl) do.", "",
              "| run | " + " | ".join(f"steps {w['steps'][0]}-{w['steps'][1]}" for w in diagnoses[0]["windows"]) + " |",
              "|---|" + "---|" * len(diagnoses[0]["windows"])]
     for d in diagnoses:

@@ -15,6 +15,11 @@ beyond a size budget.
 Prefix keys were computed with the weights of the moment: a store is only valid while the
 weights do not change, which is why TorchPolicy opens one per `reusing_prefixes()` scope (one
 batch of episodes) and drops it at the end.
+
+The cache holds keys and values in the forward's compute dtype: under a bf16 autocast an fp32
+model's keys come out fp32 (Qwen3's q/k norms and the fp32 rotary tables upcast them), but SDPA
+casts them to bf16 anyway, so a bf16 cache gives the same outputs at half the memory and no
+per-step cast of the whole cache.
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ class BufferLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor):
         super().lazy_initialization(key_states)
+        self.dtype = cache_dtype(key_states)
         batch, heads, _, dim = key_states.shape
-        self._k = key_states.new_empty((batch, heads, self.capacity, dim))
-        self._v = key_states.new_empty((batch, heads, self.capacity, dim))
+        self._k = key_states.new_empty((batch, heads, self.capacity, dim), dtype=self.dtype)
+        self._v = key_states.new_empty((batch, heads, self.capacity, dim), dtype=self.dtype)
 
     def update(self, key_states, value_states, cache_kwargs=None):
         if not self.is_initialized:
@@ -66,21 +72,33 @@ class BufferLayer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep the rows `indices`. Ascending indices (finished sequences leaving the decode
-        batch) are compacted in place: each kept row moves up over the rows that left, and only
-        the filled positions are copied, not the room after them."""
+        """Keep the rows `indices` (a device tensor; never read on the host). A selection no
+        larger than the batch (finished sequences leaving the decode batch) is compacted in
+        place: one gather of the kept rows' filled positions and one write of them over the
+        first rows, per buffer, not the room after them. A larger one (repeated rows) gets new
+        buffers."""
         if not self.is_initialized:
             return
-        keep = indices.tolist()
-        if all(a < b for a, b in zip(keep, keep[1:])):
+        rows = indices.shape[0]
+        if rows <= self._k.shape[0]:
             for buffer in (self._k, self._v):
-                for row, source in enumerate(keep):   # source >= row: not yet overwritten
-                    if source != row:
-                        buffer[row, :, :self.length].copy_(buffer[source, :, :self.length])
-            self._k, self._v = self._k[:len(keep)], self._v[:len(keep)]
-        else:                                         # any other selection (repeats, reordering)
-            self._k, self._v = self._k[indices], self._v[indices]
+                filled = buffer[:, :, :self.length]
+                filled[:rows] = filled.index_select(0, indices)   # gathered first: no overlap
+            self._k, self._v = self._k[:rows], self._v[:rows]
+        else:
+            self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
         self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+
+def cache_dtype(key_states: torch.Tensor) -> torch.dtype:
+    """The dtype a cache keeps keys and values in: the autocast dtype where autocast is on for
+    their device and they are in a wider float type (what SDPA would cast them to), else their own."""
+    kind = key_states.device.type
+    if key_states.is_floating_point() and torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+        if torch.finfo(dtype).bits < torch.finfo(key_states.dtype).bits:
+            return dtype
+    return key_states.dtype
 
 
 def buffer_cache(num_layers: int, capacity: int, prefix: tuple[torch.Tensor, int] | None = None) -> Cache:
@@ -94,14 +112,24 @@ def buffer_cache(num_layers: int, capacity: int, prefix: tuple[torch.Tensor, int
     return cache
 
 
-class PrefixStore:
-    """KV blocks of prompt prefixes. A block is one tensor [layers, 2 (k, v), kv_heads, block, head_dim]."""
+CPU_STORE_BYTES = 256 << 20      # the store's size on CPU unless given
+FREE_MEMORY_SHARE = 0.25         # on an accelerator: this share of the memory free when the store opens
 
-    def __init__(self, block: int = 16, max_bytes: int = 256 << 20):
+
+class PrefixStore:
+    """KV blocks of prompt prefixes. A block is one tensor [layers, 2 (k, v), kv_heads, block, head_dim].
+
+    Its size: `max_tokens` prompt tokens (whatever a token's KV weighs), or `max_bytes`, or,
+    with neither, `store_budget_bytes` of the device the first block lies on (a share of the
+    free memory on CUDA, CPU_STORE_BYTES on CPU). A MB budget fixed for every model held only
+    ~73 blocks of Qwen3-0.6B in 256 MiB."""
+
+    def __init__(self, block: int = 16, max_bytes: int | None = None, max_tokens: int | None = None):
         if block < 1:
             raise ValueError("block must be >= 1")
         self.block = block
         self.max_bytes = max_bytes
+        self.max_tokens = max_tokens
         self.blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.bytes = 0
         self.hit_tokens = 0       # prompt tokens whose KV came from the store
@@ -129,6 +157,9 @@ class PrefixStore:
             return
         kv = kv.clone()           # own memory: a view would pin the whole batch's cache
         size = kv.numel() * kv.element_size()
+        if self.max_bytes is None:   # the first block: its size is known now
+            self.max_bytes = (self.max_tokens // self.block * size if self.max_tokens is not None
+                              else store_budget_bytes(kv))
         if size > self.max_bytes:
             return
         self.blocks[key] = kv
@@ -140,6 +171,16 @@ class PrefixStore:
     @property
     def hit_rate(self) -> float:
         return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+def store_budget_bytes(sample: torch.Tensor | None) -> int:
+    """A prefix store's size where none was given: FREE_MEMORY_SHARE of the free memory of the
+    CUDA device `sample` lies on (read once, when the store gets its first block), else
+    CPU_STORE_BYTES."""
+    if sample is not None and sample.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(sample.device)
+        return int(free * FREE_MEMORY_SHARE)
+    return CPU_STORE_BYTES
 
 
 def supports_prefix_cache(config) -> bool:
@@ -180,15 +221,22 @@ def store_new_blocks(store: PrefixStore, cache, block_keys: list[list[bytes]], h
     """Put the freshly computed full blocks of each prompt into the store. `cache` holds, per
     layer, [B, kv_heads, T, head_dim] after the prefill, each prompt's suffix (its tokens after
     the hits[i] reused blocks) right-aligned; new blocks all lie in the suffixes."""
-    if all(len(keys) == n for keys, n in zip(block_keys, hits)):
+    wanted = [(i, b) for i, (keys, n) in enumerate(zip(block_keys, hits)) for b in range(n, len(keys))]
+    if not wanted:
         return
-    width = max(suffix_lengths)
-    kv = torch.stack([torch.stack((layer.keys[:, :, -width:], layer.values[:, :, -width:]))
-                      for layer in cache.layers])          # [layers, 2, B, kv_heads, width, head_dim]
-    for i, (keys, n, s) in enumerate(zip(block_keys, hits, suffix_lengths)):
-        for b in range(n, len(keys)):
-            offset = width - s + (b - n) * store.block
-            store.add(keys[b], kv[:, :, i, :, offset:offset + store.block])
+    total = cache.layers[0].keys.shape[2]
+    # the first cache index of each new block: suffixes are right-aligned to the cache's end
+    starts = [total - suffix_lengths[i] + (b - hits[i]) * store.block for i, b in wanted]
+    device = cache.layers[0].keys.device
+    rows = torch.tensor([i for i, _ in wanted], device=device)[:, None]                  # [N, 1]
+    columns = (torch.tensor(starts)[:, None] + torch.arange(store.block)[None, :]).to(device)   # [N, block]
+    first = cache.layers[0].keys
+    blocks = first.new_empty((len(wanted), len(cache.layers), 2, first.shape[1], store.block, first.shape[3]))
+    for index, layer in enumerate(cache.layers):        # one gather per buffer: only the new blocks
+        for kv, buffer in enumerate((layer.keys, layer.values)):
+            blocks[:, index, kv] = buffer[rows, :, columns].transpose(1, 2)   # [N, block, heads, dim] -> [N, heads, ...]
+    for (i, b), kv in zip(wanted, blocks):
+        store.add(block_keys[i][b], kv)
 
 
 def merge_right_aligned(caches: Sequence[Cache], room: int) -> tuple[Cache, int]:

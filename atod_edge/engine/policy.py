@@ -62,7 +62,7 @@ class TorchPolicy(Policy):
     """
 
     def __init__(self, model, tokenizer, name: str = "torch", device: str | None = None,
-                 prefix_cache_mb: int = 256, precision: str = "auto"):
+                 prefix_cache_mb: int | None = None, precision: str = "auto", prefix_cache_tokens: int | None = None):
         import torch
 
         from atod_edge.engine.kv_cache import supports_prefix_cache
@@ -73,7 +73,8 @@ class TorchPolicy(Policy):
         self.device = torch.device(device) if device else next(model.parameters()).device
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
-        self.prefix_cache_mb = prefix_cache_mb
+        self.prefix_cache_mb = prefix_cache_mb  # the prefix store's size (0: off; None: kv_cache.PrefixStore's default)
+        self.prefix_cache_tokens = prefix_cache_tokens   # or its size in prompt tokens
         self.precision = precision              # the forward's autocast (scoring.compute_autocast)
         self._full_attention = supports_prefix_cache(model.config)   # buffer cache and prefix reuse apply
         self._store = None                      # a PrefixStore inside a reusing_prefixes() scope
@@ -92,10 +93,12 @@ class TorchPolicy(Policy):
     def reusing_prefixes(self):
         from atod_edge.engine.kv_cache import PrefixStore
 
-        if self._store is not None or not self.prefix_cache_mb or not self._full_attention:
+        if self._store is not None or self.prefix_cache_mb == 0 or not self._full_attention:
             yield                               # nested scope (reuse the outer one) or not applicable
             return
-        self._store = self.last_store = PrefixStore(max_bytes=self.prefix_cache_mb << 20)
+        self._store = self.last_store = PrefixStore(
+            max_bytes=None if self.prefix_cache_mb is None else self.prefix_cache_mb << 20,
+            max_tokens=self.prefix_cache_tokens)
         try:
             yield
         finally:
@@ -117,6 +120,7 @@ class TorchPolicy(Policy):
         with torch.inference_mode(), compute_autocast(device, self.precision):
             # live: the prompt index of each row still in the batch
             logits, cache, attention, positions, live = self._prefill(prompts, sampling.max_new_tokens)
+            padded = bool((attention == 0).any())   # no padded row: decode without a mask (SDPA's GQA, no repeat_kv)
             while True:
                 ids, lps = sample_next(logits, sampling.temperature, sampling.top_p, generator)
                 ids_list, lps_list = ids.tolist(), lps.tolist()   # one host sync per decode step
@@ -134,9 +138,10 @@ class TorchPolicy(Policy):
                     index = torch.tensor(keep, device=device)
                     cache.batch_select_indices(index)
                     attention, ids, positions = attention[index], ids[index], positions[index]
+                    padded = padded and bool((attention == 0).any())
                 attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
                 positions = positions + 1
-                out = self.model(input_ids=ids.unsqueeze(-1), attention_mask=self._mask(attention, 1),
+                out = self.model(input_ids=ids.unsqueeze(-1), attention_mask=self._mask(attention, 1) if padded else None,
                                  position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache, logits = out.past_key_values, out.logits[:, -1, :].float()
 

@@ -4,10 +4,48 @@ teacher scoring, the prefix tree and the student's forward in the update."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
 LOGPROB_CHUNK_TOKENS = 512   # response positions whose [chunk, vocab] logits exist at one time
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` (built on the host) on `device`: on CUDA copied from pinned memory without
+    blocking the host (the caching host allocator keeps the pinned buffer until the copy is
+    done); elsewhere a plain copy."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+@contextlib.contextmanager
+def tf32_matmuls(device):
+    """fp32 matmuls on CUDA as TF32 (fp32 range and accumulation, inputs rounded to 10 bits of
+    mantissa) inside the scope, restored after; nothing elsewhere. The fp32 LM head of a
+    master-weight student ([tokens, hidden] x [hidden, 151,936] for Qwen3) runs at full fp32
+    speed only this way; measured on CPU by rounding the inputs, TF32 moves a log-prob by at
+    most a few 1e-3 (see tests/test_gpu_path.py)."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):       # torch >= 2.9: the legacy flag must not be mixed in
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = before
+    else:
+        before = matmul.allow_tf32
+        matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = before
 
 
 
@@ -22,8 +60,9 @@ def sampled_logprobs(features: torch.Tensor, targets: torch.Tensor, head=None,
     each chunk is recomputed in backward (activation checkpointing) instead of being kept, so
     peak memory holds one [chunk, vocab] block, not the [N, vocab] logits, their fp32 copy, the
     log-softmax and its gradient. The head runs in its weight's dtype with autocast off: fp32
-    logits for an fp32 (master-weight) student even inside a bf16 autocast forward. The value is
-    log_softmax(logits.float()).gather(target), row by row the same computation.
+    logits for an fp32 (master-weight) student even inside a bf16 autocast forward (as TF32 on
+    CUDA: `tf32_matmuls`). The value is log_softmax(logits.float()).gather(target), row by row
+    the same computation.
     entropy=True also returns the full-vocabulary entropy at each position (detached).
     """
     from torch.utils.checkpoint import checkpoint
@@ -47,7 +86,7 @@ def sampled_logprobs(features: torch.Tensor, targets: torch.Tensor, head=None,
 def _chunk_logprobs(features, targets, head, entropy: bool):
     """(log-probs of `targets`, entropies or None) for one chunk of positions."""
     if head is not None:
-        with torch.autocast(device_type=features.device.type, enabled=False):
+        with torch.autocast(device_type=features.device.type, enabled=False), tf32_matmuls(features.device):
             weight = getattr(head, "weight", None)
             logits = head(features.to(weight.dtype) if weight is not None else features)
     else:
