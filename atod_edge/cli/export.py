@@ -29,7 +29,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--int8", action="store_true", help="also write a dynamic int8 ONNX")
     p.add_argument("--gguf", action="store_true", help="export GGUF")
     p.add_argument("--quant", default=None, help="GGUF quant types, comma separated (default f16,q8_0,q4_k_m)")
-    p.add_argument("--out", help="output dir (default CHECKPOINT-export)")
+    p.add_argument("--out", help="output dir: new, or an earlier export (replaced once the new one is complete; "
+                                 "default CHECKPOINT-export)")
+    p.add_argument("--force", action="store_true",
+                   help="let --out replace a non-empty directory that is not an earlier export")
     p.add_argument("--episodes", type=int, default=None, help="episodes for agent parity")
     p.add_argument("--env", default=None,
                    help="env to verify on (default: the checkpoint's run config.yaml or zoo card, else household)")
@@ -92,7 +95,7 @@ def _export(args: argparse.Namespace, config) -> dict:
     return export_model(args.checkpoint, out, onnx=args.onnx or args.int8, int8=args.int8,
                         gguf_quants=quants if args.gguf or args.quant else [],
                         verify=not args.no_verify, config=config, progress=_say,
-                        calibrate=args.calibrate or 0)
+                        calibrate=args.calibrate or 0, force=args.force)
 
 
 def _say(message: str) -> None:

@@ -45,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"atod-edge {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:   # a full disk (or file size limit) where no stage caught it: still one line
+        from atod_edge.io import disk_full_error
+
+        full = disk_full_error(e, getattr(e, "filename", None))
+        if full is None:
+            raise
+        print(f"atod-edge {args.command}: error: {full}", file=sys.stderr)
+        return full.exit_code
     except KeyboardInterrupt:
         print(f"\natod-edge {args.command}: interrupted", file=sys.stderr)
         return 130

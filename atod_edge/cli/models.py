@@ -18,10 +18,12 @@ def add_parser(subparsers) -> None:
     shrink = m_sub.add_parser("shrink", help="cut a compact student by keeping a subset of layers")
     shrink.add_argument("model")
     shrink.add_argument("--keep-layers", required=True, help='e.g. "0,2,4" or "every:3"')
-    shrink.add_argument("--out", required=True)
+    shrink.add_argument("--out", required=True, help="a new directory, or an earlier model (replaced)")
+    shrink.add_argument("--force", action="store_true", help=FORCE_HELP)
     average = m_sub.add_parser("average", help="average the weights of checkpoints of one architecture")
     average.add_argument("models", nargs="+", metavar="MODEL")
-    average.add_argument("--out", required=True)
+    average.add_argument("--out", required=True, help="a new directory, or an earlier model (replaced)")
+    average.add_argument("--force", action="store_true", help=FORCE_HELP)
     publish = m_sub.add_parser("publish", help="add a trained checkpoint to the model zoo (fp16 copy, "
                                                "evaluated on the eval and unseen splits, with its card)")
     publish.add_argument("model", help="checkpoint dir")
@@ -33,6 +35,11 @@ def add_parser(subparsers) -> None:
     publish.add_argument("--description", default="")
     publish.add_argument("--trained-on", default="", help="where it was trained (default: this CPU)")
     publish.add_argument("--zoo", default=None, help="zoo directory (default: the package's atod_edge/zoo)")
+    publish.add_argument("--force", action="store_true",
+                         help="let the zoo entry replace a non-empty directory that is not a model")
+
+
+FORCE_HELP = "let --out replace a non-empty directory that is not an earlier model (its files are lost)"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,13 +73,15 @@ def _info(args: argparse.Namespace) -> int:
 def _shrink(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
+    from atod_edge.io import check_output
     from atod_edge.models.presets import resolve_model
     from atod_edge.models.surgery import parse_keep_layers, shrink_model
 
+    check_output(args.out, "model", force=args.force)
     src = resolve_model(args.model)
     n_layers = AutoConfig.from_pretrained(src).num_hidden_layers
     keep = parse_keep_layers(args.keep_layers, n_layers)
-    shrink_model(src, keep, args.out)
+    shrink_model(src, keep, args.out, force=args.force)
     print(f"kept layers {keep} of {n_layers}: {args.out}")
     return 0
 
@@ -80,7 +89,7 @@ def _shrink(args: argparse.Namespace) -> int:
 def _average(args: argparse.Namespace) -> int:
     from atod_edge.models.surgery import average_models
 
-    average_models(args.models, args.out)
+    average_models(args.models, args.out, force=args.force)
     print(f"averaged {len(args.models)} models: {args.out}")
     return 0
 
@@ -97,7 +106,7 @@ def _publish(args: argparse.Namespace) -> int:
         raise UserError(f"--chain {args.chain} is empty: give the commands that made the model")
     root = Path(args.zoo) if args.zoo else zoo.ZOO_ROOT
     out = publish(args.model, args.name, chain, env=args.env, episodes=args.episodes,
-                  description=args.description, trained_on=args.trained_on, root=root)
+                  description=args.description, trained_on=args.trained_on, root=root, force=args.force)
     print(f"{args.name}: {zoo.summary_line(zoo.read_card(args.name, root))}")
     print(f"zoo entry written: {out}/ (card: {out / zoo.CARD_MD})")
     return 0

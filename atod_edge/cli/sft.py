@@ -21,6 +21,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--episodes", type=int, help="number of demonstration episodes")
     p.add_argument("--out", help="output model dir (metrics, checkpoints, curves go to OUT.work/)")
     p.add_argument("--resume", metavar="OUT", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--force", action="store_true",
+                   help="let --out replace a non-empty directory that is not an earlier model (its files are lost)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,4 +31,4 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.out:
         raise UserError("--resume continues the run where it was: give --resume OUT without --out")
     overrides = shortcut_overrides(args, ("env", "model", "demos", "episodes", "out"))
-    return sft_command(args.recipe, overrides, resume=args.resume)
+    return sft_command(args.recipe, overrides, resume=args.resume, force=args.force)

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from atod_edge.engine.batching import length_batches
+from atod_edge.engine.context import check_fits, model_context
 from atod_edge.engine.precision import compute_autocast, torch_device
 from atod_edge.engine.sampling import SamplingParams, StopChecker, left_pad, sample_next
 
@@ -35,6 +36,9 @@ class Policy(ABC):
 
     name: str = "policy"
     tokenizer = None
+    #: prompt + new tokens the model takes (None: unknown); generate() refuses a batch that does not
+    #: fit (engine.context.check_fits), the rollout cuts prompts to fit first (rollout.budget)
+    context_length: int | None = None
 
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
@@ -77,6 +81,7 @@ class TorchPolicy(Policy):
         self.prefix_cache_tokens = prefix_cache_tokens   # or its size in prompt tokens
         self.precision = precision              # the forward's autocast (scoring.compute_autocast)
         self._full_attention = supports_prefix_cache(model.config)   # buffer cache and prefix reuse apply
+        self.context_length = model_context(model.config)
         self._store = None                      # a PrefixStore inside a reusing_prefixes() scope
         self.last_store = None                  # the last scope's store, for its hit statistics
 
@@ -109,6 +114,7 @@ class TorchPolicy(Policy):
 
         if not prompts:
             return []
+        check_fits(prompts, sampling.max_new_tokens, self.context_length, "model")
         device = self.device
         generator = torch.Generator(device=device)
         generator.manual_seed(0 if seed is None else int(seed))

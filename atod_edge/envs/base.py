@@ -25,8 +25,12 @@ Lifetime (both optional; an env that holds nothing needs neither):
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from atod_edge.errors import UserError
 
 #: train: what training and SFT demos draw from; valid: the same distribution on disjoint seeds, kept
 #: for choosing settings (never trained on, never reported in the tables); eval: the same distribution,
@@ -99,3 +103,91 @@ class Env:
 
 
 REQUIRED_METHODS = ("reset", "step", "admissible_actions", "expert_action", "tasks")
+
+
+# --------------------------------------------------------------------------------------------
+# What an env returns, checked where the engine receives it: a value of the wrong type is a bug in
+# the env, refused with one line naming the env class, the method and the field (EnvProtocolError),
+# instead of a traceback deep in the prompt builder or the trainer.
+
+
+class EnvProtocolError(UserError):
+    """An env returned something the protocol does not allow (one line: class, method, field)."""
+
+
+def env_label(env: Any) -> str:
+    """How messages name an env: its class as `module:Class` (the form --env takes)."""
+    cls = env if isinstance(env, type) else type(env)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _bad(env: Any, where: str, what: str, value: Any, expected: str) -> EnvProtocolError:
+    shown = " ".join(repr(value).split())
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    what = f"{what} " if what else ""
+    return EnvProtocolError(f"env {env_label(env)}: {where} returned {what}{shown} "
+                            f"({type(value).__name__}), expected {expected}")
+
+
+def checked_observation(env: Any, value: Any, where: str = "reset()") -> str:
+    """An observation must be text."""
+    if not isinstance(value, str):
+        raise _bad(env, where, "an observation", value, "a str")
+    return value
+
+
+def checked_action(env: Any, value: Any, where: str = "expert_action()") -> str:
+    """An action must be text."""
+    if not isinstance(value, str):
+        raise _bad(env, where, "an action", value, "a str")
+    return value
+
+
+def checked_actions(env: Any, value: Any, where: str = "admissible_actions()") -> list[str]:
+    """Admissible actions: a list (or tuple) of strings; None counts as none."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise _bad(env, where, "admissible actions", value, "a list of str")
+    for action in value:
+        if not isinstance(action, str):
+            raise _bad(env, where, "an admissible action", action, "a str")
+    return list(value)
+
+
+def checked_step(env: Any, result: Any) -> StepResult:
+    """A StepResult (or an object with its four fields) with a str observation, a finite real
+    reward, a bool done and a dict info (None counts as {}); returned as a plain StepResult."""
+    fields = ("observation", "reward", "done", "info")
+    if isinstance(result, tuple) or not all(hasattr(result, f) for f in fields):
+        raise _bad(env, "step()", "", result, "a StepResult(observation, reward, done, info)")
+    observation = checked_observation(env, result.observation, "step()")
+    reward = result.reward
+    if isinstance(reward, bool) or not isinstance(reward, numbers.Real) or not math.isfinite(float(reward)):
+        raise _bad(env, "step()", "reward", reward, "a finite number")
+    done = result.done
+    if not (isinstance(done, bool) or type(done).__name__ == "bool_" or (isinstance(done, numbers.Integral)
+                                                                        and int(done) in (0, 1))):
+        raise _bad(env, "step()", "done", done, "a bool")
+    info = {} if result.info is None else result.info
+    if not isinstance(info, dict):
+        raise _bad(env, "step()", "info", info, "a dict")
+    if "admissible" in info:
+        info = {**info, "admissible": checked_actions(env, info["admissible"], "step()")}
+    score = info.get("score")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, numbers.Real)
+                              or not math.isfinite(float(score))):
+        raise _bad(env, "step()", "info['score']", score, "a finite number")
+    return StepResult(observation, float(reward), bool(done), info)
+
+
+def checked_tasks(env: Any, value: Any, n: int) -> list[Task]:
+    """tasks(split, n): a list of Task, at least one when n > 0."""
+    if not isinstance(value, (list, tuple)):
+        raise _bad(env, "tasks()", "", value, "a list of Task")
+    for task in value:
+        if not isinstance(task, Task):
+            raise _bad(env, "tasks()", "a task", task, "a Task(env, split, index)")
+    if n > 0 and not value:
+        raise EnvProtocolError(f"env {env_label(env)}: tasks() returned no tasks (asked for {n})")
+    return list(value)

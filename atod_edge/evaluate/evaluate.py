@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from atod_edge.config import opt
+from atod_edge.config import MAX_NEW_TOKENS, SEED_MAX, opt
 from atod_edge.rollout.episode import Episode, write_episodes
-from atod_edge.io import atomic_write_json
+from atod_edge.io import atomic_path, atomic_write_json
 
 PAIRS_FILE = "pairs.json"
 PAIRS_SCHEMA_VERSION = 1
@@ -31,12 +31,23 @@ class EvalConfig:
     start: int = opt(0, "index of the first task in the split", min=0)
     temperature: float = opt(0.4, "sampling temperature (0 = greedy); the paper evaluates at 0.4", min=0.0)
     top_p: float = opt(1.0, "nucleus sampling threshold", min=0.0, max=1.0)
-    max_new_tokens: int = opt(48, "max response tokens per turn", min=1)
+    max_new_tokens: int = opt(48, "max response tokens per turn", min=1, max=MAX_NEW_TOKENS)
     history_turns: int = opt(2, "past turns shown in the prompt", min=0)
     max_turns: int = opt(0, "turn limit per episode (0: the env's default)", min=0)
     batch_episodes: int = opt(64, "episodes rolled out concurrently", min=1)
-    seed: int = opt(0, "sampling seed")
+    seed: int = opt(0, "sampling seed", min=0, max=SEED_MAX)
     device: str = opt("cpu", "torch device for PyTorch policies (cpu, cuda, cuda:1)")
+    chat_template_kwargs: dict = opt({}, "extra keyword arguments of the chat template, e.g. {enable_thinking: "
+                                     "false} for Qwen3 (as the model was trained)")
+    env_step_timeout: float = opt(60.0, "seconds an env's reset/step may take before its episode ends as an "
+                                  "error (0: no limit)", min=0.0)
+    max_prompt_tokens: int = opt(0, "prompt token budget (0: the model's context less max_new_tokens); longer "
+                                 "prompts are cut, oldest history first", min=0)
+
+    def validate(self) -> None:
+        from atod_edge.prompts import check_template_kwargs
+
+        check_template_kwargs(self.chat_template_kwargs)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -51,6 +62,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def summarize(episodes: Sequence[Episode], seconds: float | None = None) -> dict:
+    from atod_edge.rollout.runner import env_errors
+
     n = len(episodes)
     wins = sum(ep.success for ep in episodes)
     turns = sum(ep.num_turns for ep in episodes)
@@ -66,9 +79,16 @@ def summarize(episodes: Sequence[Episode], seconds: float | None = None) -> dict
         "invalid_rate": invalid / turns if turns else 0.0,
         # responses cut at max_new_tokens (Turn.finish_reason "length"), as a share of all turns
         "truncated_rate": sum(ep.num_truncated for ep in episodes) / turns if turns else 0.0,
-        "errors": sum(1 for ep in episodes if "error" in ep.meta),
+        # episodes ended by an env error (it raised, hung past env_step_timeout, its expert failed)
+        "errors": env_errors(episodes),
         "generated_tokens": tokens,
     }
+    first_error = next((ep.meta["error"] for ep in episodes if "error" in ep.meta), None)
+    if first_error is not None:
+        summary["first_error"] = " ".join(str(first_error).split())[:300]
+    cuts = sum(int(ep.meta.get("prompt_cuts", 0) or 0) for ep in episodes)
+    if cuts:
+        summary["prompt_cuts"] = cuts     # turns whose prompt was cut to fit the context (rollout.budget)
     if seconds:
         summary["seconds"] = seconds
         summary["episodes_per_s"] = n / seconds
@@ -80,16 +100,18 @@ def evaluate(policy, cfg: EvalConfig, progress: Callable[[int, int], None] | Non
              label_expert: bool = False) -> tuple[dict, list[Episode]]:
     """`policy` is a Policy (token-level) or one of "expert", "random". label_expert: record the
     scripted expert's action on every turn of a token-level policy (DAgger demos)."""
-    from atod_edge.envs import env_class
+    from atod_edge.envs import env_class, env_tasks
     from atod_edge.engine.sampling import SamplingParams
     from atod_edge.rollout.runner import run_episodes, run_scripted
 
     env_cls = env_class(cfg.env)
-    tasks = env_cls().tasks(cfg.split, cfg.episodes, start=cfg.start)
+    tasks = env_tasks(env_cls, cfg.split, cfg.episodes, start=cfg.start)   # a raising env: one line
+    timeout = cfg.env_step_timeout or None
     started = time.perf_counter()
     episodes: list[Episode] = []
     if isinstance(policy, str):
-        episodes = run_scripted(policy, env_cls, tasks, seed=cfg.seed, max_turns=cfg.max_turns or None)
+        episodes = run_scripted(policy, env_cls, tasks, seed=cfg.seed, max_turns=cfg.max_turns or None,
+                                env_step_timeout=timeout)
     else:
         sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                   top_p=cfg.top_p)
@@ -97,7 +119,9 @@ def evaluate(policy, cfg: EvalConfig, progress: Callable[[int, int], None] | Non
             chunk = tasks[start:start + cfg.batch_episodes]
             episodes += run_episodes(policy, env_cls, chunk, sampling=sampling,
                                      seed=cfg.seed + start, history_turns=cfg.history_turns,
-                                     max_turns=cfg.max_turns or None, label_expert=label_expert)
+                                     max_turns=cfg.max_turns or None, label_expert=label_expert,
+                                     chat_template_kwargs=cfg.chat_template_kwargs, env_step_timeout=timeout,
+                                     max_prompt_tokens=cfg.max_prompt_tokens or None)
             if progress:
                 progress(len(episodes), len(tasks))
     summary = summarize(episodes, time.perf_counter() - started)
@@ -106,14 +130,16 @@ def evaluate(policy, cfg: EvalConfig, progress: Callable[[int, int], None] | Non
     return summary, episodes
 
 
-def save_eval(out_dir: str | Path, summary: dict, episodes: Sequence[Episode]) -> Path:
+def save_eval(out_dir: str | Path, summary: dict, episodes: Sequence[Episode], force: bool = False) -> Path:
+    """report.json and episodes.jsonl in `out_dir`, written in a new directory beside it and renamed
+    onto it once both are complete: an earlier evaluation there stays whole until then (a full
+    disk leaves it as it was). `out_dir` must be new, empty or an earlier evaluation
+    (io.check_output's rule; force: a foreign directory is replaced too)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    episodes_path = out / "episodes.jsonl"
-    if episodes_path.exists():
-        episodes_path.unlink()
-    write_episodes(episodes_path, episodes)
-    atomic_write_json(out / "report.json", summary)
+    with atomic_path(out, kind=None if force else "eval") as tmp:
+        tmp.mkdir(parents=True)
+        write_episodes(tmp / "episodes.jsonl", episodes)
+        atomic_write_json(tmp / "report.json", summary)
     return out
 
 
@@ -127,7 +153,17 @@ def format_summary(summary: dict) -> str:
         line += f", truncated {summary['truncated_rate']:.1%}"
     if "tokens_per_s" in summary and summary["generated_tokens"]:
         line += f", {summary['tokens_per_s']:.0f} tok/s"
+    if summary.get("prompt_cuts"):
+        line += f", {summary['prompt_cuts']} prompts cut to fit the context"
+    if summary.get("errors"):
+        line += (f"; {summary['errors']} of {summary['episodes']} episodes ended in env errors "
+                 f"(first: {summary.get('first_error', '?')})")
     return line
+
+
+def all_failed_by_error(summary: dict) -> bool:
+    """Every episode of the evaluation ended in an env error (the CLI exits non-zero then)."""
+    return summary.get("episodes", 0) > 0 and summary.get("errors", 0) == summary["episodes"]
 
 
 # --- comparing two policies on the same tasks -----------------------------------------------

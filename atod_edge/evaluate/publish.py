@@ -5,35 +5,46 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from atod_edge.errors import UserError
-from atod_edge.io import atomic_path, atomic_write_json, atomic_write_text, file_sha256
+from atod_edge.io import atomic_path, atomic_write_json, atomic_write_text, check_output, file_sha256
 from atod_edge.models.zoo import CARD_JSON, CARD_MD, CARD_VERSION, ZOO_ROOT, forget_verified
+
+
+#: a zoo name: letters, digits, '.', '_', '-', not starting with a dot (a directory name on every OS)
+ZOO_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def publish(src: str, name: str, chain: Sequence[str], env: str = "household", episodes: int = 300,
             temperature: float = 0.4, description: str = "", trained_on: str = "",
-            root: Path | None = None, max_turns: int = 0, log=print) -> Path:
+            root: Path | None = None, max_turns: int = 0, log=print, force: bool = False) -> Path:
     """Write zoo entry `name` from checkpoint `src`: fp16 weights, tokenizer, and a card with the
     command chain, the versions, the sha256 of every file and the evaluation of the stored model
-    on the eval and unseen splits (`episodes` each, at `temperature`)."""
+    on the eval and unseen splits (`episodes` each, at `temperature`). The name, the numbers (the
+    bounds of EvalConfig) and the entry's directory (io.check_output: new or an earlier model;
+    force: a foreign one too) are checked before any work."""
     import torch
     import transformers
 
     import atod_edge
+    from atod_edge.config import from_dict
     from atod_edge.evaluate.evaluate import EvalConfig, evaluate
     from atod_edge.models.loading import load_model
     from atod_edge.engine.policy import TorchPolicy
 
     root = root or ZOO_ROOT
-    if not name or "/" in name or name.startswith("."):
-        raise UserError(f"zoo name '{name}': expected a plain name like household-teacher")
+    if not ZOO_NAME_RE.fullmatch(name or ""):
+        raise UserError(f"zoo name '{name}': expected a plain name like household-teacher (letters, digits, "
+                        "'.', '_' and '-', not starting with '.' or '-')")
+    from_dict(EvalConfig, {"env": env, "episodes": episodes, "temperature": temperature, "max_turns": max_turns})
+    check_output(root / name, "model", force=force, what="zoo entry")
     model, tokenizer = load_model(src)
     source_card = _source_card(Path(src))
-    with atomic_path(root / name) as tmp:
+    with atomic_path(root / name, kind=None if force else "model") as tmp:
         tmp.mkdir(parents=True)
         model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

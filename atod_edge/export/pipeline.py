@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from atod_edge.errors import UserError
-from atod_edge.io import atomic_path, atomic_write_json
+from atod_edge.io import atomic_path, atomic_write_json, check_output
 
 from . import gguf as gguf_export
 from . import onnx as onnx_export
@@ -65,14 +65,26 @@ def export_model(ckpt_dir: str | Path, out_dir: str | Path, onnx: bool = True, i
                  gguf_quants: Sequence[str] | None = DEFAULT_QUANTS, verify: bool = True,
                  config: VerifyConfig | None = None, name: str = "agent",
                  n_threads: int | None = None, progress: Callable[[str], None] | None = None,
-                 calibrate: int = 0) -> dict:
+                 calibrate: int = 0, force: bool = False) -> dict:
     """Export a student checkpoint (or preset name) to ONNX and/or GGUF, then verify the files.
 
     calibrate=N quantizes the GGUF K-quants with an importance matrix from N of the student's own
     train-split episodes on its env (export.calibrate).
     Returns the report dict (also written as report.json and report.md in `out_dir`);
     report["passed"] is False when any file fails verification.
+    `out_dir` must be new, empty or an earlier export (io.check_output, before any work; force: a
+    foreign directory too); the export is written beside it and renamed onto it once complete.
     """
+    out = check_output(out_dir, "export", force=force)
+    with atomic_path(out, kind=None if force else "export") as tmp:
+        tmp.mkdir(parents=True)
+        return _export_into(ckpt_dir, tmp, onnx=onnx, int8=int8, gguf_quants=gguf_quants, verify=verify,
+                            config=config, name=name, n_threads=n_threads, progress=progress, calibrate=calibrate)
+
+
+def _export_into(ckpt_dir: str | Path, out_dir: str | Path, onnx: bool, int8: bool,
+                 gguf_quants: Sequence[str] | None, verify: bool, config: VerifyConfig | None, name: str,
+                 n_threads: int | None, progress: Callable[[str], None] | None, calibrate: int) -> dict:
     say = progress or (lambda message: None)
     quants = [q.strip().lower() for q in (gguf_quants or []) if q.strip()]
     unknown = [q for q in quants if q not in gguf_export.ALL_TYPES]

@@ -32,13 +32,20 @@ def _torch_dtype(dtype, device: str):
 
 def load_tokenizer(path_or_name: str | os.PathLike, trust_remote_code: bool = False):
     """The tokenizer of a preset or checkpoint directory."""
+    path = resolve_model(path_or_name)
+    return load_tokenizer_dir(path, f"the tokenizer of '{path_or_name}'", trust_remote_code)
+
+
+def load_tokenizer_dir(directory: str | os.PathLike, what: str, trust_remote_code: bool = False):
+    """AutoTokenizer.from_pretrained(directory), with any failure as one line naming `what`: a
+    missing, empty or garbage tokenizer.json makes transformers and tokenizers raise many types
+    (OSError, ValueError, TypeError, KeyError, the tokenizers' Exception), none of them ours."""
     from transformers import AutoTokenizer
 
-    path = resolve_model(path_or_name)
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer of '{path_or_name}': {_first_line(e)}") from None
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - whatever the file did to the parser, it is the file's fault
+        raise UserError(f"cannot load {what} ({directory}): {type(e).__name__}: {_first_line(e)}") from None
 
 
 def load_model(path_or_name: str | os.PathLike, device: str = "cpu", dtype=None,
@@ -76,7 +83,38 @@ def load_model(path_or_name: str | os.PathLike, device: str = "cpu", dtype=None,
         # transformers would run on with random weights in place of these: a damaged or foreign file
         raise UserError(f"cannot load model '{path_or_name}': {weights} does not match its "
                         f"config.json ({problems}); the file is damaged or from another model")
+    _check_vocabulary(model, tokenizer, path_or_name)
+    if str(device) != "meta":
+        _check_finite(model, f"cannot load model '{path_or_name}': {weights}")
     return model.to(device).eval(), tokenizer
+
+
+def _check_vocabulary(model, tokenizer, name) -> None:
+    """Refuse a tokenizer with ids past the model's embedding rows (a tokenizer swapped for one of
+    another model): such ids index outside the embedding at the first prompt that uses them."""
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise UserError(f"cannot load model '{name}': its tokenizer has {len(tokenizer)} entries but the "
+                        f"model has {rows} embedding rows: the tokenizer is from another model")
+
+
+def _check_finite(model, what: str) -> None:
+    """Refuse weights holding NaN or inf (a damaged file, or a diverged run's checkpoint): one fp32
+    sum per tensor (no copy of the weights; NaN and inf propagate into the sum), one host sync."""
+    import torch
+
+    named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() and p.device.type != "meta"]
+    if not named:
+        return
+    with torch.no_grad():
+        sums = torch.stack([p.sum(dtype=torch.float32) for _, p in named])
+        finite = torch.isfinite(sums)
+        if bool(finite.all()):
+            return
+        bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    raise UserError(f"{what} holds NaN or inf weights ({', '.join(bad[:3])}{more}): the model is damaged")
 
 
 def _loading_problems(info: dict, shown: int = 3) -> str:

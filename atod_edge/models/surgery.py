@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from atod_edge.errors import UserError
-from atod_edge.io import atomic_path, atomic_write_json
+from atod_edge.io import atomic_path, atomic_write_json, check_output
 from atod_edge.models.cache import PRESET_CARD
 from atod_edge.models.loading import check_same_tokenizer, load_model
 
@@ -51,11 +51,13 @@ def parse_keep_layers(spec: str, num_layers: int) -> list[int]:
 
 
 def shrink_model(src: str | os.PathLike, keep_layers: list[int] | str,
-                 out: str | os.PathLike) -> Path:
+                 out: str | os.PathLike, force: bool = False) -> Path:
     """Save a copy of `src` that keeps only `keep_layers` of its decoder layers (renumbered), with
-    the embeddings, final norm, lm_head and tokenizer unchanged. Llama/Qwen/Mistral family."""
+    the embeddings, final norm, lm_head and tokenizer unchanged. Llama/Qwen/Mistral family.
+    `out` must be new, empty or an earlier model (io.check_output; force: a foreign dir too)."""
     import torch
 
+    _check_out(out, [src], force)
     model, tokenizer = load_model(src, dtype="auto")
     decoder = getattr(model, "model", None)
     layers = getattr(decoder, "layers", None)
@@ -80,7 +82,7 @@ def shrink_model(src: str | os.PathLike, keep_layers: list[int] | str,
     if getattr(config, "max_window_layers", None) is not None:
         config.max_window_layers = min(config.max_window_layers, len(keep_layers))
     out = Path(out)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, kind=None if force else "model") as tmp:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -90,7 +92,7 @@ def shrink_model(src: str | os.PathLike, keep_layers: list[int] | str,
     return out
 
 
-def average_models(srcs: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
+def average_models(srcs: Sequence[str | os.PathLike], out: str | os.PathLike, force: bool = False) -> Path:
     """Save the uniform average of the weights of `srcs` (checkpoint averaging, a "model soup":
     e.g. the outputs of consecutive SFT runs from one start, which sit in one basin). They must be
     one architecture (the same parameter names and shapes) with one tokenizer; the output takes
@@ -99,6 +101,7 @@ def average_models(srcs: Sequence[str | os.PathLike], out: str | os.PathLike) ->
 
     if len(srcs) < 2:
         raise UserError("average needs at least two models")
+    _check_out(out, srcs, force)
     model, tokenizer = load_model(srcs[0], dtype="auto")
     total = {name: p.detach().float().clone() for name, p in model.state_dict().items()}
     for src in srcs[1:]:
@@ -117,10 +120,18 @@ def average_models(srcs: Sequence[str | os.PathLike], out: str | os.PathLike) ->
         for name, tensor in model.state_dict().items():
             tensor.copy_(total[name] / len(srcs))
     out = Path(out)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, kind=None if force else "model") as tmp:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / PRESET_CARD, {"averaged_from": [str(s) for s in srcs],
                                               "params": sum(p.numel() for p in model.parameters())})
     return out
+
+
+def _check_out(out: str | os.PathLike, srcs: Sequence[str | os.PathLike], force: bool) -> None:
+    """The output rule (io.check_output), and `out` is none of the models it is made from."""
+    check_output(out, "model", force=force)
+    for src in srcs:
+        if Path(src).exists() and Path(src).resolve() == Path(out).resolve():
+            raise UserError(f"--out {out} is the input model {src}: write the new model elsewhere")

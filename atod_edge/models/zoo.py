@@ -56,6 +56,14 @@ def read_card(name: str, root: Path | None = None) -> dict[str, Any]:
         raise UserError(f"zoo card {path} is unreadable or not valid JSON ({type(e).__name__})") from None
     if not isinstance(card, dict) or not isinstance(card.get("files"), dict):
         raise UserError(f"zoo card {path} has no 'files' table (sha256 of each file)")
+    if not card["files"]:
+        raise UserError(f"zoo card {path} lists no files (its 'files' table is empty): nothing can be checked")
+    for file_name, entry in card["files"].items():
+        if (not file_name or "/" in file_name or "\\" in file_name or file_name.startswith(".")
+                or not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int)
+                or not isinstance(entry.get("sha256"), str)):
+            raise UserError(f"zoo card {path}: malformed 'files' entry {file_name!r} "
+                            "(expected a plain file name with its bytes and sha256)")
     return card
 
 
@@ -65,6 +73,14 @@ def model_dir(name: str, root: Path | None = None) -> Path:
     root = root or ZOO_ROOT
     card = read_card(name, root)
     directory = root / name
+    # every file transformers could read must be one the card vouches for: an unlisted weight
+    # shard, tokenizer or config would be loaded unchecked
+    unlisted = sorted(p.name for p in directory.iterdir()
+                      if p.name not in card["files"] and p.name not in (CARD_JSON, CARD_MD) and not p.is_dir())
+    if unlisted:
+        more = f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else ""
+        raise UserError(f"zoo model '{name}': {directory / unlisted[0]} is not listed in its card "
+                        f"({', '.join(unlisted[:3])}{more} unlisted): every file must carry its sha256")
     stamp = []
     for file_name, expected in sorted(card["files"].items()):
         path = directory / file_name

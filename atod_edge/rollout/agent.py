@@ -12,7 +12,10 @@
 (ONNX Runtime) or a `.gguf` file (llama.cpp). The agent keeps the last `history_turns` turns itself,
 builds the prompt exactly as the rollout engine does in training and evaluation
 (`atod_edge.prompts.build_messages`), and parses the reply with the same parser. `act` never
-raises on what the model writes: garbage comes back as an invalid result with the reason.
+raises on what the model writes: garbage comes back as an invalid result with the reason. A prompt
+longer than the model's context less `max_new_tokens` (or `max_prompt_tokens`) is cut as the rollout
+engine cuts it (atod_edge.rollout.budget: oldest history first, then the observation and the task
+text to their tails); `result.prompt_cut` says what was cut.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from typing import Sequence
 from atod_edge.errors import UserError
 from atod_edge.engine.policy import Policy
 from atod_edge.engine.sampling import SamplingParams
-from atod_edge.prompts import build_messages, encode_prompt, parse_action
+from atod_edge.prompts import parse_action
+from atod_edge.rollout.budget import PromptFitter, prompt_budget
 
 INVALID = "(invalid)"        # what the history shows for a turn without a usable action (as in training)
 
@@ -36,6 +40,7 @@ class AgentAction:
     reason: str              # why there is no action ("" when there is one)
     response: str            # the model's whole reply
     seconds: float           # wall time of this act() call (prompt, generation, parsing)
+    prompt_cut: str = ""     # what was cut so the prompt fits the model's context ("" when nothing)
 
     @property
     def valid(self) -> bool:
@@ -46,8 +51,10 @@ class Agent:
     """A policy plus the episode state the prompt needs: the task text and the recent turns."""
 
     def __init__(self, policy: Policy, env_instructions: str = "", history_turns: int = 2,
-                 temperature: float = 0.0, max_new_tokens: int = 48, seed: int = 0):
+                 temperature: float = 0.0, max_new_tokens: int = 48, seed: int = 0,
+                 chat_template_kwargs: dict | None = None, max_prompt_tokens: int | None = None):
         self.policy = policy
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})   # as in training, e.g. Qwen3's enable_thinking
         self.instructions = env_instructions
         self.history_turns = history_turns
         self.sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
@@ -56,17 +63,25 @@ class Agent:
         self._history: deque[tuple[str, str]] = deque(maxlen=max(history_turns, 1))
         self._turn = 0
         self._last_action: str | None = None
+        # prompts over the model's context less max_new_tokens (or max_prompt_tokens) are cut:
+        # oldest history first, then the observation and task text to their tails (rollout.budget)
+        self._fitter = PromptFitter(policy.tokenizer, env_instructions, history_turns,
+                                    prompt_budget(policy, max_new_tokens, max_prompt_tokens),
+                                    self.chat_template_kwargs)
 
     @classmethod
     def load(cls, path_or_name: str, env_instructions: str = "", history_turns: int = 2,
              temperature: float = 0.0, max_new_tokens: int = 48, seed: int = 0, device: str = "cpu",
+             chat_template_kwargs: dict | None = None, max_prompt_tokens: int | None = None,
              **backend_options) -> "Agent":
         """Open a model with the backend of its kind (see the module docstring).
-        temperature 0 (the default) is greedy: the same observations give the same actions."""
+        temperature 0 (the default) is greedy: the same observations give the same actions.
+        chat_template_kwargs: the chat template's extra variables the model was trained with."""
         from atod_edge.engine.backends import load_policy
 
         policy = load_policy(str(path_or_name), device=device, **backend_options)
-        return cls(policy, env_instructions, history_turns, temperature, max_new_tokens, seed)
+        return cls(policy, env_instructions, history_turns, temperature, max_new_tokens, seed, chat_template_kwargs,
+                   max_prompt_tokens)
 
     def reset(self, task_text: str) -> None:
         """Start an episode. `task_text` is its first observation (the one that states the task)."""
@@ -87,11 +102,11 @@ class Agent:
         if self._turn > 0:
             # what the last action led to: the history the training prompts show
             self._history.append((self._last_action or INVALID, observation))
-        messages = build_messages(self.instructions, self._task, list(self._history),
-                                  None if self._turn == 0 else observation,
-                                  [str(a) for a in admissible or []], self.history_turns)
-        prompt = encode_prompt(self.policy.tokenizer, messages)
+        parts = (self._task, list(self._history), None if self._turn == 0 else observation,
+                 [str(a) for a in admissible or []])
+        cut = ""
         try:
+            prompt, cut = self._fitter.encode([parts])[0]
             generation = self.policy.generate([prompt], self.sampling, seed=self.seed * 1_000_003 + self._turn)[0]
             text = generation.text
         except UserError as e:       # e.g. a prompt longer than the runtime's context
@@ -103,7 +118,7 @@ class Agent:
         self._turn += 1
         self._last_action = parsed.action if parsed else None
         return AgentAction(self._last_action, "" if self._last_action else reason, text,
-                           time.perf_counter() - started)
+                           time.perf_counter() - started, cut)
 
     @property
     def turns(self) -> int:

@@ -5,8 +5,13 @@ turn, the prompts of all live episodes go to the policy in one batched call; epi
 they finish. Prompt and response token ids and the rollout log-probs are recorded per turn, so the
 teacher later scores exactly the sampled tokens (decoded text is never re-tokenized).
 
-An environment that raises ends only its own episode (recorded in `meta["error"]`); a model that
-emits garbage produces invalid actions, which the env answers with feedback.
+An environment that raises, or whose reset() / step() / expert_action() takes longer than
+`env_step_timeout` seconds (rollout.env_calls), ends only its own episode (recorded in
+`meta["error"]`, counted by `env_errors`); an env that returns a value of the wrong type (a tuple
+from step(), a str reward, a non-str observation) is a bug in the env and stops the run with one
+line naming its class, the method and the field (envs.base.EnvProtocolError). A model that emits
+garbage produces invalid actions, which the env answers with feedback. Prompts are fitted to the
+model's context (rollout.budget): cut, oldest history first, never an unbounded allocation.
 
 Env instances come from an `EnvPool`: each episode gets its own, and when the episode ends the
 engine closes it (`env.close()`, optional in the protocol) or, for an env class that declares
@@ -24,10 +29,14 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from atod_edge.envs import Env, Task, env_class
+from atod_edge.envs.base import (EnvProtocolError, checked_action, checked_actions, checked_observation,
+                                 checked_step, env_label)
+from atod_edge.rollout.budget import PromptFitter, prompt_budget
+from atod_edge.rollout.env_calls import ENV_STEP_TIMEOUT, EnvTimeout, call_with_deadline
 from atod_edge.rollout.episode import Episode, Turn
 from atod_edge.engine.policy import Policy
 from atod_edge.engine.sampling import SamplingParams
-from atod_edge.prompts import build_messages, encode_prompt, encode_prompts, parse_action
+from atod_edge.prompts import build_messages, parse_action
 
 
 def close_env(env) -> None:
@@ -88,39 +97,79 @@ class _Live:
     admissible: list[str]
     done: bool = False
     released: bool = False   # its env went back to the pool
+    timeout: float | None = None   # seconds an env call may take (None: no limit)
+    hung: bool = False       # an env call ran past the deadline: the env is closed, never reused
+
+
+def _call(live: _Live, method: str, *args):
+    """live.env.<method>(*args) within the episode's deadline (EnvTimeout past it)."""
+    return call_with_deadline(getattr(live.env, method), *args, timeout=live.timeout,
+                              what=f"env {env_label(live.env)}: {method}()")
+
+
+def _fail(live: _Live, what: str, error: Exception) -> None:
+    """An env call raised or hung: the episode ends with the error recorded."""
+    live.hung = live.hung or isinstance(error, EnvTimeout)
+    live.episode.meta["error"] = f"{what}: {type(error).__name__}: {error}"
+    live.done = True
+
+
+def env_errors(episodes: Sequence[Episode]) -> int:
+    """How many episodes ended by an env error (raised, hung, or its expert failed)."""
+    return sum(1 for ep in episodes if "error" in ep.meta)
 
 
 def _release(pool: EnvPool, env_cls, live: _Live, reuse: bool = True) -> None:
-    """The episode is over: its env goes back to the pool (reused only after a clean ending)."""
+    """The episode is over: its env goes back to the pool (reused only after a clean ending);
+    an env that hung is closed within the deadline (its close() may hang too) and dropped."""
     if not live.released:
         live.released = True
-        pool.release(env_cls, live.env, reuse=reuse and "error" not in live.episode.meta)
+        if live.hung:
+            try:
+                call_with_deadline(close_env, live.env, timeout=live.timeout, what="close()")
+            except EnvTimeout:
+                warnings.warn(f"env {env_label(live.env)}: close() hung; the env is left behind", stacklevel=2)
+        else:
+            pool.release(env_cls, live.env, reuse=reuse and "error" not in live.episode.meta)
 
 
 def _start(pool: EnvPool, env_cls: Callable[[], Env], task: Task, policy_name: str,
-           group: int | None) -> _Live:
-    env = pool.acquire(env_cls)
+           group: int | None, timeout: float | None = None) -> _Live:
+    try:
+        env = pool.acquire(env_cls)
+    except Exception as e:  # a constructor that raises ends only this episode
+        episode = Episode(env=str(getattr(env_cls, "name", "")), task_id=task.task_id, seed=task.seed,
+                          split=task.split, policy=policy_name, group=group)
+        episode.meta["error"] = f"env constructor failed: {type(e).__name__}: {e}"
+        return _Live(None, episode, "", "", [], [], done=True, released=True)  # type: ignore[arg-type]
     episode = Episode(env=env.name, task_id=task.task_id, seed=task.seed, split=task.split,
                       policy=policy_name, group=group)
+    live = _Live(env, episode, "", "", [], [], timeout=timeout)
     try:
-        obs = env.reset(task)
-        admissible = list(env.admissible_actions())
+        obs = _call(live, "reset", task)
+        admissible = _call(live, "admissible_actions")
     except Exception as e:  # an env that raises ends only this episode
-        episode.meta["error"] = f"env reset failed: {type(e).__name__}: {e}"
-        return _Live(env, episode, "", "", [], [], done=True)
-    return _Live(env, episode, obs, obs, [], admissible)
+        _fail(live, "env reset failed", e)
+        return live
+    try:
+        live.task_observation = live.observation = checked_observation(env, obs, "reset()")
+        live.admissible = checked_actions(env, admissible)
+    except EnvProtocolError:
+        _release(pool, env_cls, live, reuse=False)
+        raise
+    return live
 
 
 def _apply(live: _Live, turn: Turn, action_text: str, max_turns: int) -> None:
     """Step the env with one action and record the outcome on the turn and the episode."""
     try:
-        result = live.env.step(action_text)
+        raw = _call(live, "step", action_text)
     except Exception as e:
-        live.episode.meta["error"] = f"env step failed: {type(e).__name__}: {e}"
         live.episode.turns.append(turn)
-        live.done = True
+        _fail(live, "env step failed", e)
         return
-    info = result.info or {}
+    result = checked_step(live.env, raw)
+    info = result.info
     turn.valid = turn.valid and bool(info.get("valid", True))
     turn.feedback = (turn.feedback or str(info.get("feedback", ""))) if not turn.valid else ""
     turn.reward = float(result.reward)
@@ -137,15 +186,19 @@ def _apply(live: _Live, turn: Turn, action_text: str, max_turns: int) -> None:
         live.episode.final_observation = result.observation
     elif not live.admissible:
         try:
-            live.admissible = list(live.env.admissible_actions())
+            admissible = _call(live, "admissible_actions")
+        except EnvTimeout as e:
+            _fail(live, "env admissible_actions failed", e)
+            return
         except Exception:
-            live.admissible = []
+            admissible = []
+        live.admissible = checked_actions(live.env, admissible)
 
 
-def _messages(live: _Live, instructions: str, history_turns: int) -> list[dict]:
+def _prompt_parts(live: _Live) -> tuple:
+    """What build_messages takes for this episode's next turn (rollout.budget.PromptParts)."""
     first = not live.history
-    return build_messages(instructions, live.task_observation, live.history,
-                          None if first else live.observation, live.admissible, history_turns)
+    return live.task_observation, live.history, None if first else live.observation, live.admissible
 
 
 def episode_messages(episode: Episode, k: int, instructions: str, history_turns: int = 2) -> list[dict]:
@@ -164,7 +217,9 @@ def run_episodes(policy: Policy, env: str | Callable[[], Env], tasks: Sequence[T
                  history_turns: int = 2, max_turns: int | None = None, step: int | None = None,
                  progress: Callable[[int, int], None] | None = None,
                  timings: dict[str, float] | None = None, label_expert: bool = False,
-                 env_pool: EnvPool | None = None) -> list[Episode]:
+                 env_pool: EnvPool | None = None, chat_template_kwargs: dict | None = None,
+                 env_step_timeout: float | None = ENV_STEP_TIMEOUT,
+                 max_prompt_tokens: int | None = None) -> list[Episode]:
     """Roll out `group_size` episodes for every task with a token-level policy.
 
     Episodes come back grouped: tasks[0]'s G rollouts first (group index 0), then tasks[1]'s...
@@ -173,21 +228,26 @@ def run_episodes(policy: Policy, env: str | Callable[[], Env], tasks: Sequence[T
     (`Turn.expert_action`: DAgger labels for SFT on the policy's own states).
     Envs come from `env_pool` (default: DEFAULT_POOL) and go back to it as their episodes end;
     on an exception or interrupt every env still in play is closed before it propagates.
+    chat_template_kwargs: the chat template's extra variables (prompts.render_prompt).
+    env_step_timeout: seconds an env's reset/step/expert call may take (None or 0: no limit).
+    max_prompt_tokens: a prompt budget below the model's context less max_new_tokens (None: that).
     """
     sampling = sampling or SamplingParams()
     env_cls = env_class(env) if isinstance(env, str) else env
     instructions = getattr(env_cls, "instructions", "")
     turn_limit = max_turns or getattr(env_cls, "max_turns", 30)
     pool = env_pool or DEFAULT_POOL
+    fitter = PromptFitter(policy.tokenizer, instructions, history_turns,
+                          prompt_budget(policy, sampling.max_new_tokens, max_prompt_tokens), chat_template_kwargs)
     lives: list[_Live] = []
     try:
         for g, task in enumerate(tasks):
             for _ in range(group_size):
-                lives.append(_start(pool, env_cls, task, policy.name, g))
+                lives.append(_start(pool, env_cls, task, policy.name, g, env_step_timeout))
         for live in lives:
             live.episode.step = step
         with policy.reusing_prefixes():   # every turn's prompt starts with its episode's first tokens
-            _roll(policy, lives, instructions, history_turns, sampling, seed, turn_limit, progress, timings,
+            _roll(policy, lives, fitter, sampling, seed, turn_limit, progress, timings,
                   label_expert, lambda live: _release(pool, env_cls, live))
     finally:
         for live in lives:                # cut short (an error, Ctrl-C): close, never reuse
@@ -195,11 +255,10 @@ def run_episodes(policy: Policy, env: str | Callable[[], Env], tasks: Sequence[T
     return [lv.episode for lv in lives]
 
 
-def _roll(policy, lives, instructions, history_turns, sampling, seed, turn_limit, progress, timings,
+def _roll(policy, lives, fitter: PromptFitter, sampling, seed, turn_limit, progress, timings,
           label_expert=False, finished=lambda live: None) -> None:
     """The turn loop of run_episodes: one batched generate call per turn over the live episodes.
     `finished(live)` is called once for every episode as it ends."""
-    tokenizer = policy.tokenizer
     turn_index = 0
     while True:
         for live in lives:
@@ -209,7 +268,12 @@ def _roll(policy, lives, instructions, history_turns, sampling, seed, turn_limit
         if not active:
             break
         t0 = time.perf_counter()
-        prompts = encode_prompts(tokenizer, [_messages(lv, instructions, history_turns) for lv in active])
+        fitted = fitter.encode([_prompt_parts(lv) for lv in active])
+        prompts = [ids for ids, _ in fitted]
+        for live, (_, cut) in zip(active, fitted):
+            if cut:                       # the prompt was cut to fit the context (rollout.budget)
+                live.episode.meta["prompt_cuts"] = live.episode.meta.get("prompt_cuts", 0) + 1
+                live.episode.meta["prompt_cut"] = cut
         t1 = time.perf_counter()
         generations = policy.generate(prompts, sampling, seed=seed * 1_000_003 + turn_index)
         t2 = time.perf_counter()
@@ -236,14 +300,16 @@ def _expert_label(live: _Live) -> str | None:
     """The scripted expert's action in this episode's current state; None when the expert fails
     (a label is lost, not the episode)."""
     try:
-        return live.env.expert_action()
-    except Exception:
+        action = _call(live, "expert_action")
+    except Exception as e:
+        live.hung = live.hung or isinstance(e, EnvTimeout)
         return None
+    return None if action is None else checked_action(live.env, action)
 
 
 def run_scripted(kind: str, env: str | Callable[[], Env], tasks: Sequence[Task], seed: int = 0,
                  noise: float = 0.0, max_turns: int | None = None,
-                 env_pool: EnvPool | None = None) -> list[Episode]:
+                 env_pool: EnvPool | None = None, env_step_timeout: float | None = ENV_STEP_TIMEOUT) -> list[Episode]:
     """Episodes from an action-level policy: "expert", "random" (admissible), "noisy" (the
     expert, but with probability `noise` a random admissible action: imperfect demos), or
     "dart" (DART-style: executed like "noisy", except that the noise also replays stale actions
@@ -257,7 +323,7 @@ def run_scripted(kind: str, env: str | Callable[[], Env], tasks: Sequence[Task],
     episodes = []
     for i, task in enumerate(tasks):
         rng = random.Random(seed * 1_000_003 + i)
-        live = _start(pool, env_cls, task, kind, i)
+        live = _start(pool, env_cls, task, kind, i, env_step_timeout)
         try:
             _play_scripted(kind, live, rng, noise, turn_limit)
         finally:
@@ -273,10 +339,12 @@ def _play_scripted(kind: str, live: _Live, rng: random.Random, noise: float, tur
         expert = None
         if kind in ("expert", "dart") or (kind == "noisy" and rng.random() >= noise):
             try:
-                expert = live.env.expert_action()
+                expert = _call(live, "expert_action")
             except Exception as e:
-                live.episode.meta["error"] = f"expert failed: {type(e).__name__}: {e}"
+                _fail(live, "expert failed", e)
                 break
+            if expert is not None:
+                checked_action(live.env, expert)
         seen.update(dict.fromkeys(live.admissible))
         if kind == "random" or (kind == "noisy" and expert is None):
             action = rng.choice(live.admissible) if live.admissible else "look"
@@ -292,12 +360,16 @@ def _play_scripted(kind: str, live: _Live, rng: random.Random, noise: float, tur
 
 def act(policy: Policy, instructions: str, task_observation: str, history: list[tuple[str, str]],
         observation: str, admissible: list[str], sampling: SamplingParams | None = None,
-        history_turns: int = 2, seed: int = 0) -> tuple[str, str | None, str]:
-    """One agent turn outside the batch engine (the TUI's live screen).
-    Returns (response text, parsed action or None, reason when invalid)."""
-    live = _Live(env=None, episode=None, task_observation=task_observation,  # type: ignore[arg-type]
-                 observation=observation, history=list(history), admissible=list(admissible))
-    prompt = encode_prompt(policy.tokenizer, _messages(live, instructions, history_turns))
-    gen = policy.generate([prompt], sampling or SamplingParams(), seed=seed)[0]
+        history_turns: int = 2, seed: int = 0, chat_template_kwargs: dict | None = None,
+        max_prompt_tokens: int | None = None) -> tuple[str, str | None, str]:
+    """One agent turn outside the batch engine (the TUI's live screen), its prompt fitted to the
+    model's context as in run_episodes. Returns (response text, parsed action or None, reason
+    when invalid)."""
+    sampling = sampling or SamplingParams()
+    fitter = PromptFitter(policy.tokenizer, instructions, history_turns,
+                          prompt_budget(policy, sampling.max_new_tokens, max_prompt_tokens), chat_template_kwargs)
+    parts = (task_observation, list(history), observation if history else None, list(admissible))
+    prompt, _ = fitter.encode([parts])[0]
+    gen = policy.generate([prompt], sampling, seed=seed)[0]
     parsed = parse_action(gen.text)
     return gen.text, parsed.action, parsed.reason

@@ -17,12 +17,15 @@ import torch
 from atod_edge.engine.precision import compute_autocast
 from atod_edge.rollout.episode import Episode
 from atod_edge.scoring.prefix_tree import prefix_reuse_applies, shared_response_logprobs
-from atod_edge.scoring.tokens import LOGPROB_CHUNK_TOKENS, sampled_logprobs
+from atod_edge.scoring.tokens import LOGPROB_CHUNK_TOKENS, sampled_logprobs, to_device
+
+SCORE_TOKEN_BUDGET = 16384   # suggested tokens a no-grad scoring forward (config score_token_budget)
 
 
 def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                       pad_id: int = 0, micro_batch: int = 16, entropy: bool = False, whole_model: bool = False,
                       precision: str = "auto", chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
+                      token_budget: int | None = None,
                       ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per pair, a 1-D float32 tensor of log pi(response_j | prompt, response_<j).
 
@@ -33,13 +36,18 @@ def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequen
     gathers its top-level weights in hooks on that forward). precision: the autocast of the
     forward (`compute_autocast`: "auto" is bf16 on CUDA, none on CPU). The
     log-probs come from `sampled_logprobs`, `chunk_tokens` response positions at a time.
+    token_budget: forwards of pairs of similar length, each at most `token_budget` padded tokens
+    (`token_batches`), instead of `micro_batch` pairs in the order given (no-grad work, whose
+    memory is the activations of one forward, not those kept for backward).
     """
     device = next(model.parameters()).device
-    out: list[torch.Tensor] = []
-    entropies: list[torch.Tensor] = []
-    for start in range(0, len(prompts), micro_batch):
-        chunk_p = prompts[start:start + micro_batch]
-        chunk_r = responses[start:start + micro_batch]
+    groups = (token_batches([len(p) + len(r) for p, r in zip(prompts, responses)], token_budget) if token_budget
+              else [list(range(s, min(s + micro_batch, len(prompts)))) for s in range(0, len(prompts), micro_batch)])
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    entropies: list[torch.Tensor | None] = [None] * len(prompts)
+    for group in groups:
+        chunk_p = [prompts[i] for i in group]
+        chunk_r = [responses[i] for i in group]
         lengths = [len(p) + len(r) for p, r in zip(chunk_p, chunk_r)]
         width = max(lengths)
         ids = torch.full((len(chunk_p), width), pad_id, dtype=torch.long)
@@ -53,23 +61,31 @@ def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequen
         targets = ids[rows, cols + 1]
         keep = torch.unique(cols)   # on the host: a device-side unique would wait for the GPU
         # index tensors are built on the host; copying them from pinned memory does not block it
-        ids, mask, rows, cols, targets, keep = (_to_device(t, device) for t in (ids, mask, rows, cols, targets, keep))
+        ids, mask, rows, cols, targets, keep = (to_device(t, device) for t in (ids, mask, rows, cols, targets, keep))
         with compute_autocast(device, precision):
             features, head = _response_features(model, ids, mask, rows, cols, keep, whole_model)
         picked = sampled_logprobs(features, targets, head=head, chunk_tokens=chunk_tokens, entropy=entropy)
         if entropy:
             picked, chunk_entropy = picked
         sizes = [len(r) for r in chunk_r]
-        out.extend(picked.split(sizes))
+        for i, lp in zip(group, picked.split(sizes)):
+            out[i] = lp
         if entropy:
-            entropies.extend(chunk_entropy.split(sizes))
-    return (out, entropies) if entropy else out
+            for i, ent in zip(group, chunk_entropy.split(sizes)):
+                entropies[i] = ent
+    return (out, entropies) if entropy else out   # type: ignore[return-value]
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+def token_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Indices of `lengths` in groups of similar length (ascending), each group's rows times its
+    longest length at most `token_budget` (a longer sequence alone)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda k: lengths[k]):
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= token_budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _response_features(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
@@ -104,20 +120,22 @@ def turn_pairs(episodes: Sequence[Episode]) -> tuple[list[list[int]], list[list[
 
 
 def score_episodes(teacher, episodes: Sequence[Episode], pad_id: int = 0, micro_batch: int = 16,
-                   precision: str = "auto", prefix_reuse: bool = True) -> None:
+                   precision: str = "auto", prefix_reuse: bool = True, token_budget: int | None = None) -> None:
     """Fill `teacher_logprobs` of every token-level turn: one no-grad forward per micro-batch,
     one copy to the host at the end. prefix_reuse: each micro-batch's shared prompt prefixes are
-    computed once (atod_edge.scoring.prefix_tree; same log-probs), where the teacher allows it."""
+    computed once (atod_edge.scoring.prefix_tree; same log-probs), where the teacher allows it.
+    token_budget (e.g. SCORE_TOKEN_BUDGET): forwards cut by tokens instead of `micro_batch` turns
+    (the update's micro-batch, sized for backward, leaves a no-grad forward mostly idle)."""
     prompts, responses, where = turn_pairs(episodes)
     if not prompts:
         return
     with torch.inference_mode():
         if prefix_reuse and prefix_reuse_applies(teacher):
             scores = shared_response_logprobs(teacher, prompts, responses, pad_id=pad_id, micro_batch=micro_batch,
-                                              precision=precision)
+                                              precision=precision, token_budget=token_budget)
         else:
             scores = response_logprobs(teacher, prompts, responses, pad_id=pad_id, micro_batch=micro_batch,
-                                       precision=precision)
+                                       precision=precision, token_budget=token_budget)
     flat = torch.cat(scores).cpu().tolist()
     offset = 0
     for (e, t), lp in zip(where, scores):

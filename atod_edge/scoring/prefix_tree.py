@@ -95,7 +95,7 @@ def shared_prefix_logprobs(model, sequences: Sequence[Sequence[int]], score_from
     (past_key_values); the caller keeps to models whose layers all attend to the full context.
     """
     from atod_edge.engine.precision import compute_autocast
-    from atod_edge.scoring.tokens import sampled_logprobs
+    from atod_edge.scoring.tokens import sampled_logprobs, to_device
 
     device = next(model.parameters()).device
     empty = torch.zeros(0, dtype=torch.float32, device=device)
@@ -147,10 +147,11 @@ def shared_prefix_logprobs(model, sequences: Sequence[Sequence[int]], score_from
                 ids[row, :n] = torch.as_tensor(np.asarray(inputs[node.owner][node.start:node.end]))
                 mask[row, :n] = 1
                 positions[row] = torch.arange(node.start, node.start + width)
-            ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+            # built on the host: on CUDA copied from pinned memory without blocking it
+            ids, mask, positions = to_device(ids, device), to_device(mask, device), to_device(positions, device)
             cache = _new_cache()
             if parent_batch >= 0:
-                parents = torch.tensor([row_of[nodes[m].parent] for m in members], device=device)
+                parents = to_device(torch.tensor([row_of[nodes[m].parent] for m in members]), device)
                 keys, values, past_mask = full[parent_batch]
                 for layer, (k, v) in enumerate(zip(keys, values)):
                     cache.update(k.index_select(0, parents), v.index_select(0, parents), layer)
@@ -162,23 +163,17 @@ def shared_prefix_logprobs(model, sequences: Sequence[Sequence[int]], score_from
             attention = _attention_mask(model, past, mask)
             mask = torch.cat([past, mask], dim=1)
             table = entries[b]
-            rows = torch.tensor([k[0] for k in table], dtype=torch.long, device=device)
-            cols = torch.tensor([k[1] for k in table], dtype=torch.long, device=device)
-            targets = torch.tensor([k[2] for k in table], dtype=torch.long, device=device)
+            rows, cols, targets = to_device(torch.tensor(list(table), dtype=torch.long).reshape(-1, 3).T,
+                                            device)   # one copy for the three
             features, head, cache = _features(model, ids, attention, positions, cache, rows, cols)
             batch_logprobs.append(sampled_logprobs(features, targets, head=head) if len(table) else empty)
             if b in last_child:
                 full[b] = ([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], mask)
     offsets = np.cumsum([0] + [len(lp) for lp in batch_logprobs])
     flat = torch.cat(batch_logprobs)
-    out = []
-    for picks in picks_of:
-        if not picks:
-            out.append(empty)
-            continue
-        index = torch.tensor([offsets[b] + e for b, e in picks], device=device)
-        out.append(flat.index_select(0, index))
-    return out
+    index = to_device(torch.tensor([int(offsets[b]) + e for picks in picks_of for b, e in picks], dtype=torch.long),
+                      device)   # every sequence's picks in one gather
+    return list(flat.index_select(0, index).split([len(picks) for picks in picks_of]))
 
 
 def _batches(nodes: list[Node], call_cost: int = BATCH_COST) -> tuple[list[tuple[list[int], int]], list[int], list[int]]:
@@ -217,20 +212,45 @@ def _batches(nodes: list[Node], call_cost: int = BATCH_COST) -> tuple[list[tuple
 
 def shared_response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                              pad_id: int = 0, micro_batch: int = 16, min_shared: int = MIN_SHARED_TOKENS,
-                             precision: str = "auto") -> list[torch.Tensor]:
+                             precision: str = "auto", token_budget: int | None = None) -> list[torch.Tensor]:
     """scoring.response_logprobs with prefix reuse: per pair, log pi(response_j | prompt, response_<j).
     Pairs are sorted by their tokens (neighbours share the most) and cut into micro-batches of
-    `micro_batch` pairs, each one prefix tree; the results come back in the order given."""
+    `micro_batch` pairs, or, with token_budget, of at most `token_budget` tree tokens (the
+    tokens not shared with the pair before: what the tree computes), each one prefix tree; the
+    results come back in the order given."""
     sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
     order = sorted(range(len(sequences)), key=lambda i: sequences[i])
     out: list[torch.Tensor | None] = [None] * len(sequences)
-    for start in range(0, len(order), micro_batch):
-        chunk = order[start:start + micro_batch]
+    chunks = (_tree_token_chunks([sequences[i] for i in order], token_budget) if token_budget
+              else [(s, s + micro_batch) for s in range(0, len(order), micro_batch)])
+    for start, end in chunks:
+        chunk = order[start:end]
         scores = shared_prefix_logprobs(model, [sequences[i] for i in chunk], [len(prompts[i]) for i in chunk],
                                         pad_id=pad_id, min_shared=min_shared, precision=precision)
         for i, lp in zip(chunk, scores):
             out[i] = lp
     return out   # type: ignore[return-value]
+
+
+def _tree_token_chunks(sorted_sequences: Sequence[Sequence[int]], token_budget: int) -> list[tuple[int, int]]:
+    """[start, end) runs of the sorted sequences whose prefix tree holds at most `token_budget`
+    tokens (a sequence adds its tokens after its common prefix with the one before it; one
+    longer than the budget goes alone)."""
+    chunks: list[tuple[int, int]] = []
+    start, tokens, previous = 0, 0, np.zeros(0, dtype=np.int64)
+    for k, sequence in enumerate(sorted_sequences):
+        current = np.asarray(sequence, dtype=np.int64)
+        n = min(len(current), len(previous))
+        differ = np.flatnonzero(current[:n] != previous[:n])
+        new = len(current) - (int(differ[0]) if len(differ) else n)
+        if k > start and tokens + new > token_budget:
+            chunks.append((start, k))
+            start, new = k, len(current)
+        tokens = new if k == start else tokens + new
+        previous = current
+    if len(sorted_sequences):
+        chunks.append((start, len(sorted_sequences)))
+    return chunks
 
 
 def _new_cache():
@@ -268,9 +288,14 @@ def _features(model, ids, mask, positions, cache, rows, cols):
 def prefix_reuse_applies(model) -> bool:
     """Whether shared_prefix_logprobs can run this model exactly: every layer attends to the full
     context (a sliding-window layer masks by cache index, which the padded tree levels shift),
-    and the forward keeps a cache (gradient checkpointing turns it off in training)."""
+    and the forward keeps a cache (gradient checkpointing turns it off in training).
+
+    The answer does not depend on train or eval mode: the old log-probs (recomputed in eval
+    mode, no grad) and the update (train mode) must take the same path, or under bf16 the first
+    epoch's ratio is not 1 (the tree and the padded forward round differently). A model with
+    gradient checkpointing enabled therefore takes the padded path in both."""
     from atod_edge.engine.kv_cache import supports_prefix_cache
 
-    if getattr(model, "is_gradient_checkpointing", False) and model.training:
+    if getattr(model, "is_gradient_checkpointing", False):
         return False
     return supports_prefix_cache(model.config)

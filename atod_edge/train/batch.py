@@ -29,6 +29,8 @@ class TokenBatch:
     stats: dict[str, float]
     rollout_logprobs: torch.Tensor | None = None   # [tokens] the rollout engine's, where lp_S was recomputed
     loss_weights: torch.Tensor | None = None       # [tokens] per-token loss weights (TIS); None: all 1
+    opd_term: torch.Tensor | None = None           # [tokens] kappa * A^OPD (None when kappa is 0)
+    grpo_term: torch.Tensor | None = None          # [tokens] rho * A^GRPO (None when rho is 0); advantages is their sum
 
 
 def trains_turn(turn: Turn, cfg: TrainConfig) -> bool:
@@ -107,7 +109,9 @@ def build_batch(episodes: list[Episode], cfg: TrainConfig, step: int, progress: 
         stats["schedule_progress"] = progress
     if grpo is not None:   # all-fail groups and the penalty's share of the signal (ATOD.md section 6)
         stats.update(grpo_stats)
-    return TokenBatch(prompts, responses, offsets, lp_s, advantages, stats)
+    return TokenBatch(prompts, responses, offsets, lp_s, advantages, stats,
+                      opd_term=kappa * opd if opd is not None else None,
+                      grpo_term=rho * grpo if grpo is not None else None)
 
 
 def micro_batch_token_index(batch: TokenBatch, order: list[int], micro_batch: int, device) -> list[torch.Tensor]:

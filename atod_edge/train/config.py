@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atod_edge.config import nested, opt
+from atod_edge.config import MAX_NEW_TOKENS, SEED_MAX, nested, opt
 from atod_edge.errors import ConfigError
+from atod_edge.prompts import check_template_kwargs
 from atod_edge.train.schedule import ScheduleConfig
 
 
@@ -66,7 +67,7 @@ class TrainConfig:
                          "teacher keeps its checkpoint's dtype on accelerators", choices=["auto", "bf16", "fp32"])
     steps: int = opt(150, "training steps (one optimizer round over one batch of rollouts)", min=1)
     tasks_per_step: int = opt(16, "B: tasks per step", min=1)
-    group_size: int = opt(8, "G: rollouts per task (a GRPO group)", min=1)
+    group_size: int = opt(8, "G: rollouts per task (a GRPO group)", min=1, max=4096)
     lr: float = opt(1e-6, "AdamW learning rate", min=0.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
     warmup_steps: int = opt(0, "linear learning-rate warmup steps", min=0)
@@ -91,7 +92,7 @@ class TrainConfig:
     invalid_penalty: float = opt(0.1, "reward penalty per invalid action", min=0.0)
     temperature: float = opt(1.0, "rollout temperature", min=0.0)
     top_p: float = opt(1.0, "rollout nucleus threshold", min=0.0, max=1.0)
-    max_new_tokens: int = opt(48, "max response tokens per turn (paper: 512)", min=1)
+    max_new_tokens: int = opt(48, "max response tokens per turn (paper: 512)", min=1, max=MAX_NEW_TOKENS)
     truncated_turns: str = opt("train", "turns whose response reached max_new_tokens (recorded as finish_reason "
                                "'length'): train (like any turn: the cut response rarely holds a parsable action, "
                                "so the invalid penalty applies, and its tokens get their advantages) | mask (their "
@@ -102,6 +103,15 @@ class TrainConfig:
     eval_every: int = opt(0, "evaluate every N steps (0: only at the end)", min=0)
     eval_episodes: int = opt(100, "episodes per evaluation (eval split, temperature eval_temperature)", min=0)
     eval_temperature: float = opt(0.4, "evaluation temperature (paper: 0.4)", min=0.0)
+    eval_batch_episodes: int = opt(64, "evaluation episodes rolled out at once; under torchrun these batches are "
+                                   "shared out among the ranks (each with its one-process seed: the same results)",
+                                   min=1)
+    chat_template_kwargs: dict = opt({}, "extra keyword arguments of the chat template for every prompt (rollouts, "
+                                     "evaluation), e.g. {enable_thinking: false} for Qwen3: without it Qwen3 thinks "
+                                     "past max_new_tokens before any action")
+    grad_norm_every: int = opt(10, "every N steps, log the gradient norm of each advantage term (kappa A^OPD, "
+                               "rho A^GRPO: two extra backward passes) and their cosine (grad_norm_opd, "
+                               "grad_norm_grpo, grad_cos_opd_grpo); 0 = off", min=0)
     checkpoint_every: int = opt(10, "checkpoint every N steps (and at the end)", min=1)
     keep_checkpoints: int = opt(2, "how many step checkpoints to keep", min=1)
     sample_episodes: int = opt(8, "episodes with token-level fields saved per step for the TUI", min=0)
@@ -110,7 +120,7 @@ class TrainConfig:
                            "(FSDP2: parameters, gradients and optimizer state sharded for the update; "
                            "rollouts use a full copy of the weights per rank)", choices=["ddp", "fsdp"])
     lora: LoraOptions = nested(LoraOptions, "LoRA adapters instead of full fine-tuning (needs peft)")
-    seed: int = opt(0, "seed for rollouts and initialisation")
+    seed: int = opt(0, "seed for rollouts and initialisation", min=0, max=SEED_MAX)
     schedule: ScheduleConfig = nested(ScheduleConfig, "the annealed kappa/rho schedule")
     bootstrap: BootstrapOptions = nested(BootstrapOptions, "teacher bootstrap and cold start")
     compare: bool = opt(True, "at the end, evaluate the cold-start student and the teacher too and print a table")
@@ -122,6 +132,7 @@ class TrainConfig:
                 raise ConfigError(f"config key '{key}': got {getattr(self, key)}, but training rollouts must sample "
                                   f"the model's own distribution (temperature 1, top_p 1), whose log-probs the "
                                   f"update and the teacher term use; eval_temperature sets evaluation's")
+        check_template_kwargs(self.chat_template_kwargs)
         if self.tis_cap and self.recompute_old_logprobs == "never":
             raise ConfigError("config key 'tis_cap': truncated importance sampling needs the recomputed old "
                               "log-probs; set recompute_old_logprobs to auto or always")
@@ -130,6 +141,10 @@ class TrainConfig:
         if self.schedule.kappa_min > self.schedule.kappa_init:
             raise ConfigError(f"config key 'schedule.kappa_min': got {self.schedule.kappa_min}, "
                               f"must be <= schedule.kappa_init ({self.schedule.kappa_init})")
+        if self.steps * self.tasks_per_step > MAX_TRAIN_TASKS:
+            # the train split's task list is built up front (trainer.train)
+            raise ConfigError(f"config keys 'steps' x 'tasks_per_step': {self.steps} x {self.tasks_per_step} = "
+                              f"{self.steps * self.tasks_per_step:,} training tasks, at most {MAX_TRAIN_TASKS:,}")
         if self.algo != "opd" and self.group_size < 2:
             raise ConfigError(f"config key 'group_size': got {self.group_size}, GRPO needs >= 2 rollouts "
                               f"per task (algo={self.algo})")
@@ -147,6 +162,8 @@ class TrainConfig:
 
 
 LR_SCHEDULES = ("linear", "constant", "cosine")   # the shapes of sft.lr_factor
+#: the most training tasks a run may take (steps x tasks_per_step; their list is built up front)
+MAX_TRAIN_TASKS = 10**6
 
 
 @dataclass
@@ -177,7 +194,7 @@ class SFTConfig:
     history_turns: int = opt(2, "past turns in the prompt", min=0)
     prompt_loss_weight: float = opt(0.0, "weight of a language-modelling loss on the prompt tokens (0: "
                                     "response tokens only; helps models trained from scratch)", min=0.0)
-    seed: int = opt(0, "seed for demos and shuffling")
+    seed: int = opt(0, "seed for demos and shuffling", min=0, max=SEED_MAX)
     device: str = opt("cpu", "torch device")
     out: str = opt("runs/sft", "output model dir (metrics, checkpoints, curves: <out>.work/)")
     eval_episodes: int = opt(50, "episodes evaluated on the eval split at the end (0 = none)", min=0)
@@ -190,3 +207,8 @@ class SFTConfig:
     eval_every_episodes: int = opt(20, "eval-split episodes of each periodic evaluation", min=1)
     checkpoint_every: int = opt(100, "steps between checkpoints in <out>.work/checkpoints, for --resume "
                                 "(0 = none)", min=0)
+    chat_template_kwargs: dict = opt({}, "extra keyword arguments of the chat template for every prompt (demos, "
+                                     "evaluation), e.g. {enable_thinking: false} for Qwen3")
+
+    def validate(self) -> None:
+        check_template_kwargs(self.chat_template_kwargs)

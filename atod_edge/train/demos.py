@@ -106,7 +106,7 @@ def dagger_episodes(cfg: SFTConfig, tasks: list, work: Path, model=None, tokeniz
     # the eval code path on consecutive train tasks (64 concurrent episodes, the same seeds)
     rollouts = EvalConfig(env=cfg.env, split="train", episodes=len(tasks), start=tasks[0].index,
                           temperature=cfg.rollout_temperature, history_turns=cfg.history_turns,
-                          seed=cfg.seed, device=cfg.device)
+                          seed=cfg.seed, device=cfg.device, chat_template_kwargs=cfg.chat_template_kwargs)
     summary, episodes = evaluate(TorchPolicy(model, tokenizer, name=f"dagger:{cfg.model}"), rollouts,
                                  progress=progress, label_expert=True)
     model.train(was_training)
@@ -131,9 +131,10 @@ def _is_well_formed(episode: Episode) -> bool:
 
 
 def build_examples(episodes: list[Episode], tokenizer, instructions: str, history_turns: int,
-                   ) -> list[tuple[list[int], list[int]]]:
+                   chat_template_kwargs: dict | None = None) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids + end-of-turn) for every valid demonstrated turn, and for every
-    turn labelled with an expert action (dart demos), whatever was executed there."""
+    turn labelled with an expert action (dart demos), whatever was executed there. The prompts
+    are the rollout engine's, with the same chat_template_kwargs."""
     from atod_edge.prompts import encode_prompt, format_response
     from atod_edge.rollout.runner import episode_messages
 
@@ -147,7 +148,8 @@ def build_examples(episodes: list[Episode], tokenizer, instructions: str, histor
                 target = turn.response
             else:
                 continue
-            prompt = encode_prompt(tokenizer, episode_messages(ep, k, instructions, history_turns))
+            prompt = encode_prompt(tokenizer, episode_messages(ep, k, instructions, history_turns),
+                                   chat_template_kwargs)
             response = tokenizer(target, add_special_tokens=False)["input_ids"]
             if end is not None:
                 response = response + [end]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -32,16 +33,65 @@ class DistInfo:
 
 
 def init_distributed(device: str) -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1). With CUDA, this
+    process's GPU (LOCAL_RANK) becomes the current device before the group exists, and NCCL is
+    bound to it (device_id): without that every rank's first collective, pinned copy and
+    synchronize would run on GPU 0. Also makes the long-wait group (wait_group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     import torch.distributed as dist
 
+    cuda = device.startswith("cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    if cuda:
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(),
-                    int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        options = {"device_id": torch.device("cuda", local_rank)} if cuda else {}
+        dist.init_process_group(backend="nccl" if cuda else "gloo", **options)
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+    wait_group(info)   # here, where every rank passes at the same point: making a group is a collective
+    return info
+
+
+def rank_device(device: str, info: DistInfo) -> str:
+    """This rank's device for a configured one: under torchrun, a CUDA device ("cuda" or any
+    "cuda:N", the same recipe on every rank) is the rank's own GPU, cuda:LOCAL_RANK."""
+    if device.startswith("cuda") and info.world > 1:
+        return f"cuda:{info.local_rank}"
+    return device
+
+
+# Waits that can outlast NCCL's watchdog (10 minutes by default): a rank done with its share of an
+# evaluation, or waiting while rank 0 writes, waits in a gloo group with this timeout instead
+WAIT_TIMEOUT = timedelta(hours=12)
+_wait_groups: dict[int, object] = {}   # id of the default group -> its long-wait gloo group
+
+
+def wait_group(info: DistInfo):
+    """The gloo group with WAIT_TIMEOUT over every rank (made on the first call: every rank must
+    make the first call at the same point), or None with one process."""
+    if info.world == 1:
+        return None
+    import torch.distributed as dist
+
+    key = id(dist.group.WORLD)
+    if key not in _wait_groups:
+        _wait_groups.clear()   # a destroyed default group's
+        _wait_groups[key] = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    return _wait_groups[key]
+
+
+def gather_to_main(value, info: DistInfo) -> list | None:
+    """Every rank's `value` (any picklable object), in rank order, on rank 0 (None on the others),
+    through the long-wait group: the ranks may arrive hours apart."""
+    if info.world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    gathered = [None] * info.world if info.main else None
+    dist.gather_object(value, gathered, dst=0, group=wait_group(info))
+    return gathered
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -71,10 +121,11 @@ def all_reduce_max_tensor(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def barrier(info: DistInfo) -> None:
+    """Every rank waits for the others, in the long-wait group (rank 0 may be writing a checkpoint)."""
     if info.world > 1:
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier(group=wait_group(info))
 
 
 def shard_fsdp(model, device: str, info: DistInfo, precision: str = "fp32") -> None:

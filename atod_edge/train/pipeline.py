@@ -4,15 +4,18 @@ cold start, teacher and trained student the same way, and prints the comparison 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from atod_edge.config import dump_yaml, load_config
 from atod_edge.errors import UserError
-from atod_edge.io import atomic_write_json, atomic_write_text
+from atod_edge.io import (DiskFullError, atomic_write_json, atomic_write_text, check_output, disk_full_error,
+                          run_lock)
 from atod_edge.train.config import BootstrapOptions, TrainConfig
 
 DEFAULT_RECIPE = "household"
@@ -98,8 +101,9 @@ def evaluate_model(path: str, cfg: TrainConfig, cache: Path | None = None) -> di
 
     ecfg = EvalConfig(env=cfg.env, split="eval", episodes=cfg.eval_episodes, temperature=cfg.eval_temperature,
                       seed=cfg.seed, history_turns=cfg.history_turns, max_new_tokens=cfg.max_new_tokens,
-                      max_turns=cfg.max_turns, device=cfg.device)
-    key = json.dumps(asdict(ecfg), sort_keys=True)
+                      max_turns=cfg.max_turns, device=cfg.device, chat_template_kwargs=cfg.chat_template_kwargs)
+    fields = {k: v for k, v in asdict(ecfg).items() if k != "chat_template_kwargs" or v}   # earlier caches stay valid
+    key = json.dumps(fields, sort_keys=True)
     cache_file = (cache / "eval_cache.json") if cache else None
     if cache_file and cache_file.is_file():
         stored = json.loads(cache_file.read_text())
@@ -161,6 +165,39 @@ def paired_lines(rows: list[tuple[str, dict]]) -> list[str]:
 
 def train_command(recipe: str | None, overrides: list[str], out: str | None = None,
                   resume: str | None = None) -> int:
+    """`atod-edge train`: a new run in `out` (checked first: io.check_output) or `resume` an
+    interrupted one. Rank 0 holds the run lock (io.run_lock) for the whole run; an interrupt or a
+    full disk once the run dir exists ends with a line saying how to resume."""
+    where: dict = {}   # "run_dir" once the run dir holds a run that --resume can continue
+    try:
+        with contextlib.ExitStack() as held:
+            return _train_command(recipe, overrides, out, resume, held.enter_context, where)
+    except KeyboardInterrupt:
+        if where.get("run_dir"):
+            print(f"\ntrain: interrupted; {_resume_hint(where['run_dir'])}", file=sys.stderr)
+        raise
+    except DiskFullError as e:
+        if not where.get("run_dir"):
+            raise
+        raise DiskFullError(f"{e}; free space, then {_resume_hint(where['run_dir'])}") from None
+    except Exception as e:
+        full = disk_full_error(e, where.get("run_dir"))
+        if full is None:
+            raise
+        hint = f"; free space, then {_resume_hint(where['run_dir'])}" if where.get("run_dir") else ""
+        raise DiskFullError(f"{full}{hint}") from None
+
+
+def _resume_hint(run_dir: Path) -> str:
+    from atod_edge.train.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(run_dir)
+    found = f"its last checkpoint is step {last[0]}" if last else "it has no checkpoint yet"
+    return f"{found}: continue with `atod-edge train --resume {run_dir}`"
+
+
+def _train_command(recipe: str | None, overrides: list[str], out: str | None, resume: str | None, hold,
+                   where: dict) -> int:
     from atod_edge.train.distributed import barrier, init_distributed
     from atod_edge.train.trainer import train
 
@@ -168,19 +205,26 @@ def train_command(recipe: str | None, overrides: list[str], out: str | None = No
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"--resume {resume}: not a run directory (no config.yaml)")
+        _check_saved_config(run_dir, resume)
         saved = load_config(TrainConfig, str(run_dir / "config.yaml"), [])
         cfg = load_config(TrainConfig, str(run_dir / "config.yaml"), overrides)
+        if init_distributed(cfg.device).main:
+            hold(run_lock(run_dir))   # before anything is written: a second writer is refused
         changed = _resume_changes(saved, cfg, resume)
-        meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+        _check_resume_steps(cfg, run_dir, resume)
+        meta = _read_run_json(run_dir, resume)
         teacher, student = meta.get("teacher"), meta.get("student")
-        if not student:
-            raise UserError(f"--resume {resume}: run.json is missing; cannot tell which student it started from")
+        if not student or not isinstance(student, str) or not isinstance(teacher, (str, type(None))):
+            raise UserError(f"--resume {resume}: run.json is missing or names no student; cannot tell which "
+                            "student it started from")
+        where["run_dir"] = run_dir
     else:
         cfg = load_config(TrainConfig, recipe or DEFAULT_RECIPE, overrides)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(out) if out else Path("runs") / f"{Path(recipe or DEFAULT_RECIPE).stem}-{cfg.algo}-{stamp}"
         if (run_dir / "metrics.jsonl").exists():
             raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+        check_output(run_dir, "run")   # before any bootstrap: a file, a foreign dir, no write access
         _check_devices(cfg)
         info = init_distributed(cfg.device)
         run_dir = Path(_from_rank0(str(run_dir), info))  # the time stamp may differ between ranks
@@ -196,9 +240,12 @@ def train_command(recipe: str | None, overrides: list[str], out: str | None = No
             _check_tokenizers(teacher, student)  # before the run dir exists: nothing to clean up
         if info.main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            hold(run_lock(run_dir))
+            check_output(run_dir, "run")   # again, under the lock: another process may have begun there
             atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
             atomic_write_json(run_dir / "run.json", {"teacher": teacher, "student": student,
                                                      "recipe": recipe or DEFAULT_RECIPE})
+            where["run_dir"] = run_dir
     info = init_distributed(cfg.device)
     if resume and changed and info.main:   # config.yaml keeps saying what the run does
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
@@ -241,6 +288,47 @@ def train_command(recipe: str | None, overrides: list[str], out: str | None = No
     atomic_write_json(run_dir / "report.json", report)
     print(f"\nrun saved in {run_dir}/ (final checkpoint: {final})")
     return 0
+
+
+def _check_saved_config(run_dir: Path, resume: str) -> None:
+    """A run's config.yaml must still be a mapping of settings (an empty or damaged one would
+    silently resume with the defaults)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"--resume {resume}: {path} is damaged ({type(e).__name__}); restore it to resume") from None
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"--resume {resume}: {path} is damaged (not a mapping of settings); restore it to resume")
+
+
+def _read_run_json(run_dir: Path, resume: str) -> dict:
+    """run.json (which teacher and student the run started from), or {} when there is none."""
+    path = run_dir / "run.json"
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"--resume {resume}: {path} is damaged ({type(e).__name__}); it should name the run's "
+                        f'teacher and student, e.g. {{"teacher": "DIR", "student": "DIR"}}') from None
+    if not isinstance(meta, dict):
+        raise UserError(f"--resume {resume}: {path} is damaged (not a JSON object)")
+    return meta
+
+
+def _check_resume_steps(cfg: TrainConfig, run_dir: Path, resume: str) -> None:
+    """steps may grow on resume, or shrink down to the steps already done; below that the run's
+    checkpoints and metrics would say more than its config.yaml."""
+    from atod_edge.train.checkpoint import CHECKPOINT_RE
+
+    done = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("step_*") if (m := CHECKPOINT_RE.match(p.name))]
+    if done and cfg.steps < max(done):
+        raise UserError(f"--resume {resume}: steps={cfg.steps} is fewer than the {max(done)} steps this run has "
+                        f"already done (checkpoint step_{max(done):06d}); give steps >= {max(done)}, or start a "
+                        "new run")
 
 
 def _resume_changes(saved: TrainConfig, cfg: TrainConfig, run_dir: str) -> list[str]:

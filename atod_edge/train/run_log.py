@@ -43,9 +43,10 @@ def truncate_metrics(path: Path, done_steps: int) -> None:
 
 
 def sync(device: str) -> None:
-    # Phase timings need the GPU's queue drained; once per phase, never inside the loops.
+    # Phase timings need the GPU's queue drained; once per phase, never inside the loops. This
+    # rank's GPU, named: a bare synchronize() would touch the current device (GPU 0 if unset)
     if device.startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
 
 
 def peak_memory(device: str) -> dict[str, float]:
@@ -58,14 +59,17 @@ def peak_memory(device: str) -> dict[str, float]:
 
 
 def episode_metrics(episodes: list[Episode], info: DistInfo, device) -> dict[str, float]:
-    """Rollout means over every rank's episodes: success, reward, score, turns, invalid rate."""
+    """Rollout means over every rank's episodes: success, reward, score, turns, invalid rate and
+    truncated rate (turns cut at max_new_tokens)."""
     sums = torch.tensor([len(episodes), sum(ep.success for ep in episodes), sum(ep.reward for ep in episodes),
                          sum(ep.score for ep in episodes), sum(ep.num_turns for ep in episodes),
-                         sum(ep.num_invalid for ep in episodes)], dtype=torch.float64, device=device)
-    n, success, reward, score, turns, invalid = all_reduce_sum(sums, info).tolist()
+                         sum(ep.num_invalid for ep in episodes), sum(ep.num_truncated for ep in episodes)],
+                        dtype=torch.float64, device=device)
+    n, success, reward, score, turns, invalid, truncated = all_reduce_sum(sums, info).tolist()
     episodes_total, n = int(n), max(n, 1.0)
     return {"episodes": episodes_total, "success": success / n, "reward": reward / n, "score": score / n,
-            "episode_len": turns / n, "invalid_rate": invalid / max(1.0, turns)}
+            "episode_len": turns / n, "invalid_rate": invalid / max(1.0, turns),
+            "truncated_rate": truncated / max(1.0, turns)}
 
 
 def step_row(step: int, episodes: list[Episode], stats: dict, lr: float, timings: dict[str, float],
@@ -81,7 +85,6 @@ def step_row(step: int, episodes: list[Episode], stats: dict, lr: float, timings
         **peak_memory(device),
         **timings,
         "generated_tokens": sum(len(t.response_ids or []) for ep in episodes for t in ep.turns),
-        "truncated_rate": sum(ep.num_truncated for ep in episodes) / max(1, sum(ep.num_turns for ep in episodes)),
         "prompt_tokens": sum(len(t.prompt_ids or []) for ep in episodes for t in ep.turns),
     }
 
@@ -112,12 +115,15 @@ def tensorboard(run_dir: Path):
 
 
 def print_progress(done: int, total: int, first: int, row: dict, started: float) -> None:
-    """The training progress line on stderr, rewritten in place (a newline after the last step)."""
+    """The training progress line on stderr, rewritten in place (a newline after the last step).
+    The share of turns cut at max_new_tokens shows when there are any (e.g. a reasoning model
+    thinking past the limit: no action)."""
     elapsed = time.perf_counter() - started
     per_step = elapsed / max(1, done - first)
     eta = per_step * (total - done)
+    truncated = f"truncated {row['truncated_rate']:.1%} | " if row.get("truncated_rate", 0) > 0 else ""
     print(f"\rstep {done}/{total} | success {row['success']:.2f} | reward {row['reward']:.2f} | "
-          f"kappa {row['kappa']:.2f} rho {row['rho']:.2f} | w {row['mean_turn_weight']:.2f} | "
+          f"kappa {row['kappa']:.2f} rho {row['rho']:.2f} | w {row['mean_turn_weight']:.2f} | {truncated}"
           f"{row.get('episodes', 0) / max(row['time_rollout'], 1e-9):.1f} episodes/s | "
           f"{per_step:.1f}s/step | ETA {format_duration(eta)}   ", end="" if done < total else "\n",
           file=sys.stderr, flush=True)

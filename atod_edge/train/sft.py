@@ -38,7 +38,8 @@ import torch
 
 from atod_edge.config import dump_yaml, load_config
 from atod_edge.errors import UserError
-from atod_edge.io import append_line, atomic_path, atomic_write_json, atomic_write_text
+from atod_edge.io import (DiskFullError, append_line, atomic_path, atomic_write_json, atomic_write_text,
+                          check_output, disk_full_error, output_kind, run_lock)
 from atod_edge.train.checkpoint import latest_checkpoint, save_checkpoint
 from atod_edge.train.config import LR_SCHEDULES, SFTConfig
 from atod_edge.train.demos import build_examples, dagger_episodes, demo_episodes
@@ -72,31 +73,64 @@ def work_dir(out: str | Path) -> Path:
     return out.with_name(out.name + ".work")
 
 
-def train_sft(cfg: SFTConfig, log=print, resume: bool = False) -> Path:
+def train_sft(cfg: SFTConfig, log=print, resume: bool = False, force: bool = False) -> Path:
     """Fine-tune cfg.model on demonstrations and save it (HF layout) to cfg.out, atomically.
 
-    resume=True continues from the newest checkpoint in `<out>.work/checkpoints` (from the
+    resume=True continues from the newest intact checkpoint in `<out>.work/checkpoints` (from the
     start when there is none). Without it, a leftover checkpoint of an interrupted run is an error.
+    cfg.out must be new, empty or an earlier model (io.check_output; force: a foreign directory is
+    replaced too), checked before any work; the work dir is locked for the run (io.run_lock).
     """
+    out, work = Path(cfg.out), work_dir(cfg.out)
+    check_sft_outputs(out, work, force)
+    with run_lock(work):
+        try:
+            return _train_sft(cfg, log, resume, force)
+        except DiskFullError as e:
+            raise DiskFullError(f"{e}; free space, then continue with `atod-edge sft --resume {out}`") from None
+        except Exception as e:
+            full = disk_full_error(e, work)
+            if full is None:
+                raise
+            raise DiskFullError(f"{full}; free space, then continue with `atod-edge sft --resume {out}`") from None
+
+
+def check_sft_outputs(out: Path, work: Path, force: bool = False) -> None:
+    """The output rule for an sft run: `out` new, empty or an earlier model (force: or a foreign
+    directory), and its work dir `<out>.work` new, empty or an earlier sft run's."""
+    check_output(out, "model", force=force)
+    if work.exists() and not work.is_dir():
+        raise UserError(f"{work} is a file, but sft keeps the records of --out {out} in a directory there: "
+                        "move the file, or give another --out")
+    found = output_kind(work) if work.is_dir() else "empty"
+    if found not in ("empty", "sft-work") and not (force and found is None):
+        held = "is a non-empty directory" if found is None else "holds another kind of output"
+        raise UserError(f"{work} (where sft keeps the records of --out {out}) {held}; refusing to overwrite "
+                        f"it: give another --out{', or add --force' if found is None else ''}")
+
+
+def _train_sft(cfg: SFTConfig, log, resume: bool, force: bool) -> Path:
     from atod_edge.envs import env_class
     from atod_edge.models.loading import load_model
     from atod_edge.engine.precision import torch_device
 
     torch_device(cfg.device)  # a one-line error for a bad device name
     out, work = Path(cfg.out), work_dir(cfg.out)
-    found = latest_checkpoint(work)
+    found = latest_checkpoint(work, log=log)   # the newest intact one
     if found and not resume:
         raise UserError(f"{work} holds the checkpoint of an interrupted sft run (step {found[0]}): continue it "
                         f"with `atod-edge sft --resume {out}`, or remove {work} to start over")
     done_steps, start = found if (resume and found) else (0, cfg.model)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(start, device=cfg.device)
+    # fp32 master weights whatever the checkpoint's dtype (as in RL training, precision.py): a bf16
+    # checkpoint loaded as bf16 would train bf16 weights on CUDA; compute is bf16 autocast there
+    model, tokenizer = load_model(start, device=cfg.device, dtype=torch.float32)
     model.train()
     instructions = env_class(cfg.env).instructions
     # a resumed run's model is a checkpoint, not the start model: dagger_episodes reads its demos back
     start_model = (model, tokenizer) if not done_steps else (None, None)
     episodes = demo_episodes(cfg, lambda tasks: dagger_episodes(cfg, tasks, work, *start_model, log=log))
-    examples = build_examples(episodes, tokenizer, instructions, cfg.history_turns)
+    examples = build_examples(episodes, tokenizer, instructions, cfg.history_turns, cfg.chat_template_kwargs)
     if not examples:
         raise UserError("the demonstrations hold no valid turns to train on")
     data = {"demos": len(episodes), "successful": sum(e.success for e in episodes), "examples": len(examples),
@@ -181,7 +215,8 @@ def train_sft(cfg: SFTConfig, log=print, resume: bool = False) -> Path:
               f"`atod-edge sft --resume {out}`", file=sys.stderr)
         raise
     model.eval()
-    with atomic_path(out) as tmp:
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with atomic_path(out, kind=None if force else "model", need_bytes=weight_bytes) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     # the checkpoints only served resuming; the final model replaces them
@@ -214,7 +249,8 @@ def _evaluate(model, tokenizer, cfg: SFTConfig, episodes: int, metrics: Path, st
     model.eval()
     policy = TorchPolicy(model, tokenizer, name=str(cfg.out))
     summary, eval_episodes = evaluate(policy, EvalConfig(env=cfg.env, episodes=episodes, seed=cfg.seed,
-                                                         history_turns=cfg.history_turns, device=cfg.device))
+                                                         history_turns=cfg.history_turns, device=cfg.device,
+                                                         chat_template_kwargs=cfg.chat_template_kwargs))
     model.train()
     append_line(metrics, json_line({"step": step - 1, "eval_success": summary["success"],
                                     "eval_score": summary["score"], "eval_turns": summary["turns"],
@@ -279,7 +315,7 @@ def resolve_resume(path: str) -> tuple[Path, Path]:
     raise UserError(f"--resume {path}: not an sft run (no {work_dir(given)}/config.yaml)")
 
 
-def sft_command(recipe: str | None, overrides: list[str], resume: str | None = None) -> int:
+def sft_command(recipe: str | None, overrides: list[str], resume: str | None = None, force: bool = False) -> int:
     if resume:
         if recipe:
             raise UserError("--resume continues a run with its own config: give no recipe")
@@ -290,7 +326,7 @@ def sft_command(recipe: str | None, overrides: list[str], resume: str | None = N
                             f"`atod-edge eval --model {out}`")
     else:
         cfg = load_config(SFTConfig, recipe, overrides)
-    train_sft(cfg, resume=bool(resume))
+    train_sft(cfg, resume=bool(resume), force=force)
     return 0
 
 

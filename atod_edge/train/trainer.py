@@ -44,8 +44,8 @@ from atod_edge.io import append_line, atomic_write_text, read_jsonl
 from atod_edge.train.batch import build_batch
 from atod_edge.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from atod_edge.train.config import TrainConfig
-from atod_edge.train.distributed import (DistInfo, barrier, gather_full_weights, init_distributed, optimizer_state,
-                                         shard_fsdp)
+from atod_edge.train.distributed import (DistInfo, barrier, gather_full_weights, gather_to_main, init_distributed,
+                                         optimizer_state, rank_device, shard_fsdp)
 from atod_edge.train.lora import ADAPTER_DIR, add_adapters, load_adapter, require_peft
 from atod_edge.train.precision import compute_precision, recomputes_old_logprobs
 from atod_edge.train.run_log import (json_line, print_progress, step_row, sync, tensorboard, truncate_metrics,
@@ -70,10 +70,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     where = placement(cfg)
     info, device, fsdp = where.info, where.device, where.fsdp
     torch.manual_seed(cfg.seed)
-    found = latest_checkpoint(run_dir) if resume else None
+    found = latest_checkpoint(run_dir, log=log) if resume else None   # the newest intact one
     done_steps, checkpoint = found or (0, None)
     student = make_student(cfg, student_src, checkpoint, where)
-    teacher = make_teacher(cfg, teacher_src, student.tokenizer, device)
+    teacher = make_teacher(cfg, teacher_src, student.tokenizer, where.teacher_device)
     pad_id = student.tokenizer.pad_token_id or 0
     optimizer, scheduler = make_optimizer(cfg, student.model)
     if done_steps:
@@ -96,7 +96,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
         episodes = run_episodes(policy, env_cls, step_tasks[info.rank::info.world], group_size=cfg.group_size,
                                 sampling=sampling, seed=cfg.seed * 100_003 + step * info.world + info.rank,
                                 history_turns=cfg.history_turns, max_turns=cfg.max_turns or None, step=step,
-                                timings=rollout_timings)
+                                timings=rollout_timings, chat_template_kwargs=cfg.chat_template_kwargs)
         # score with the teacher: lp_T of every response token
         t1 = time.perf_counter()
         if teacher is not None:
@@ -113,7 +113,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
         t_old = time.perf_counter()
         batch = build_batch(episodes, cfg, step, progress=adaptive.p if adaptive else None)
         correct_for_rollout(batch, rollout_lp, cfg)
-        update_stats = update(student.model, optimizer, batch, cfg, info, pad_id, fsdp=fsdp)
+        update_stats = update(student.model, optimizer, batch, cfg, info, pad_id, fsdp=fsdp,
+                              grad_terms=bool(cfg.grad_norm_every) and step % cfg.grad_norm_every == 0)
         if fsdp:
             gather_full_weights(student.model, student.full)
         lr = scheduler.get_last_lr()[0]   # the rate this step used (step() moves to the next one)
@@ -132,8 +133,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
         # rows of every step before N are on disk (resume drops the rows after it).
         if info.main:
             write_step_records(run_dir, row, episodes, cfg.sample_episodes, tb)
-        if info.main and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and cfg.eval_episodes:
-            evaluate_now(policy, cfg, metrics_path, step)
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and cfg.eval_episodes:
+            evaluate_now(policy, cfg, metrics_path, step, info)   # every rank plays its share
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             checkpoint_now(run_dir, done, student, optimizer, scheduler, cfg, where)
         barrier(info)
@@ -154,6 +155,7 @@ class Placement:
 
     info: DistInfo       # this rank under torchrun (rank 0 of 1 without)
     device: str          # the student's device; under torchrun with CUDA, this rank's GPU
+    teacher_device: str  # the teacher's (teacher_device, or the student's); "cuda" is this rank's GPU too
     fsdp: bool           # the student is sharded for the update (distributed=fsdp under torchrun)
     precision: str       # bf16 or fp32 compute (precision.py)
     recompute: bool      # lp_S is recomputed by the update's forward before the update (precision.py)
@@ -170,11 +172,12 @@ def placement(cfg: TrainConfig) -> Placement:
     if cfg.tasks_per_step < info.world:
         raise UserError(f"tasks_per_step={cfg.tasks_per_step} gives some of the {info.world} ranks no task; "
                         f"use at least {info.world}")
-    device = cfg.device
-    if device.startswith("cuda") and info.world > 1:
-        device = f"cuda:{info.local_rank}"  # torchrun's LOCAL_RANK: right on several machines too
+    device = rank_device(cfg.device, info)  # torchrun's LOCAL_RANK: right on several machines too
+    # a bare "cuda" teacher sits on the rank's GPU; an explicit index (cuda:1) is taken as given
+    teacher_device = rank_device(cfg.teacher_device, info) if cfg.teacher_device == "cuda" else cfg.teacher_device
     precision = compute_precision(cfg.precision, device)
-    return Placement(info=info, device=device, fsdp=cfg.distributed == "fsdp" and info.world > 1,
+    return Placement(info=info, device=device, teacher_device=teacher_device or device,
+                     fsdp=cfg.distributed == "fsdp" and info.world > 1,
                      precision=precision, recompute=recomputes_old_logprobs(cfg.recompute_old_logprobs, precision))
 
 
@@ -202,7 +205,8 @@ def make_student(cfg: TrainConfig, student_src: str, checkpoint: Path | None, wh
     # fp32 master weights whatever the checkpoint's dtype: bf16 weights would round lr-1e-6 steps away
     model, tokenizer = load_model(start_path, device=where.device, dtype=torch.float32)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant (transformers defaults to reentrant): FSDP2 and DDP need it
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adapter = None
     if cfg.lora.rank:
         lora = cfg.lora
@@ -224,14 +228,15 @@ def make_student(cfg: TrainConfig, student_src: str, checkpoint: Path | None, wh
 
 
 def make_teacher(cfg: TrainConfig, teacher_src: str | None, student_tokenizer, device: str):
-    """The frozen teacher (a torch model or a .gguf in llama.cpp), or None for algo grpo."""
+    """The frozen teacher (a torch model or a .gguf in llama.cpp) on `device` (Placement's
+    teacher_device), or None for algo grpo."""
     from atod_edge.scoring.teacher import load_teacher
 
     if cfg.algo == "grpo":
         return None
     if not teacher_src:
         raise UserError(f"algo {cfg.algo} needs a teacher (set teacher=DIR or a preset)")
-    return load_teacher(teacher_src, device=cfg.teacher_device or device, student_tokenizer=student_tokenizer)
+    return load_teacher(teacher_src, device=device, student_tokenizer=student_tokenizer)
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
@@ -265,16 +270,29 @@ def adaptive_progress(cfg: TrainConfig, metrics_path: Path, done_steps: int) -> 
 
 # --- the step's evaluation and checkpoint ----------------------------------------------------
 
-def evaluate_now(policy, cfg: TrainConfig, metrics_path: Path, step: int) -> None:
-    """A periodic evaluation (eval split, eval_temperature) of the student, appended to metrics."""
-    from atod_edge.evaluate.evaluate import EvalConfig, evaluate
+def evaluate_now(policy, cfg: TrainConfig, metrics_path: Path, step: int, info: DistInfo = DistInfo()) -> None:
+    """A periodic evaluation (eval split, eval_temperature) of the student, appended to metrics by
+    rank 0. Every rank calls it and plays its share: the task list's batches of
+    eval_batch_episodes go round the ranks, each played with the seed it has in one process, and
+    rank 0 gathers them in task order, so the row is the one-process row. The ranks wait for one
+    another in the long-wait gloo group (distributed.wait_group), not in NCCL's 10-minute watchdog."""
+    from atod_edge.evaluate.evaluate import EvalConfig, evaluate, summarize
 
     started = time.perf_counter()
-    summary, eval_episodes = evaluate(policy, EvalConfig(env=cfg.env, episodes=cfg.eval_episodes,
-                                                         temperature=cfg.eval_temperature, seed=cfg.seed,
-                                                         history_turns=cfg.history_turns,
-                                                         max_new_tokens=cfg.max_new_tokens,
-                                                         max_turns=cfg.max_turns))
+    size = cfg.eval_batch_episodes
+    mine = []
+    for start in range(info.rank * size, cfg.eval_episodes, info.world * size):
+        part = EvalConfig(env=cfg.env, episodes=min(size, cfg.eval_episodes - start), start=start,
+                          temperature=cfg.eval_temperature, seed=cfg.seed + start, history_turns=cfg.history_turns,
+                          max_new_tokens=cfg.max_new_tokens, max_turns=cfg.max_turns, batch_episodes=size,
+                          chat_template_kwargs=cfg.chat_template_kwargs)
+        mine.append((start, evaluate(policy, part)[1]))
+    gathered = gather_to_main(mine, info)
+    if not info.main:
+        return
+    eval_episodes = [ep for _, part in sorted((p for parts in gathered for p in parts), key=lambda p: p[0])
+                     for ep in part]
+    summary = summarize(eval_episodes)
     # eval_outcomes: success per task, in task order (the same tasks every run: paired curves)
     append_line(metrics_path, json_line({"step": step, "eval_success": summary["success"],
                                          "eval_score": summary["score"], "eval_turns": summary["turns"],

@@ -20,12 +20,13 @@ from atod_edge.train.precision import compute_precision, truncated_is_weights
 
 
 def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistInfo, pad_id: int,
-           fsdp: bool = False) -> dict:
+           fsdp: bool = False, grad_terms: bool = False) -> dict:
     """ppo_epochs passes of the clipped surrogate over the batch in micro-batches, then one
     optimizer step per pass. Losses stay on the device until the end (no host sync per
     micro-batch). Under torchrun the returned stats cover every rank's tokens. fsdp: `student`
     is sharded with FSDP2, which reduces the gradients itself. cfg.prefix_reuse: each micro-batch
-    encodes the prompt prefixes its turns share once (see turn_logprobs)."""
+    encodes the prompt prefixes its turns share once (see turn_logprobs). grad_terms: first the
+    norm of each advantage term's gradient and their cosine (term_gradient_norms)."""
     from atod_edge.scoring.logprobs import response_logprobs
 
     device = next(student.parameters()).device
@@ -53,6 +54,8 @@ def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistIn
         micro_batches = all_reduce_max(micro_batches, info, device)
     # each micro-batch's token positions, copied to the device once (not one blocking copy each)
     token_index = micro_batch_token_index(batch, order, cfg.micro_batch, device)
+    terms = term_gradient_norms(student, batch, cfg, info, pad_id, fsdp) if grad_terms else {}
+    first_norm = None
     for epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         for m in range(0, micro_batches * cfg.micro_batch, cfg.micro_batch):
@@ -88,12 +91,15 @@ def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistIn
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm or float("inf"))
         if hasattr(grad_norm, "full_tensor"):   # fsdp: a DTensor
             grad_norm = grad_norm.full_tensor()
+        first_norm = grad_norm if first_norm is None else first_norm
         optimizer.step()
     student.eval()
     sums = all_reduce_sum(sums, info).cpu()
     mismatch_max = all_reduce_max_tensor(mismatch_max, info).cpu()
     counted = max(1.0, float(total_tokens) * cfg.ppo_epochs)
-    return {"loss": float(sums[0]) / cfg.ppo_epochs, "grad_norm": float(grad_norm),
+    if terms:
+        terms.update(term_cosine(terms, float(first_norm)))
+    return {**terms, "loss": float(sums[0]) / cfg.ppo_epochs, "grad_norm": float(grad_norm),
             "mean_ratio": float(sums[1]) / counted, "clip_fraction": float(sums[2]) / counted,
             "tokens": int(total_tokens),
             "rollout_mismatch_mean": float(sums[3]) / max(1.0, float(total_tokens)),
@@ -121,6 +127,95 @@ def turn_logprobs(student, prompts, responses, pad_id: int, reuse: bool, fsdp: b
                                         precision=precision)
     return response_logprobs(student, prompts, responses, pad_id=pad_id, micro_batch=len(prompts), whole_model=fsdp,
                              precision=precision)
+
+
+# --- the gradient of each advantage term (metrics every grad_norm_every steps) -------------------
+
+def term_gradient_norms(student, batch: TokenBatch, cfg: TrainConfig, info: DistInfo, pad_id: int,
+                        fsdp: bool = False) -> dict[str, float]:
+    """grad_norm_opd and grad_norm_grpo: the norms of the update's gradient with kappa*A^OPD alone,
+    then rho*A^GRPO alone as the advantages (batch.opd_term, batch.grpo_term), at the current
+    weights: two extra forward/backward passes with the update's loss, micro-batches and
+    reduction over ranks, before clipping; no optimizer step, and the gradients are zeroed after
+    each. A term whose coefficient is 0 has norm 0 (no pass)."""
+    parameters = [p for p in student.parameters() if p.requires_grad]
+    norms = {}
+    for key, term in (("grad_norm_opd", batch.opd_term), ("grad_norm_grpo", batch.grpo_term)):
+        norm = 0.0
+        if term is not None:
+            backward_with(student, batch, term, cfg, info, pad_id, fsdp)
+            norm = float(gradient_norm(parameters))
+            for p in parameters:
+                p.grad = None
+        norms[key] = norm
+    return norms
+
+
+def term_cosine(terms: dict[str, float], combined_norm: float) -> dict[str, float]:
+    """grad_cos_opd_grpo, the cosine between the two terms' gradients a and b, from their norms and
+    the norm of the update's first-epoch gradient g: the surrogate is linear in the advantages
+    while every ratio stays inside the clip range, as in the first epoch (ratio 1 up to the
+    rollout's numerics), so g = a + b and |g|^2 = |a|^2 + |b|^2 + 2 a.b (no copy of a gradient
+    kept). Empty when a term's gradient is 0 (the cosine is undefined)."""
+    a, b = terms["grad_norm_opd"], terms["grad_norm_grpo"]
+    if not (a > 0 and b > 0 and math.isfinite(combined_norm)):
+        return {}
+    cosine = (combined_norm ** 2 - a ** 2 - b ** 2) / (2 * a * b)
+    return {"grad_cos_opd_grpo": max(-1.0, min(1.0, cosine))}
+
+
+def backward_with(student, batch: TokenBatch, advantages: torch.Tensor, cfg: TrainConfig, info: DistInfo,
+                  pad_id: int, fsdp: bool = False) -> None:
+    """One pass of the update's loss over the batch with these per-token `advantages`, gradients
+    accumulated into .grad and (ddp) summed over ranks; no optimizer step. The update's
+    micro-batches, order, loss weights and token count; under fsdp every rank runs as many
+    micro-batches as the busiest one."""
+    from atod_edge.scoring.logprobs import response_logprobs
+
+    device = next(student.parameters()).device
+    precision = compute_precision(cfg.precision, str(device))
+    total_tokens = all_reduce_sum(torch.tensor(float(len(batch.old_logprobs)), device=device), info)
+    old = batch.old_logprobs.to(device)
+    adv = advantages.to(device)
+    weights = batch.loss_weights.to(device) if batch.loss_weights is not None else torch.ones_like(old)
+    reuse = reuses_prefixes(student, cfg, fsdp)
+    key = (lambda k: batch.prompts[k] + batch.responses[k]) if reuse else \
+        (lambda k: len(batch.prompts[k]) + len(batch.responses[k]))
+    order = sorted(range(len(batch.prompts)), key=key)   # the update's order
+    micro_batches = math.ceil(len(order) / cfg.micro_batch)
+    if fsdp:
+        micro_batches = all_reduce_max(micro_batches, info, device)
+    token_index = micro_batch_token_index(batch, order, cfg.micro_batch, device)
+    was_training = student.training
+    student.train()
+    for m in range(0, micro_batches * cfg.micro_batch, cfg.micro_batch):
+        turns = order[m:m + cfg.micro_batch]
+        if not turns:   # fsdp only: a zero-loss micro-batch to match the other ranks
+            new = torch.cat(response_logprobs(student, [[pad_id]], [[pad_id]], pad_id=pad_id, whole_model=True,
+                                              precision=precision))
+            (new.sum() * 0.0).backward()
+            continue
+        new = torch.cat(turn_logprobs(student, [batch.prompts[k] for k in turns],
+                                      [batch.responses[k] for k in turns], pad_id, reuse, fsdp, precision))
+        index = token_index[m // cfg.micro_batch]
+        loss, _ = clipped_surrogate(new, old[index], adv[index], weights[index], eps_clip=cfg.eps_clip,
+                                    num_tokens=total_tokens, with_stats=False)
+        loss.backward()
+    if info.world > 1 and not fsdp:
+        for p in (p for p in student.parameters() if p.requires_grad):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            all_reduce_sum(p.grad, info)
+    student.train(was_training)
+
+
+def gradient_norm(parameters) -> torch.Tensor:
+    """The L2 norm of the parameters' gradients (over every rank's shard under fsdp), unclipped."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 # --- old log-probs and truncated turns (the numerics are in precision.py) ---------------------

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from atod_edge.errors import UserError
+from atod_edge.io import parse_json_line
 
 CURVES: list[tuple[str, str]] = [
     ("success", "success"),
@@ -74,16 +75,12 @@ class MetricsLog:
         for raw in lines:
             if not raw.strip():
                 continue
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = parse_json_line(raw)   # None: corrupt, not an object, too deep or too long
+            if obj is None:
                 self.skipped += 1
-                continue
-            if isinstance(obj, dict):
+            else:
                 self.rows.append(obj)
                 added += 1
-            else:
-                self.skipped += 1
         return added
 
     def series(self, key: str) -> list[tuple[int, float]]:
@@ -155,7 +152,7 @@ class RunDir:
         """report.json once the run has finished; None while it runs or if it is unreadable."""
         try:
             data = json.loads((self.path / "report.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
         return data if isinstance(data, dict) else None
 

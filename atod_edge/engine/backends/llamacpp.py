@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from atod_edge.errors import UserError
+from atod_edge.engine.context import check_fits
 from atod_edge.engine.policy import Generation, Policy
 from atod_edge.engine.sampling import SamplingParams, StopChecker, sample_next
 
@@ -59,6 +60,7 @@ class LlamaCppPolicy(Policy):
         self.logits_all = logits_all
         self.prefix_cache = prefix_cache
         self.n_vocab = llm.n_vocab()
+        self.context_length = llm.n_ctx()
 
     @classmethod
     def load(cls, path: str, n_threads: int | None = None, n_ctx: int | None = None,
@@ -69,12 +71,13 @@ class LlamaCppPolicy(Policy):
             import llama_cpp
         except ImportError:
             raise UserError("running .gguf models needs llama-cpp-python (pip install 'atod-edge[export]')") from None
-        from transformers import AutoTokenizer
+        from atod_edge.models.loading import load_tokenizer_dir
 
         file = Path(path)
         if not file.is_file():
             raise UserError(f"no GGUF file at {file}")
-        tokenizer = AutoTokenizer.from_pretrained(find_tokenizer_dir(file))
+        folder = find_tokenizer_dir(file)
+        tokenizer = load_tokenizer_dir(folder, f"the tokenizer beside {file}")
         cache_type = GGML_TYPE_F32 if f32_cache else None
         kwargs = dict(type_k=cache_type, type_v=cache_type) if f32_cache else {}
         n_ctx = int(n_ctx or min(trained_context(file), 4096))
@@ -120,14 +123,11 @@ class LlamaCppPolicy(Policy):
 
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
         checker = StopChecker(self.tokenizer, sampling)
-        n_ctx = self.llm.n_ctx()
+        if any(len(prompt) == 0 for prompt in prompts):
+            raise UserError("empty prompt given to the policy")
+        check_fits(prompts, sampling.max_new_tokens, self.llm.n_ctx(), "llama.cpp", "load with a larger n_ctx")
         results = []
         for prompt in prompts:
-            if len(prompt) == 0:
-                raise UserError("empty prompt given to the policy")
-            if len(prompt) + sampling.max_new_tokens > n_ctx:
-                raise UserError(f"prompt of {len(prompt)} tokens + {sampling.max_new_tokens} new "
-                                f"exceeds the llama.cpp context ({n_ctx}); load with a larger n_ctx")
             self._feed_prompt(prompt)
             tokens: list[int] = []
             logprobs: list[float] = []

@@ -18,6 +18,7 @@ import numpy as np
 
 from atod_edge.errors import UserError
 from atod_edge.engine.policy import Generation, Policy
+from atod_edge.engine.context import check_fits, model_context
 from atod_edge.engine.sampling import SamplingParams, StopChecker, left_pad, sample_next
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
@@ -40,8 +41,9 @@ def providers_for(device: str) -> list[str]:
 
 
 class OrtPolicy(Policy):
-    def __init__(self, session, tokenizer, name: str = "onnxruntime"):
+    def __init__(self, session, tokenizer, name: str = "onnxruntime", context_length: int | None = None):
         self.session = session
+        self.context_length = context_length   # from the config.json beside the file (load)
         self.tokenizer = tokenizer
         self.name = name
         self.providers = list(session.get_providers())   # what the session really got
@@ -63,7 +65,7 @@ class OrtPolicy(Policy):
             import onnxruntime as ort
         except ImportError:
             raise UserError("running .onnx models needs onnxruntime (pip install 'atod-edge[export]')") from None
-        from transformers import AutoTokenizer
+        from atod_edge.models.loading import load_tokenizer_dir
 
         file = onnx_file(path)
         options = ort.SessionOptions()
@@ -76,11 +78,20 @@ class OrtPolicy(Policy):
             raise UserError(f"cannot load ONNX model {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         finally:
             ort.set_default_logger_severity(3)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(file.parent)
-        except (OSError, ValueError) as e:
-            raise UserError(f"no tokenizer beside {file} ({e})") from None
-        return cls(session, tokenizer, name=str(path))
+        tokenizer = load_tokenizer_dir(file.parent, f"the tokenizer beside {file}")
+        policy = cls(session, tokenizer, name=str(path), context_length=_config_context(file.parent))
+        vocab = policy.logits_width()
+        if vocab is not None and len(tokenizer) > vocab:
+            raise UserError(f"{file}: the model's vocabulary ({vocab}) is smaller than the tokenizer beside "
+                            f"it ({len(tokenizer)}): they do not belong together")
+        return policy
+
+    def logits_width(self) -> int | None:
+        """The vocabulary size of the graph's logits output, where the graph fixes it."""
+        for output in self.session.get_outputs():
+            if output.name == "logits" and len(output.shape) == 3 and isinstance(output.shape[2], int):
+                return output.shape[2]
+        return None
 
     # -- one forward ---------------------------------------------------------------------------
     def _empty_past(self, batch: int) -> list[np.ndarray]:
@@ -111,6 +122,7 @@ class OrtPolicy(Policy):
 
         if not prompts:
             return []
+        check_fits(prompts, sampling.max_new_tokens, self.context_length, "ONNX model")
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
         checker = StopChecker(self.tokenizer, sampling)
         input_ids, attention, positions = left_pad(prompts, self.pad_id)
@@ -146,3 +158,13 @@ class OrtPolicy(Policy):
             step_input = next_ids[:, None]
         return [Generation(outputs[i], logprobs[i], checker.text(outputs[i]), finish[i] or "length")
                 for i in range(len(prompts))]
+
+
+def _config_context(directory: Path) -> int | None:
+    """The context length in the config.json beside an exported .onnx file (None if unreadable)."""
+    import json
+
+    try:
+        return model_context(json.loads((directory / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return None
