@@ -288,8 +288,11 @@ def ensure_smollm2_cut(out: Path, log) -> str | None:
 def export_gguf(model_src: str, out: Path, log) -> Path | None:
     from atod_edge.export.pipeline import export_model
 
+    from atod_edge.models.presets import resolve_model
+
     gguf = out / "agent.f16.gguf"
-    if not gguf.is_file():
+    weights = [f.stat().st_mtime for f in Path(resolve_model(model_src)).glob("*.safetensors")]
+    if not gguf.is_file() or max(weights, default=0) > gguf.stat().st_mtime:   # missing or stale
         log(f"exporting {model_src} to {gguf}")
         export_model(model_src, out, onnx=False, gguf_quants=["f16"], verify=False)
     return gguf if gguf.is_file() else None

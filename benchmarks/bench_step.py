@@ -15,6 +15,17 @@ episodes, since a process's freed memory stays mapped and would hide the second 
 batches. Writes benchmarks/results/step.json (top-level "speedup": total step time old / new,
 "sft_speedup": SFT step time old / new).
 
+MFU: each phase's achieved FLOP/s against the matmul peak measured in the same run
+(benchmarks/machine_bounds.py: torch.matmul of the student's and teacher's shapes and a large
+square, float32 on CPU where the phases run in fp32, bfloat16 on CUDA). FLOPs are counted, not
+measured: 2 per weight per token a forward runs on (the LM head only at the positions whose
+log-probs or next token are needed), plus attention's 4 x layers x heads x head_dim per (query,
+key) pair; the update is 3x its forward (forward + backward; the log-prob chunks' recomputation in
+backward not counted). Tokens per path as above: the per-turn path runs every turn's prompt and
+response, the prefix-tree path its trees' tokens (each at its own position, so its attention
+pairs are exact). The rollout's prefill is an estimate: each generate call's distinct prompts
+less the prefix store's hit share.
+
 Models: the recipe's own teacher (the default recipe's is the zoo's household-teacher) and its
 cold-start student, made the way `atod-edge train` makes them (train/pipeline.ensure_model: cut
 from the teacher and SFT'd on the recipe's demos, cached), or `--student DIR`. The JSON names
@@ -96,15 +107,73 @@ def timed(device, fn):
 def tree_tokens(prompts, responses, micro_batch: int) -> int:
     """Tokens the prefix-reuse path runs the model on: its micro-batches' prefix trees (the last
     token of each sequence is only a target)."""
+    return tree_work(prompts, responses, micro_batch)[0]
+
+
+def tree_work(prompts, responses, micro_batch: int) -> tuple[int, int]:
+    """(tokens, attended (query, key) pairs) of the prefix-reuse path: a tree node's token at
+    position p attends to the p + 1 keys up to it."""
     from atod_edge.scoring.prefix_tree import prefix_tree
 
     sequences = [list(p) + list(r) for p, r in zip(prompts, responses) if r]
     order = sorted(range(len(sequences)), key=lambda i: sequences[i])
-    total = 0
+    total = pairs = 0
     for start in range(0, len(order), micro_batch):
         nodes, _ = prefix_tree([sequences[i][:-1] for i in order[start:start + micro_batch]])
         total += sum(n.end - n.start for n in nodes)
-    return total
+        pairs += sum((n.end * (n.end + 1) - n.start * (n.start + 1)) // 2 for n in nodes)
+    return total, pairs
+
+
+def turn_work(prompts, responses) -> tuple[int, int]:
+    """(tokens, attended pairs) of the per-turn path: every turn's prompt + response, causal."""
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    return sum(lengths), sum(n * (n + 1) // 2 for n in lengths)
+
+
+def rollout_work(episodes, hit_share: float) -> dict:
+    """Tokens the rollout engine runs the student on (an estimate): per generate call (turn
+    index k, every live episode), its distinct prompts less the prefix store's hit share, then
+    one decode forward per sampled token but the last of each turn; the LM head once per
+    sampled token."""
+    calls: dict[int, set] = {}
+    decode = decode_pairs = head = 0
+    for ep in episodes:
+        for k, t in enumerate(ep.turns):
+            if not t.response_ids:
+                continue
+            calls.setdefault(k, set()).add(tuple(t.prompt_ids))
+            n, r = len(t.prompt_ids), len(t.response_ids)
+            decode += r - 1
+            decode_pairs += sum(n + j + 1 for j in range(1, r))
+            head += r
+    prefill = sum(len(p) for prompts in calls.values() for p in prompts) * (1 - hit_share)
+    prefill_pairs = sum(len(p) ** 2 for prompts in calls.values() for p in prompts) * (1 - hit_share)
+    return {"prefill_tokens": prefill, "decode_tokens": decode, "head_positions": head,
+            "tokens": prefill + decode, "pairs": prefill_pairs + decode_pairs}
+
+
+def add_flops(row: dict, student, teacher, prompts, responses, episodes, hit_share: float, cfg) -> None:
+    """The FLOPs each phase ran (see the docstring), per path, into the step's row."""
+    from machine_bounds import forward_flops
+
+    response_tokens = sum(map(len, responses))
+    work = rollout_work(episodes, hit_share)
+    row["rollout"]["flops"] = forward_flops(student, work["tokens"], work["head_positions"], work["pairs"])
+    row["rollout"]["work"] = {**work, "prefix_hit_share": hit_share}
+    paths = {"old": turn_work(prompts, responses), "new": tree_work(prompts, responses, cfg.micro_batch)}
+    for name, (tokens, pairs) in paths.items():
+        row["teacher"][name]["flops"] = forward_flops(teacher, tokens, response_tokens, pairs)
+
+
+def add_update_flops(row: dict, student, batch, cfg) -> None:
+    from machine_bounds import forward_flops
+
+    response_tokens = sum(map(len, batch.responses))
+    paths = {"old": turn_work(batch.prompts, batch.responses),
+             "new": tree_work(batch.prompts, batch.responses, cfg.micro_batch)}
+    for name, (tokens, pairs) in paths.items():
+        row["update"][name]["flops"] = 3 * cfg.ppo_epochs * forward_flops(student, tokens, response_tokens, pairs)
 
 
 def models(cfg, log):
@@ -122,7 +191,7 @@ def models(cfg, log):
                               f"{b.student_episodes} {b.student_demos} demos, {student})")
 
 
-def bench_train(args, cfg, teacher_src, student_src, device, log) -> dict:
+def bench_train(args, cfg, teacher_src, student_src, device, log, matmul_peak: dict) -> dict:
     import dataclasses
 
     import torch
@@ -161,6 +230,8 @@ def bench_train(args, cfg, teacher_src, student_src, device, log) -> dict:
                                     timings=timings)
             rollout_total = time.perf_counter() - t0
         prompts, responses, _ = turn_pairs(episodes)
+        store = getattr(policy, "last_store", None)
+        hit_share = store.hit_rate if store is not None else 0.0
         row["rollout"] = {"seconds": rollout_total - timings.get("env", 0.0), "peak_mb": memory.peak_mb,
                           "tokens": sum(map(len, responses))}
         row["env"] = {"seconds": timings.get("env", 0.0)}
@@ -179,6 +250,7 @@ def bench_train(args, cfg, teacher_src, student_src, device, log) -> dict:
         diff = max((abs(a - b) for ea, eb in zip(scored["old"], scored["new"]) for ta, tb in zip(ea.turns, eb.turns)
                     for a, b in zip(ta.teacher_logprobs or [], tb.teacher_logprobs or [])), default=0.0)
         row["teacher_max_abs_diff"] = diff
+        add_flops(row, student, teacher, prompts, responses, episodes, hit_share, cfg)
         batch = build_batch(scored["new"], cfg, step)
         if step == 0 and device.type == "cpu":   # inputs of the memory probes (fresh processes)
             import pickle
@@ -201,6 +273,7 @@ def bench_train(args, cfg, teacher_src, student_src, device, log) -> dict:
             losses[name] = stats["loss"]
             row.setdefault("update", {})[name] = {"seconds": seconds, "peak_mb": peak, "tokens": update_tokens[name]}
         row["update_loss"] = losses
+        add_update_flops(row, student, batch, cfg)
         for name in ("old", "new"):
             row.setdefault("total", {})[name] = (row["rollout"]["seconds"] + row["env"]["seconds"]
                                                  + row["teacher"][name]["seconds"] + row["update"][name]["seconds"])
@@ -210,6 +283,7 @@ def bench_train(args, cfg, teacher_src, student_src, device, log) -> dict:
             f"{row['total']['old']:.1f}s -> {row['total']['new']:.1f}s")
         steps.append(row)
     summary = summarize(steps)
+    summary["mfu"] = mfu(steps, matmul_peak)
     if device.type == "cpu":
         import subprocess
 
@@ -283,6 +357,22 @@ def probe(spec: str, work: Path) -> None:
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
     print(json.dumps({"peak_mb": max(0, peak - before) / 2**20}))
+
+
+def mfu(steps: list[dict], peak: dict) -> dict:
+    """Each phase's FLOPs, seconds, achieved GFLOP/s and their share of the measured peak."""
+    gflop_s = peak["gflop_s"][peak["dtype"]]
+
+    def entry(flops, seconds):
+        achieved = flops / seconds / 1e9 if seconds else 0.0
+        return {"gflop": flops / 1e9, "seconds": seconds, "gflop_s": achieved, "mfu": achieved / gflop_s}
+
+    out = {"peak_gflop_s": gflop_s, "peak_dtype": peak["dtype"], "peak_shapes": peak["shapes"],
+           "rollout": entry(sum(s["rollout"]["flops"] for s in steps), sum(s["rollout"]["seconds"] for s in steps))}
+    for phase in ("teacher", "update"):
+        out[phase] = {name: entry(sum(s[phase][name]["flops"] for s in steps),
+                                  sum(s[phase][name]["seconds"] for s in steps)) for name in ("old", "new")}
+    return out
 
 
 def summarize(steps: list[dict]) -> dict:
@@ -385,11 +475,33 @@ def bench_sft(args, cfg, device, log) -> dict:
             "steps": rows}
 
 
+def measure_peak(teacher_src, student_src, device, log) -> dict:
+    """The matmul peak (machine_bounds.matmul_rates) over the student's and teacher's shapes at a
+    micro-batch of tokens and a large square, in the dtype the phases run in."""
+    from transformers import AutoConfig
+
+    from atod_edge.models.presets import resolve_model
+    from machine_bounds import matmul_rates, model_dims
+
+    dtype = "float32" if device.type == "cpu" else "bfloat16"
+    shapes = {(1024, 1024, 1024)}
+    for src in (student_src, teacher_src):
+        d = model_dims(AutoConfig.from_pretrained(resolve_model(src)))
+        for m in (16, 512):
+            shapes |= {(m, d["hidden"], d["heads"] * d["head_dim"]), (m, d["hidden"], d["intermediate"]),
+                       (m, d["intermediate"], d["hidden"]), (m, d["hidden"], d["vocab"])}
+    rows = matmul_rates(sorted(shapes), dtypes=(dtype,), device=str(device))
+    peak = max(r["gflop_s"] for r in rows)
+    log(f"matmul peak {peak:.0f} GFLOP/s ({dtype}, best of {len(rows)} shapes)")
+    return {"dtype": dtype, "gflop_s": {dtype: peak}, "shapes": rows}
+
+
 def main() -> int:
     import tempfile
 
     import torch
 
+    sys.path.insert(0, str(Path(__file__).parent))   # machine_bounds
     from atod_edge.config import load_config
     from atod_edge.engine.precision import torch_device
     from atod_edge.train.config import TrainConfig
@@ -411,7 +523,9 @@ def main() -> int:
         probe(args.probe, Path(args.work))
         return 0
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    from machine_bounds import load_average
 
+    load_start = load_average()
     cfg = load_config(TrainConfig, args.recipe, [f"device={args.device}"])
     device = torch_device(args.device)
     torch.manual_seed(cfg.seed)
@@ -423,7 +537,8 @@ def main() -> int:
             teacher_src, student_src, which = models(cfg, log)
         log(f"models: {which}")
         args.work = work
-        train = bench_train(args, cfg, teacher_src, student_src, device, log)
+        matmul_peak = measure_peak(teacher_src, student_src, device, log)
+        train = bench_train(args, cfg, teacher_src, student_src, device, log, matmul_peak)
     sft = bench_sft(args, cfg, device, log)
     result = {
         "speedup": train["speedup"], "sft_speedup": sft["speedup"],
@@ -432,6 +547,7 @@ def main() -> int:
                     "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version(), "device": str(device)},
         "recipe": args.recipe, "models": which, "note": args.note,
+        "load_average": {"start": load_start, "end": load_average()},
         "train_step": train, "sft_step": sft,
     }
     out = Path(args.out)
@@ -453,6 +569,16 @@ def main() -> int:
     s = sft["seconds_per_step"]
     print(f"{'sft step':10s} {s['old']:8.2f} {s['new']:8.2f} {sft['speedup']:5.2f}x "
           f"{sft['tokens_per_step']['old']:11.0f} {sft['tokens_per_step']['new']:11.0f}")
+    m = train["mfu"]
+    print(f"\nMFU against the measured {m['peak_dtype']} matmul peak, {m['peak_gflop_s']:.0f} GFLOP/s "
+          f"(load average {result['load_average']['end']}):")
+    print(f"{'phase':10s} {'path':5s} {'GFLOP':>8s} {'seconds':>8s} {'GFLOP/s':>8s} {'MFU':>6s}")
+    r = m["rollout"]
+    print(f"{'rollout':10s} {'both':5s} {r['gflop']:8.1f} {r['seconds']:8.2f} {r['gflop_s']:8.1f} {r['mfu']:6.1%}")
+    for phase in ("teacher", "update"):
+        for name in ("old", "new"):
+            r = m[phase][name]
+            print(f"{phase:10s} {name:5s} {r['gflop']:8.1f} {r['seconds']:8.2f} {r['gflop_s']:8.1f} {r['mfu']:6.1%}")
     print(f"speedup {train['speedup']:.2f}x (step), sft_speedup {sft['speedup']:.2f}x; wrote {out}")
     return 0
 

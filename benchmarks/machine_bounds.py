@@ -99,7 +99,7 @@ def parameter_counts(model) -> dict:
             "total": sum(p.numel() for p in model.parameters())}
 
 
-def matmul_rates(shapes, dtypes=("float32", "bfloat16"), seconds: float = 0.3) -> list[dict]:
+def matmul_rates(shapes, dtypes=("float32", "bfloat16"), seconds: float = 0.3, device: str = "cpu") -> list[dict]:
     """GFLOP/s of torch.matmul for each (M, K, N) and dtype: the best of many short trials
     (~1 ms each) in `seconds`, so a machine shared with other jobs still shows its peak."""
     import torch
@@ -108,12 +108,10 @@ def matmul_rates(shapes, dtypes=("float32", "bfloat16"), seconds: float = 0.3) -
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         for m, k, n in shapes:
-            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
             for _ in range(3):
                 a @ b
-            t0 = time.perf_counter()
-            a @ b
-            reps = max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-7)))
+            reps = max(1, int(1e-3 / max(_timed_reps(a, b, 1), 1e-7)))
             best, end = float("inf"), time.perf_counter() + seconds
             while time.perf_counter() < end:
                 best = min(best, _timed_reps(a, b, reps))
@@ -123,9 +121,14 @@ def matmul_rates(shapes, dtypes=("float32", "bfloat16"), seconds: float = 0.3) -
 
 
 def _timed_reps(a, b, reps: int) -> float:
+    import torch
+
+    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync()
     return (time.perf_counter() - t0) / reps
 
 

@@ -132,13 +132,17 @@ def test_agent_on_a_gguf_acts_like_the_pytorch_agent(tiny_gguf):
     assert [r.response for r in got] == [r.response for r in expected]
 
 
-def test_agent_reports_a_prompt_too_long_for_the_runtime_as_invalid(tiny_gguf):
+def test_agent_cuts_a_prompt_too_long_for_the_runtime_to_its_context(tiny_gguf):
+    """Issue 30: a prompt over the runtime's context is cut (the task text to its tail), as the
+    rollout engine cuts it, instead of a turn with no reply."""
     from atod_edge import Agent
 
     with Agent.load(str(tiny_gguf), env_instructions="Act.", n_ctx=256) as agent:
+        assert agent.policy.context_length == 256
         agent.reset("a task text that is far too long " * 100)       # ~700 tokens
         result = agent.act("observation", ["look"])
-    assert result.action is None and "exceeds the llama.cpp context" in result.reason
+    assert result.prompt_cut.startswith("cut to 208 tokens") and "task text" in result.prompt_cut
+    assert "exceeds" not in result.reason
 
 
 def test_readme_agent_example_runs_as_written(atod_cache, tmp_path):

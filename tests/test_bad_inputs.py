@@ -234,14 +234,17 @@ def test_an_over_long_prompt_is_cut_oldest_history_first_keeping_the_observation
     from atod_edge.rollout.budget import CUT_MARK, PromptFitter
 
     tok = student_policy.tokenizer
-    fitter = PromptFitter(tok, "Act.", 2, 300)
-    old = ("look", "an old observation " * 30)                     # ~150 tokens alone
+    old = ("look", "an old observation " * 30)                     # ~100 tokens alone
     current = ("go to desk 1", "On the desk 1, you see a key 1.")
-    [(ids, cut)] = fitter.encode([("Your task is to: find the key.", [old, current], current[1], ["look"])])
+    item = ("Your task is to: find the key.", [old, current], current[1], ["look"])
+    [(full, _)] = PromptFitter(tok, "Act.", 2, None).encode([item])
+    fitter = PromptFitter(tok, "Act.", 2, len(full) - 20)           # room for all but the old turn
+    [(ids, cut)] = fitter.encode([item])
     text = tok.decode(ids)
-    assert len(ids) <= 300 and "history 2->1 turns" in cut
+    assert len(ids) <= len(full) - 20 and cut == f"cut to {len(full) - 20} tokens: history 2->1 turns"
     assert "old observation" not in text and "you see a key 1" in text and "find the key" in text
     # an observation alone over the budget: its tail is kept, marked as cut
+    fitter = PromptFitter(tok, "Act.", 2, 300)
     huge = "filler " * 2000 + "THE END IS HERE."
     [(ids, cut)] = fitter.encode([("Your task is to: find the key.", [("look", huge)], huge, ["look"])])
     text = tok.decode(ids)

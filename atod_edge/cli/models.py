@@ -71,13 +71,14 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _shrink(args: argparse.Namespace) -> int:
+    from atod_edge.io import check_output
+
+    check_output(args.out, "model", force=args.force)   # at once, before torch is imported
     from transformers import AutoConfig
 
-    from atod_edge.io import check_output
     from atod_edge.models.presets import resolve_model
     from atod_edge.models.surgery import parse_keep_layers, shrink_model
 
-    check_output(args.out, "model", force=args.force)
     src = resolve_model(args.model)
     n_layers = AutoConfig.from_pretrained(src).num_hidden_layers
     keep = parse_keep_layers(args.keep_layers, n_layers)
@@ -87,6 +88,9 @@ def _shrink(args: argparse.Namespace) -> int:
 
 
 def _average(args: argparse.Namespace) -> int:
+    from atod_edge.io import check_output
+
+    check_output(args.out, "model", force=args.force)   # at once, before torch is imported
     from atod_edge.models.surgery import average_models
 
     average_models(args.models, args.out, force=args.force)

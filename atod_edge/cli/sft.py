@@ -26,9 +26,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from atod_edge.train.sft import sft_command
+    from atod_edge.io import check_output
 
     if args.resume and args.out:
         raise UserError("--resume continues the run where it was: give --resume OUT without --out")
+    if args.out:
+        check_output(args.out, "model", force=args.force)   # at once, before torch is imported
+    from atod_edge.train.sft import sft_command
+
     overrides = shortcut_overrides(args, ("env", "model", "demos", "episodes", "out"))
     return sft_command(args.recipe, overrides, resume=args.resume, force=args.force)

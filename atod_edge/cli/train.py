@@ -22,6 +22,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from atod_edge.io import check_output
+
+    if args.out and not args.resume:
+        check_output(args.out, "run")   # at once, before torch is imported (train_command checks it too)
     from atod_edge.train.pipeline import train_command
 
     overrides = list(args.overrides)

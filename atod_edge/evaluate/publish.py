@@ -27,14 +27,8 @@ def publish(src: str, name: str, chain: Sequence[str], env: str = "household", e
     on the eval and unseen splits (`episodes` each, at `temperature`). The name, the numbers (the
     bounds of EvalConfig) and the entry's directory (io.check_output: new or an earlier model;
     force: a foreign one too) are checked before any work."""
-    import torch
-    import transformers
-
-    import atod_edge
     from atod_edge.config import from_dict
     from atod_edge.evaluate.evaluate import EvalConfig, evaluate
-    from atod_edge.models.loading import load_model
-    from atod_edge.engine.policy import TorchPolicy
 
     root = root or ZOO_ROOT
     if not ZOO_NAME_RE.fullmatch(name or ""):
@@ -42,6 +36,13 @@ def publish(src: str, name: str, chain: Sequence[str], env: str = "household", e
                         "'.', '_' and '-', not starting with '.' or '-')")
     from_dict(EvalConfig, {"env": env, "episodes": episodes, "temperature": temperature, "max_turns": max_turns})
     check_output(root / name, "model", force=force, what="zoo entry")
+    import torch
+    import transformers
+
+    import atod_edge
+    from atod_edge.models.loading import load_model
+    from atod_edge.engine.policy import TorchPolicy
+
     model, tokenizer = load_model(src)
     source_card = _source_card(Path(src))
     with atomic_path(root / name, kind=None if force else "model") as tmp:

@@ -1,0 +1,59 @@
+"""benchmarks/bench_rollout.py: its batched HF generate baseline plays the same episodes and
+turns as the engine, one generate call per turn over every live episode, and cuts responses
+where the engine would; its fixed-length decode timing keeps every row decoding."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_rollout", BENCH / "bench_rollout.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batched_generate_plays_the_engines_episodes_one_call_per_turn(tiny_student):
+    from atod_edge.engine.policy import TorchPolicy
+    from atod_edge.engine.sampling import SamplingParams, StopChecker
+    from atod_edge.envs import env_class
+    from atod_edge.rollout.runner import run_episodes
+
+    bench = _load()
+    model, tokenizer = tiny_student
+    env_cls = env_class("household")
+    tasks = env_cls().tasks("eval", 4)
+    sampling = SamplingParams(max_new_tokens=8, temperature=1.0)
+    engine = run_episodes(TorchPolicy(model, tokenizer), env_cls, tasks, sampling=sampling, max_turns=2)
+
+    hf = bench.HFGeneratePolicy(model, tokenizer)
+    calls = []
+    generate = hf.generate
+    hf.generate = lambda prompts, *a, **k: calls.append(len(prompts)) or generate(prompts, *a, **k)
+    baseline = run_episodes(hf, env_cls, tasks, sampling=sampling, max_turns=2)
+
+    assert [(e.task_id, len(e.turns)) for e in baseline] == [(e.task_id, len(e.turns)) for e in engine]
+    assert calls[0] == len(tasks) and sum(calls) == sum(len(e.turns) for e in baseline)
+    checker = StopChecker(tokenizer, sampling)
+    for turn in (t for e in baseline for t in e.turns):
+        ids = list(turn.response_ids)
+        assert 1 <= len(ids) <= sampling.max_new_tokens
+        assert all(checker.is_done(ids[:k]) is None for k in range(1, len(ids)))   # cut where the engine stops
+        assert checker.is_done(ids) is not None
+
+
+def test_fixed_length_decode_timing_keeps_every_row(tiny_student):
+    from atod_edge.engine.policy import TorchPolicy
+
+    bench = _load()
+    model, tokenizer = tiny_student
+    policy = TorchPolicy(model, tokenizer)
+    ids = tokenizer("go to the kitchen")["input_ids"]
+    ms = bench.decode_step_ms(policy, [ids, ids[:3]], steps=3, repeats=1)   # asserts no row stops early
+    assert ms == ms and policy.tokenizer is tokenizer
