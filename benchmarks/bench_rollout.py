@@ -235,35 +235,38 @@ def count(episodes) -> dict:
 
 
 def timed_rollout(policy, env_cls, tasks, sampling, max_turns, one_at_a_time=False):
-    """(seconds, counts, episodes) of the tasks' episodes, batched or one episode at a time."""
+    """((wall seconds, CPU seconds of this process), counts, episodes) of the tasks' episodes,
+    batched or one episode at a time."""
     from atod_edge.rollout.runner import run_episodes
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if one_at_a_time:
         episodes = [ep for task in tasks
                     for ep in run_episodes(policy, env_cls, [task], sampling=sampling, max_turns=max_turns)]
     else:
         episodes = run_episodes(policy, env_cls, tasks, sampling=sampling, max_turns=max_turns)
-    return time.perf_counter() - t0, count(episodes), episodes
+    return (time.perf_counter() - t0, time.process_time() - c0), count(episodes), episodes
 
 
-def decode_step_ms(policy, prompts, steps: int, repeats: int = 5) -> float:
-    """ms per decode step at batch len(prompts): (time of 1 + steps new tokens - time of 1) / steps,
-    each the best of `repeats` (run alternately), with end-of-turn tokens ignored (the policy's
-    tokenizer swapped) so that every row decodes every step."""
+def decode_step_ms(policy, prompts, steps: int, repeats: int = 5) -> dict:
+    """ms per decode step at batch len(prompts), wall and CPU time of this process: (time of
+    1 + steps new tokens - time of 1) / steps, each the best of `repeats` (run alternately), with
+    end-of-turn tokens ignored (the policy's tokenizer swapped) so that every row decodes every
+    step."""
     real = policy.tokenizer
     policy.tokenizer = NoEndTokenizer(real)
-    best = {1: float("inf"), 1 + steps: float("inf")}
+    best = {(n, clock): float("inf") for n in (1, 1 + steps) for clock in ("wall", "cpu")}
     try:
         for r in range(repeats + 1):
-            for n in best:
+            for n in (1, 1 + steps):
                 sampling = SamplingParams(max_new_tokens=n, temperature=1.0, stop=())
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = policy.generate(prompts, sampling, seed=r)
                 if r:   # the first round warms up
-                    best[n] = min(best[n], time.perf_counter() - t0)
+                    best[n, "wall"] = min(best[n, "wall"], time.perf_counter() - t0)
+                    best[n, "cpu"] = min(best[n, "cpu"], time.process_time() - c0)
                 assert all(len(g.token_ids) == n for g in out), "a row stopped early"
-        return (best[1 + steps] - best[1]) / steps * 1e3
+        return {clock: (best[1 + steps, clock] - best[1, clock]) / steps * 1e3 for clock in ("wall", "cpu")}
     finally:
         policy.tokenizer = real
 
@@ -314,12 +317,14 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
     turns = settings["max_turns"]
     rows, engine_episodes, reuse = [], None, 0.0
 
-    def row(name, mode, seconds, counts, **extra):
-        rows.append({"name": name, "mode": mode, "seconds": seconds, **counts,
+    def row(name, mode, times, counts, **extra):
+        seconds, cpu = times
+        rows.append({"name": name, "mode": mode, "seconds": seconds, "cpu_seconds": cpu, **counts,
                      "episodes_per_s": counts["episodes"] / seconds, "tokens_per_s": counts["tokens"] / seconds,
-                     **extra})
+                     "episodes_per_cpu_s": counts["episodes"] / cpu, **extra})
         log(f"  {name}: {counts['episodes']} episodes, {counts['turns']} turns, {counts['tokens']} tokens "
-            f"in {seconds:.1f}s ({counts['episodes'] / seconds:.2f} episodes/s, {counts['tokens'] / seconds:.0f} tokens/s)")
+            f"in {seconds:.1f}s, {cpu:.1f} CPU s ({counts['episodes'] / seconds:.2f} episodes/s, "
+            f"{counts['tokens'] / seconds:.0f} tokens/s)")
 
     for name, mb in (("engine (batched, KV cache, prefix reuse)", None), ("engine without prefix reuse", 0)):
         policy = TorchPolicy(model, tokenizer, prefix_cache_mb=mb)
@@ -345,13 +350,18 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
                                                                       len(prompts))
     working_set = machine_bounds.memory_bandwidth(max(4, int(cost32["bytes"] / 2**20)), repeats=5)
     llc = machine_bounds.last_level_cache_bytes()
-    engine_ms = decode_step_ms(engine_policy, prompts, args.decode_steps)
+    engine_times = decode_step_ms(engine_policy, prompts, args.decode_steps)
+    engine_ms = engine_times["wall"]
     bound32 = machine_bounds.bound(cost32, bandwidth["gb_s"], peak["gflop_s"]["float32"])
     bound32_ws = machine_bounds.bound(cost32, max(working_set["gb_s"], bandwidth["gb_s"]), peak["gflop_s"]["float32"])
     decode = {"batch": len(prompts), "steps": args.decode_steps, "mean_context": context,
               "last_level_cache_bytes": llc,
-              "cache_resident": bool(llc and cost32["bytes"] < llc),
-              "engine_fp32": {"step_ms": engine_ms, "tokens_per_s": len(prompts) / engine_ms * 1e3,
+              # the working set is served faster than DRAM (measured: its copy runs > 1.5x the
+              # 1 GiB copy's bandwidth), so the DRAM bound does not hold it
+              "cache_resident": working_set["gb_s"] > 1.5 * bandwidth["gb_s"],
+              "engine_fp32": {"step_ms": engine_ms, "cpu_step_ms": engine_times["cpu"],
+                              "fraction_of_bound_cpu_time": bound32["step_ms"] / engine_times["cpu"],
+                              "tokens_per_s": len(prompts) / engine_ms * 1e3,
                               "bound": bound32, "fraction_of_bound": bound32["step_ms"] / engine_ms,
                               "bound_at_working_set_bandwidth": bound32_ws,
                               "fraction_of_working_set_bound": bound32_ws["step_ms"] / engine_ms},
@@ -376,10 +386,13 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
                 row("llama.cpp f16 GGUF, batched (one llama_decode per step over all live sequences, f16 KV, "
                     "no prefix reuse)",
                     "llama.cpp-batched", seconds, counts)
-                lcpp_ms = decode_step_ms(lcpp, prompts, args.decode_steps)
+                lcpp_times = decode_step_ms(lcpp, prompts, args.decode_steps)
+                lcpp_ms = lcpp_times["wall"]
                 cost16 = machine_bounds.decode_step_cost(model, len(prompts), context, weight_bytes=2, kv_bytes=2)
                 bound16 = machine_bounds.bound(cost16, bandwidth["gb_s"], peak["gflop_s"]["float32"])
-                decode["llamacpp_f16"] = {"step_ms": lcpp_ms, "tokens_per_s": len(prompts) / lcpp_ms * 1e3,
+                decode["llamacpp_f16"] = {"step_ms": lcpp_ms, "cpu_step_ms": lcpp_times["cpu"],
+                                          "fraction_of_bound_cpu_time": bound16["step_ms"] / lcpp_times["cpu"],
+                                          "tokens_per_s": len(prompts) / lcpp_ms * 1e3,
                                           "bound": bound16, "fraction_of_bound": bound16["step_ms"] / lcpp_ms,
                                           "note": "f16 weights, f16 KV; compute bound at torch's fp32 matmul peak"}
                 log(f"  llama.cpp decode at batch {len(prompts)}: {lcpp_ms:.2f} ms/step "
@@ -397,12 +410,15 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
                 seq.close()
 
     rate = {r["mode"]: r["episodes_per_s"] for r in rows if "episodes_per_s" in r}
+    cpu_rate = {r["mode"]: r["episodes_per_cpu_s"] for r in rows if "episodes_per_s" in r}
     for r in rows:
         if "episodes_per_s" in r:
             r["vs_batched_generate"] = r["episodes_per_s"] / rate["batched-generate"]
             r["vs_per_episode"] = r["episodes_per_s"] / rate["per-episode"]
+            r["vs_batched_generate_cpu_time"] = r["episodes_per_cpu_s"] / cpu_rate["batched-generate"]
     return {"source": source, "settings": settings, "rows": rows, "prefix_reuse_share": reuse,
             "vs_batched_generate": rate["engine"] / rate["batched-generate"],
+            "vs_batched_generate_cpu_time": cpu_rate["engine"] / cpu_rate["batched-generate"],
             "vs_per_episode": rate["engine"] / rate["per-episode"],
             "vs_llamacpp_batched": (rate["engine"] / rate["llama.cpp-batched"]
                                     if "llama.cpp-batched" in rate else None),
@@ -430,7 +446,7 @@ def main() -> None:
     parser.add_argument("--smollm2-tokens", type=int, default=48)
     parser.add_argument("--smollm2-dir", default=str(cache_dir() / "bench" / "smollm2-135m-every3"))
     parser.add_argument("--decode-batch", type=int, default=16)
-    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--decode-steps", type=int, default=24)
     parser.add_argument("--no-llamacpp", dest="llamacpp", action="store_false")
     parser.add_argument("--work", default=str(cache_dir() / "bench" / "rollout"),
                         help="where the GGUF exports are kept")
@@ -477,14 +493,15 @@ def main() -> None:
         print(f"\n{name}: {s['episodes']} episodes (per-episode and sequential rows: {s['naive_episodes']}), "
               f"up to {s['max_turns']} turns, {s['max_new_tokens']} new tokens; prefix reuse "
               f"{res['prefix_reuse_share']:.0%}")
-        print(f"  {'mode':22s} {'episodes':>8s} {'turns':>6s} {'seconds':>8s} {'episodes/s':>10s} {'tokens/s':>9s} "
-              f"{'vs batched':>10s} {'vs per-ep':>9s}")
+        print(f"  {'mode':22s} {'episodes':>8s} {'turns':>6s} {'seconds':>8s} {'CPU s':>7s} {'episodes/s':>10s} "
+              f"{'tokens/s':>9s} {'vs batched':>10s} {'vs per-ep':>9s} {'vs batched (CPU s)':>18s}")
         for r in res["rows"]:
             if "skipped" in r:
                 print(f"  {r['mode']:22s} skipped: {r['skipped']}")
                 continue
-            print(f"  {r['mode']:22s} {r['episodes']:8d} {r['turns']:6d} {r['seconds']:8.1f} {r['episodes_per_s']:10.2f} "
-                  f"{r['tokens_per_s']:9.0f} {r['vs_batched_generate']:9.2f}x {r['vs_per_episode']:8.1f}x")
+            print(f"  {r['mode']:22s} {r['episodes']:8d} {r['turns']:6d} {r['seconds']:8.1f} {r['cpu_seconds']:7.1f} "
+                  f"{r['episodes_per_s']:10.2f} {r['tokens_per_s']:9.0f} {r['vs_batched_generate']:9.2f}x "
+                  f"{r['vs_per_episode']:8.1f}x {r['vs_batched_generate_cpu_time']:17.2f}x")
         d = res["decode"]
         e, b = d["engine_fp32"], d["engine_fp32"]["bound"]
         c = d["cost_fp32"]
@@ -497,18 +514,24 @@ def main() -> None:
         if d.get("cache_resident"):
             print(f"  (weights + KV, {c['bytes'] / 1e6:.0f} MB, fit the {d['last_level_cache_bytes'] / 2**20:.0f} MiB "
                   "last-level cache: the DRAM bound does not apply; see the working-set bound)")
-        print(f"  engine: {e['step_ms']:.2f} ms/step, {e['tokens_per_s']:.0f} tokens/s = "
-              f"{e['fraction_of_bound']:.0%} of the bound ({e['fraction_of_working_set_bound']:.0%} of the bound at "
+        print(f"  engine: {e['step_ms']:.2f} ms/step ({e['cpu_step_ms']:.2f} ms of CPU time), "
+              f"{e['tokens_per_s']:.0f} tokens/s = {e['fraction_of_bound']:.0%} of the bound "
+              f"({e['fraction_of_bound_cpu_time']:.0%} by CPU time) ({e['fraction_of_working_set_bound']:.0%} of the bound at "
               f"the working set's copy bandwidth, {d['working_set_bandwidth']['gb_s']:.1f} GB/s)")
         if "llamacpp_f16" in d:
             lc = d["llamacpp_f16"]
-            print(f"  llama.cpp f16: {lc['step_ms']:.2f} ms/step = {lc['fraction_of_bound']:.0%} of its bound "
-                  f"({lc['bound']['step_ms']:.2f} ms)")
+            print(f"  llama.cpp f16: {lc['step_ms']:.2f} ms/step ({lc['cpu_step_ms']:.2f} ms of CPU time) = "
+                  f"{lc['fraction_of_bound']:.0%} of its bound ({lc['bound']['step_ms']:.2f} ms; "
+                  f"{lc['fraction_of_bound_cpu_time']:.0%} by CPU time)")
     print("\nvs_batched_generate (engine / batched HF generate, episodes/s): "
           + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    print("the same by CPU time of this process: " + ", ".join(
+        f"{k} {v['vs_batched_generate_cpu_time']:.2f}x" for k, v in results.items() if "skipped" not in v))
     result = {
         "vs_batched_generate": ratios,
         "vs_per_episode": {k: v["vs_per_episode"] for k, v in results.items() if "skipped" not in v},
+        "vs_batched_generate_cpu_time": {k: v["vs_batched_generate_cpu_time"] for k, v in results.items()
+                                         if "skipped" not in v},
         "command": "python " + " ".join(sys.argv), "note": args.note,
         "load_average": {"start": load_start, "end": load_end},
         "seconds": time.perf_counter() - started,

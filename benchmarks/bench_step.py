@@ -92,16 +92,16 @@ class PeakMemory:
 
 
 def timed(device, fn):
-    """(seconds, peak MB, result) of fn()."""
+    """(seconds, peak MB, result, CPU seconds of this process) of fn()."""
     import torch
 
     with PeakMemory(device) as memory:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    return seconds, memory.peak_mb, result
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return seconds, memory.peak_mb, result, cpu
 
 
 def tree_tokens(prompts, responses, micro_batch: int) -> int:
@@ -223,16 +223,17 @@ def bench_train(args, cfg, teacher_src, student_src, device, log, matmul_peak: d
         row: dict = {"step": step}
         timings: dict[str, float] = {}
         with PeakMemory(device) as memory:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             episodes = run_episodes(policy, env_cls, tasks[step * cfg.tasks_per_step:(step + 1) * cfg.tasks_per_step],
                                     group_size=cfg.group_size, sampling=sampling, seed=cfg.seed * 100_003 + step,
                                     history_turns=cfg.history_turns, max_turns=cfg.max_turns or None, step=step,
                                     timings=timings)
-            rollout_total = time.perf_counter() - t0
+            rollout_total, rollout_cpu = time.perf_counter() - t0, time.process_time() - c0
         prompts, responses, _ = turn_pairs(episodes)
         store = getattr(policy, "last_store", None)
         hit_share = store.hit_rate if store is not None else 0.0
         row["rollout"] = {"seconds": rollout_total - timings.get("env", 0.0), "peak_mb": memory.peak_mb,
+                          "cpu_seconds": rollout_cpu - timings.get("env", 0.0),
                           "tokens": sum(map(len, responses))}
         row["env"] = {"seconds": timings.get("env", 0.0)}
         all_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
@@ -242,11 +243,12 @@ def bench_train(args, cfg, teacher_src, student_src, device, log, matmul_peak: d
         scored = {}
         for name in (first, second):
             copies = copy.deepcopy(episodes)
-            seconds, peak, _ = timed(device, lambda: score_episodes(
+            seconds, peak, _, cpu = timed(device, lambda: score_episodes(
                 teacher, copies, pad_id=pad_id, micro_batch=cfg.micro_batch, prefix_reuse=paths[name].prefix_reuse))
             scored[name] = copies
             tokens = all_tokens if name == "old" else tree_tokens(prompts, responses, cfg.micro_batch)
-            row.setdefault("teacher", {})[name] = {"seconds": seconds, "peak_mb": peak, "tokens": tokens}
+            row.setdefault("teacher", {})[name] = {"seconds": seconds, "peak_mb": peak, "tokens": tokens,
+                                                   "cpu_seconds": cpu}
         diff = max((abs(a - b) for ea, eb in zip(scored["old"], scored["new"]) for ta, tb in zip(ea.turns, eb.turns)
                     for a, b in zip(ta.teacher_logprobs or [], tb.teacher_logprobs or [])), default=0.0)
         row["teacher_max_abs_diff"] = diff
@@ -269,9 +271,10 @@ def bench_train(args, cfg, teacher_src, student_src, device, log, matmul_peak: d
         old_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
         for name in (first, second):
             model, opt = (student, optimizer) if name == "new" else (old_model, old_opt)
-            seconds, peak, stats = timed(device, lambda: update(model, opt, batch, paths[name], DistInfo(), pad_id))
+            seconds, peak, stats, cpu = timed(device, lambda: update(model, opt, batch, paths[name], DistInfo(), pad_id))
             losses[name] = stats["loss"]
-            row.setdefault("update", {})[name] = {"seconds": seconds, "peak_mb": peak, "tokens": update_tokens[name]}
+            row.setdefault("update", {})[name] = {"seconds": seconds, "peak_mb": peak, "tokens": update_tokens[name],
+                                                  "cpu_seconds": cpu}
         row["update_loss"] = losses
         add_update_flops(row, student, batch, cfg)
         for name in ("old", "new"):
@@ -363,15 +366,19 @@ def mfu(steps: list[dict], peak: dict) -> dict:
     """Each phase's FLOPs, seconds, achieved GFLOP/s and their share of the measured peak."""
     gflop_s = peak["gflop_s"][peak["dtype"]]
 
-    def entry(flops, seconds):
+    def entry(parts):
+        flops, seconds, cpu = (sum(p[k] for p in parts) for k in ("flops", "seconds", "cpu_seconds"))
         achieved = flops / seconds / 1e9 if seconds else 0.0
-        return {"gflop": flops / 1e9, "seconds": seconds, "gflop_s": achieved, "mfu": achieved / gflop_s}
+        by_cpu = flops / cpu / 1e9 if cpu else 0.0
+        return {"gflop": flops / 1e9, "seconds": seconds, "gflop_s": achieved, "mfu": achieved / gflop_s,
+                "cpu_seconds": cpu, "gflop_per_cpu_s": by_cpu, "mfu_cpu_time": by_cpu / gflop_s}
 
     out = {"peak_gflop_s": gflop_s, "peak_dtype": peak["dtype"], "peak_shapes": peak["shapes"],
-           "rollout": entry(sum(s["rollout"]["flops"] for s in steps), sum(s["rollout"]["seconds"] for s in steps))}
+           "cpu_time_note": "CPU time of this process (all its threads; the 5 ms memory sampler included): "
+                            "on a shared machine, FLOP/s by CPU time is what the phase does while it runs",
+           "rollout": entry([s["rollout"] for s in steps])}
     for phase in ("teacher", "update"):
-        out[phase] = {name: entry(sum(s[phase][name]["flops"] for s in steps),
-                                  sum(s[phase][name]["seconds"] for s in steps)) for name in ("old", "new")}
+        out[phase] = {name: entry([s[phase][name] for s in steps]) for name in ("old", "new")}
     return out
 
 
@@ -456,7 +463,7 @@ def bench_sft(args, cfg, device, log) -> dict:
                 optimizer.step()
                 return total
 
-            seconds, peak, loss = timed(device, one_step)
+            seconds, peak, loss, _ = timed(device, one_step)
             row[name] = {"seconds": seconds, "peak_mb": peak, "loss": loss}
         row["new"]["tokens"] = tree_tokens([p for p, _ in batch], [r for _, r in batch], sft.micro_batch)
         rows.append(row)
@@ -572,13 +579,12 @@ def main() -> int:
     m = train["mfu"]
     print(f"\nMFU against the measured {m['peak_dtype']} matmul peak, {m['peak_gflop_s']:.0f} GFLOP/s "
           f"(load average {result['load_average']['end']}):")
-    print(f"{'phase':10s} {'path':5s} {'GFLOP':>8s} {'seconds':>8s} {'GFLOP/s':>8s} {'MFU':>6s}")
-    r = m["rollout"]
-    print(f"{'rollout':10s} {'both':5s} {r['gflop']:8.1f} {r['seconds']:8.2f} {r['gflop_s']:8.1f} {r['mfu']:6.1%}")
-    for phase in ("teacher", "update"):
-        for name in ("old", "new"):
-            r = m[phase][name]
-            print(f"{phase:10s} {name:5s} {r['gflop']:8.1f} {r['seconds']:8.2f} {r['gflop_s']:8.1f} {r['mfu']:6.1%}")
+    print(f"{'phase':10s} {'path':5s} {'GFLOP':>8s} {'seconds':>8s} {'GFLOP/s':>8s} {'MFU':>6s} "
+          f"{'CPU s':>7s} {'GFLOP/CPU s':>11s} {'MFU (CPU s)':>11s}")
+    for phase, name, r in [("rollout", "both", m["rollout"])] + [
+            (phase, name, m[phase][name]) for phase in ("teacher", "update") for name in ("old", "new")]:
+        print(f"{phase:10s} {name:5s} {r['gflop']:8.1f} {r['seconds']:8.2f} {r['gflop_s']:8.1f} {r['mfu']:6.1%} "
+              f"{r['cpu_seconds']:7.2f} {r['gflop_per_cpu_s']:11.1f} {r['mfu_cpu_time']:11.1%}")
     print(f"speedup {train['speedup']:.2f}x (step), sft_speedup {sft['speedup']:.2f}x; wrote {out}")
     return 0
 

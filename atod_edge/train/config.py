@@ -74,6 +74,9 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)", min=0.0)
     ppo_epochs: int = opt(1, "passes over each batch (1: ratio = 1, plain policy gradient)", min=1)
     micro_batch: int = opt(16, "turns per forward/backward pass (gradient accumulation)", min=1)
+    score_token_budget: int = opt(0, "teacher scoring: tokens per no-grad forward (padded rows x width, or the "
+                                  "prefix tree's tokens); 0 = micro_batch turns a forward. The old-log-prob "
+                                  "recompute keeps the update's micro-batches (a ratio of exactly 1)", min=0)
     prefix_reuse: bool = opt(True, "teacher scoring and the update compute the prompt prefixes a micro-batch's "
                              "turns share once (same log-probs and gradients); false: every turn on its own")
     eps_clip: float = opt(0.2, "PPO clip range", min=0.0)

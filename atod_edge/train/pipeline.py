@@ -214,8 +214,10 @@ def _train_command(recipe: str | None, overrides: list[str], out: str | None, re
         _check_resume_steps(cfg, run_dir, resume)
         meta = _read_run_json(run_dir, resume)
         teacher, student = meta.get("teacher"), meta.get("student")
+        if not meta:
+            raise UserError(f"--resume {resume}: run.json is missing; cannot tell which student it started from")
         if not student or not isinstance(student, str) or not isinstance(teacher, (str, type(None))):
-            raise UserError(f"--resume {resume}: run.json is missing or names no student; cannot tell which "
+            raise UserError(f"--resume {resume}: run.json names no student (or not as text); cannot tell which "
                             "student it started from")
         where["run_dir"] = run_dir
     else:

@@ -7,7 +7,10 @@ checkpoint.py, the ranks' plumbing in distributed.py; this module only moves dat
 Distributed: under torchrun each rank rolls out its share of the step's tasks (whole GRPO groups),
 and gradients are summed across ranks before the optimizer step (the loss is already divided by
 the global token count, so the sum is the token mean over the whole batch). Metrics are summed
-over ranks too; only rank 0 writes files. Two ways to hold the student (config `distributed`):
+over ranks too; only rank 0 writes files. A periodic evaluation is shared out among the ranks
+(evaluate_now); a rank that waits for the others (rank 0's writes, a longer share of an
+evaluation) waits in a gloo group with a long timeout, not in NCCL's 10-minute watchdog.
+Two ways to hold the student (config `distributed`):
     ddp    every rank holds the whole student and its optimizer state; gradients are all-reduced
     fsdp   FSDP2 (torch.distributed.fsdp.fully_shard, per decoder layer and the whole model):
            parameters, gradients and AdamW state are sharded across ranks for the update, which
@@ -61,6 +64,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     """Train the student; returns the final checkpoint dir. Writes into run_dir:
     config.yaml, metrics.jsonl, samples/step_XXXXXX.jsonl, checkpoints/step_XXXXXX/."""
     from atod_edge.engine.policy import TorchPolicy
+    from atod_edge.engine.rollout_copy import refresh_rollout_copy, rollout_copy
     from atod_edge.engine.sampling import SamplingParams
     from atod_edge.envs import env_class
     from atod_edge.rollout.runner import run_episodes
@@ -83,7 +87,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     tb = tensorboard(run_dir) if info.main else None
     adaptive = adaptive_progress(cfg, metrics_path, done_steps)
     env_cls = env_class(cfg.env)
-    policy = TorchPolicy(student.full, student.tokenizer, name=f"student@{run_dir.name}", precision=where.precision)
+    # Rollouts under bf16 decode a bf16 copy of the student (bf16 weights and KV cache: half the bytes a
+    # decode step reads), refreshed after every update; lp_S then comes from the training forward
+    # (where.recompute), so the copy's rounding never enters the ratio.
+    rollout_model = student.full
+    if where.precision == "bf16" and where.recompute:
+        rollout_model = rollout_copy(student.full)
+    policy = TorchPolicy(rollout_model, student.tokenizer, name=f"student@{run_dir.name}", precision=where.precision)
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     train_tasks = env_cls().tasks("train", cfg.tasks_per_step * cfg.steps)
 
@@ -101,7 +111,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
         t1 = time.perf_counter()
         if teacher is not None:
             score_episodes(teacher, episodes, pad_id=pad_id, micro_batch=cfg.micro_batch,
-                           prefix_reuse=cfg.prefix_reuse, precision=where.precision)
+                           prefix_reuse=cfg.prefix_reuse, precision=where.precision,
+                           token_budget=cfg.score_token_budget or None)
         sync(device)
         t2 = time.perf_counter()
         rollout_lp = None
@@ -117,6 +128,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
                               grad_terms=bool(cfg.grad_norm_every) and step % cfg.grad_norm_every == 0)
         if fsdp:
             gather_full_weights(student.model, student.full)
+        if rollout_model is not student.full:
+            refresh_rollout_copy(student.full, rollout_model)
         lr = scheduler.get_last_lr()[0]   # the rate this step used (step() moves to the next one)
         scheduler.step()
         sync(device)

@@ -473,3 +473,46 @@ def test_the_trainer_passes_the_template_kwargs_to_rollouts_and_evaluation(logge
     _, seen = logged_run
     # every prompt of the rollouts (3 steps x 2 episodes) and of the evaluation after step 1
     assert len(seen) >= 7 and set(seen) == {False}
+
+
+def test_bf16_rollouts_decode_a_bf16_copy_refreshed_after_every_update(small_teacher, tmp_path):
+    """Issue 26 item 4, the trainer's half: under precision=bf16 the rollouts decode a bf16 copy of the
+    student (not the fp32 master weights), the copy is refreshed after each update to equal the master
+    rounded to bf16, and teacher scoring gets the configured token budget."""
+    import atod_edge.engine.rollout_copy as rollout_copy_module
+    import atod_edge.scoring.teacher as teacher_module
+    from atod_edge.engine.policy import TorchPolicy
+    from atod_edge.train.trainer import train
+
+    decoded_dtypes, refreshed, budgets = [], [], []
+    real_generate, real_refresh = TorchPolicy.generate, rollout_copy_module.refresh_rollout_copy
+    real_score = teacher_module.score_episodes
+
+    def generate(self, *args, **kwargs):
+        decoded_dtypes.append(next(self.model.parameters()).dtype)
+        return real_generate(self, *args, **kwargs)
+
+    def refresh(src, dst):
+        real_refresh(src, dst)
+        refreshed.append(all(torch.equal(p.detach().to(torch.bfloat16), dict(dst.named_parameters())[n])
+                             for n, p in src.named_parameters()))
+
+    def score(teacher, episodes, **options):
+        budgets.append(options.get("token_budget"))
+        return real_score(teacher, episodes, **options)
+
+    cfg = load_config(TrainConfig, None, overrides(steps=2, eval_episodes=0) +
+                      ["precision=bf16", "score_token_budget=512"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(TorchPolicy, "generate", generate)
+            mp.setattr(rollout_copy_module, "refresh_rollout_copy", refresh)
+            mp.setattr(teacher_module, "score_episodes", score)
+            train(cfg, tmp_path / "run", "tiny-student", str(small_teacher), log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert decoded_dtypes and set(decoded_dtypes) == {torch.bfloat16}
+    assert refreshed == [True, True]          # after each of the 2 updates
+    assert budgets == [512, 512]
