@@ -23,7 +23,7 @@ from atod_edge.engine.policy import TorchPolicy
 from atod_edge.evaluate.evaluate import EvalConfig, evaluate, paired_difference
 from atod_edge.io import atomic_write_json
 
-NS = (5, 10, 20, 40)
+NS = (5, 10, 20, 40, 80, 160, 320)   # 80-320 added after 5-40 all scored 0% on valid (PLAN.md)
 LRS = (3e-4, 1e-4, 3e-5)
 VALID_EPISODES = 200
 PILOT_STEPS = 40
