@@ -123,6 +123,17 @@ class SleepReset(Good):
         time.sleep(3600)
 
 
+class SwallowStep(Good):
+    """Hangs in a retry loop that swallows every Exception."""
+
+    def step(self, action):
+        while True:
+            try:
+                time.sleep(3600)
+            except Exception:
+                pass
+
+
 class AlwaysRaise(Good):
     def step(self, action):
         raise RuntimeError("backend gone")
@@ -274,7 +285,8 @@ def test_max_new_tokens_past_the_context_is_one_line_before_any_work(student_pol
 
     with pytest.raises(ContextOverflow) as error:
         Agent(student_policy, max_new_tokens=1_000_000_000)
-    assert "max_new_tokens 1000000000 leaves no room for a prompt in the model's context (2048)" in one_line(error.value)
+    assert ("max_new_tokens 1000000000 leaves no room for a prompt in the model's context (2048)"
+            in one_line(error.value))
 
 
 def test_eval_of_a_plugin_env_with_1mb_observations_finishes_with_bounded_memory(plugins, atod_cache, tmp_path):
@@ -346,7 +358,7 @@ def test_the_cli_names_a_bad_plugin_in_one_line_and_leaves_earlier_results_intac
     assert tree(out) == before
 
 
-@pytest.mark.parametrize("cls", ["SleepStep", "SleepReset"])
+@pytest.mark.parametrize("cls", ["SleepStep", "SleepReset", "SwallowStep"])
 def test_a_hung_env_ends_its_episode_as_an_error_within_the_timeout(plugins, student_policy, cls):
     from atod_edge.evaluate.evaluate import EvalConfig, all_failed_by_error, evaluate, format_summary
 

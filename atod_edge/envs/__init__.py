@@ -76,6 +76,8 @@ def make_env(spec: str | type) -> Env:
     cls = env_class(spec) if isinstance(spec, str) else spec
     try:
         return cls()
+    except UserError:       # the env's own one-line message (e.g. a missing optional extra)
+        raise
     except Exception as e:  # noqa: BLE001 - the env's own code
         raise UserError(f"env {env_label(cls)}: the constructor failed: {type(e).__name__}: {_first_line(e)}") from None
 
@@ -87,6 +89,8 @@ def env_tasks(spec: str | type, split: str, n: int, start: int = 0) -> list[Task
     try:
         try:
             tasks = env.tasks(split, n, start=start)
+        except UserError:
+            raise
         except Exception as e:  # noqa: BLE001 - the env's own code
             raise UserError(f"env {env_label(env)}: tasks('{split}', {n}) failed: "
                             f"{type(e).__name__}: {_first_line(e)}") from None

@@ -5,7 +5,9 @@ On the main thread (the CLI, training ranks) the call runs where it is and a SIG
 interrupts it: the env is called from the thread that made it (envs holding thread-bound handles,
 such as sqlite connections, keep working), and the hung call itself is ended, not left behind. A
 call that blocks inside C code which never returns to the interpreter cannot be interrupted this
-way. Off the main thread (signals go to the main thread only) the call runs on a daemon worker
+way. EnvTimeout is a BaseException, so an env's own `except Exception` cannot swallow it; it is
+raised once per call (a one-shot timer), and the handler and any earlier timer are always restored.
+Off the main thread (signals go to the main thread only) the call runs on a daemon worker
 thread, abandoned when the deadline passes. An earlier SIGALRM handler and timer are put back.
 """
 
@@ -20,8 +22,13 @@ from typing import Any, Callable
 ENV_STEP_TIMEOUT = 60.0
 
 
-class EnvTimeout(Exception):
-    """An env call did not return within its deadline."""
+class EnvTimeout(BaseException):
+    """An env call did not return within its deadline. A BaseException (like KeyboardInterrupt),
+    so that the env's own `except Exception` does not swallow it; callers catch it by name."""
+
+
+#: what an env call may raise that ends only its episode: the env's exceptions and the deadline
+ENV_CALL_ERRORS = (Exception, EnvTimeout)
 
 
 def call_with_deadline(fn: Callable[..., Any], *args: Any, timeout: float | None, what: str) -> Any:
@@ -38,7 +45,7 @@ def _with_alarm(fn, args, timeout: float, what: str):
     state = {"armed": True}
 
     def expire(signum, frame):
-        if state["armed"]:
+        if state["armed"]:        # once: cleanup below can never be cut short by a second one
             state["armed"] = False
             raise EnvTimeout(f"{what} took longer than {timeout:g} s")
 
@@ -46,9 +53,11 @@ def _with_alarm(fn, args, timeout: float, what: str):
     started = time.monotonic()
     earlier, interval = signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        return fn(*args)
+        try:
+            return fn(*args)
+        finally:
+            state["armed"] = False
     finally:
-        state["armed"] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         if earlier:         # someone else's timer was running: give it back what is left of it

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from atod_edge.envs import Env, Task, env_class
+from atod_edge.errors import UserError
 from atod_edge.envs.base import (EnvProtocolError, checked_action, checked_actions, checked_observation,
                                  checked_step, env_label)
 from atod_edge.rollout.budget import PromptFitter, prompt_budget
-from atod_edge.rollout.env_calls import ENV_STEP_TIMEOUT, EnvTimeout, call_with_deadline
+from atod_edge.rollout.env_calls import ENV_CALL_ERRORS, ENV_STEP_TIMEOUT, EnvTimeout, call_with_deadline
 from atod_edge.rollout.episode import Episode, Turn
 from atod_edge.engine.policy import Policy
 from atod_edge.engine.sampling import SamplingParams
@@ -107,7 +108,7 @@ def _call(live: _Live, method: str, *args):
                               what=f"env {env_label(live.env)}: {method}()")
 
 
-def _fail(live: _Live, what: str, error: Exception) -> None:
+def _fail(live: _Live, what: str, error: BaseException) -> None:
     """An env call raised or hung: the episode ends with the error recorded."""
     live.hung = live.hung or isinstance(error, EnvTimeout)
     live.episode.meta["error"] = f"{what}: {type(error).__name__}: {error}"
@@ -137,7 +138,9 @@ def _start(pool: EnvPool, env_cls: Callable[[], Env], task: Task, policy_name: s
            group: int | None, timeout: float | None = None) -> _Live:
     try:
         env = pool.acquire(env_cls)
-    except Exception as e:  # a constructor that raises ends only this episode
+    except UserError:               # the env's own one-line message (e.g. a missing optional extra)
+        raise
+    except ENV_CALL_ERRORS as e:  # a constructor that raises ends only this episode
         episode = Episode(env=str(getattr(env_cls, "name", "")), task_id=task.task_id, seed=task.seed,
                           split=task.split, policy=policy_name, group=group)
         episode.meta["error"] = f"env constructor failed: {type(e).__name__}: {e}"
@@ -148,7 +151,7 @@ def _start(pool: EnvPool, env_cls: Callable[[], Env], task: Task, policy_name: s
     try:
         obs = _call(live, "reset", task)
         admissible = _call(live, "admissible_actions")
-    except Exception as e:  # an env that raises ends only this episode
+    except ENV_CALL_ERRORS as e:  # an env that raises ends only this episode
         _fail(live, "env reset failed", e)
         return live
     try:
@@ -164,7 +167,7 @@ def _apply(live: _Live, turn: Turn, action_text: str, max_turns: int) -> None:
     """Step the env with one action and record the outcome on the turn and the episode."""
     try:
         raw = _call(live, "step", action_text)
-    except Exception as e:
+    except ENV_CALL_ERRORS as e:
         live.episode.turns.append(turn)
         _fail(live, "env step failed", e)
         return
@@ -190,7 +193,7 @@ def _apply(live: _Live, turn: Turn, action_text: str, max_turns: int) -> None:
         except EnvTimeout as e:
             _fail(live, "env admissible_actions failed", e)
             return
-        except Exception:
+        except Exception:   # the env's own error: no actions offered
             admissible = []
         live.admissible = checked_actions(live.env, admissible)
 
@@ -301,7 +304,7 @@ def _expert_label(live: _Live) -> str | None:
     (a label is lost, not the episode)."""
     try:
         action = _call(live, "expert_action")
-    except Exception as e:
+    except ENV_CALL_ERRORS as e:
         live.hung = live.hung or isinstance(e, EnvTimeout)
         return None
     return None if action is None else checked_action(live.env, action)
@@ -340,7 +343,7 @@ def _play_scripted(kind: str, live: _Live, rng: random.Random, noise: float, tur
         if kind in ("expert", "dart") or (kind == "noisy" and rng.random() >= noise):
             try:
                 expert = _call(live, "expert_action")
-            except Exception as e:
+            except ENV_CALL_ERRORS as e:
                 _fail(live, "expert failed", e)
                 break
             if expert is not None:
