@@ -65,6 +65,8 @@ class TorchPolicy(Policy):
     reused (atod_edge.engine.kv_cache): only each prompt's new tokens are prefilled.
     """
 
+    fold_gqa = True     # decode with atod_edge.engine.attention's folded SDPA (False: transformers' own)
+
     def __init__(self, model, tokenizer, name: str = "torch", device: str | None = None,
                  prefix_cache_mb: int | None = None, precision: str = "auto", prefix_cache_tokens: int | None = None):
         import torch
@@ -123,7 +125,7 @@ class TorchPolicy(Policy):
         outputs: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
         finish: list[str | None] = [None] * len(prompts)
-        with torch.inference_mode(), compute_autocast(device, self.precision):
+        with torch.inference_mode(), compute_autocast(device, self.precision), self._attention():
             # live: the prompt index of each row still in the batch
             logits, cache, attention, positions, live = self._prefill(prompts, sampling.max_new_tokens)
             padded = bool((attention == 0).any())   # no padded row: decode without a mask (SDPA's GQA, no repeat_kv)
@@ -260,8 +262,18 @@ class TorchPolicy(Policy):
             return buffer_cache(self.model.config.get_text_config(decoder=True).num_hidden_layers, capacity, prefix)
         return DynamicCache()
 
+    def _attention(self):
+        """The scope of the engine's forwards: SDPA with each KV group's query heads folded into
+        the query axis (atod_edge.engine.attention: no repeat_kv copy of the cache under a mask)
+        unless `fold_gqa` is off."""
+        from atod_edge.engine.attention import folded_attention
+
+        return folded_attention(self.model) if self.fold_gqa else contextlib.nullcontext()
+
     def _mask(self, attention, query_length: int):
-        if getattr(self.model.config, "_attn_implementation", None) == "sdpa":
+        from atod_edge.engine.attention import ATTENTION
+
+        if getattr(self.model.config, "_attn_implementation", None) in ("sdpa", ATTENTION):
             mask = _mask_4d(attention, query_length)
             if self.device.type == "cpu":
                 # the same mask as additive floats: SDPA's CPU kernel gives bit-identical outputs

@@ -65,6 +65,11 @@ class TrainConfig:
                          "too; FSDP2: a MixedPrecisionPolicy) | fp32. The trained weights are fp32 master weights "
                          "whatever the checkpoint's dtype (AdamW steps at lr 1e-6 round away in bf16); the frozen "
                          "teacher keeps its checkpoint's dtype on accelerators", choices=["auto", "bf16", "fp32"])
+    rollout_precision: str = opt("auto", "rollout weights: bf16 (rollouts decode a bf16 copy of the student, "
+                                 "refreshed after every update: half the weight bytes a decode step reads; samples "
+                                 "differ from fp32 decoding; lp_S is recomputed by the training forward) | fp32 (the "
+                                 "student itself, in `precision`) | auto (bf16 on CUDA, fp32 on CPU)",
+                                 choices=["auto", "bf16", "fp32"])
     steps: int = opt(150, "training steps (one optimizer round over one batch of rollouts)", min=1)
     tasks_per_step: int = opt(16, "B: tasks per step", min=1)
     group_size: int = opt(8, "G: rollouts per task (a GRPO group)", min=1, max=4096)
@@ -136,6 +141,9 @@ class TrainConfig:
                                   f"the model's own distribution (temperature 1, top_p 1), whose log-probs the "
                                   f"update and the teacher term use; eval_temperature sets evaluation's")
         check_template_kwargs(self.chat_template_kwargs)
+        if self.rollout_precision == "bf16" and self.recompute_old_logprobs == "never":
+            raise ConfigError("config key 'rollout_precision': bf16 rollouts need lp_S recomputed by the training "
+                              "forward; set recompute_old_logprobs to auto or always")
         if self.tis_cap and self.recompute_old_logprobs == "never":
             raise ConfigError("config key 'tis_cap': truncated importance sampling needs the recomputed old "
                               "log-probs; set recompute_old_logprobs to auto or always")

@@ -91,9 +91,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     # decode step reads), refreshed after every update; lp_S then comes from the training forward
     # (where.recompute), so the copy's rounding never enters the ratio.
     rollout_model = student.full
-    if where.precision == "bf16" and where.recompute:
+    if where.rollout_bf16:   # config rollout_precision
         rollout_model = rollout_copy(student.full)
-    policy = TorchPolicy(rollout_model, student.tokenizer, name=f"student@{run_dir.name}", precision=where.precision)
+    policy = TorchPolicy(rollout_model, student.tokenizer, name=f"student@{run_dir.name}",
+                         precision="bf16" if where.rollout_bf16 else where.precision)
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     train_tasks = env_cls().tasks("train", cfg.tasks_per_step * cfg.steps)
 
@@ -172,6 +173,7 @@ class Placement:
     fsdp: bool           # the student is sharded for the update (distributed=fsdp under torchrun)
     precision: str       # bf16 or fp32 compute (precision.py)
     recompute: bool      # lp_S is recomputed by the update's forward before the update (precision.py)
+    rollout_bf16: bool = False   # rollouts decode a bf16 copy of the student (config rollout_precision)
 
 
 def placement(cfg: TrainConfig) -> Placement:
@@ -189,9 +191,15 @@ def placement(cfg: TrainConfig) -> Placement:
     # a bare "cuda" teacher sits on the rank's GPU; an explicit index (cuda:1) is taken as given
     teacher_device = rank_device(cfg.teacher_device, info) if cfg.teacher_device == "cuda" else cfg.teacher_device
     precision = compute_precision(cfg.precision, device)
+    recompute = recomputes_old_logprobs(cfg.recompute_old_logprobs, precision)
+    # bf16 rollouts need lp_S from the training forward: on unless recompute_old_logprobs=never
+    # (which validate() refuses with an explicit rollout_precision=bf16)
+    rollout = precision if cfg.rollout_precision == "auto" and precision == "bf16" else compute_precision(
+        cfg.rollout_precision, device)      # auto: bf16 on CUDA, and wherever the run computes in bf16
+    rollout_bf16 = rollout == "bf16" and cfg.recompute_old_logprobs != "never"
     return Placement(info=info, device=device, teacher_device=teacher_device or device,
-                     fsdp=cfg.distributed == "fsdp" and info.world > 1,
-                     precision=precision, recompute=recomputes_old_logprobs(cfg.recompute_old_logprobs, precision))
+                     fsdp=cfg.distributed == "fsdp" and info.world > 1, precision=precision,
+                     recompute=recompute or rollout_bf16, rollout_bf16=rollout_bf16)
 
 
 @dataclass
