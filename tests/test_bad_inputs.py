@@ -584,3 +584,29 @@ def test_the_cli_refuses_a_garbage_tokenizer_and_nan_weights_in_one_line(damaged
         rc, stdout, stderr = cli(["eval", "--model", str(path), "--episodes", "1", "--out", str(tmp_path / how)])
         assert_one_line(rc, stdout, stderr, needle)
         assert tree(path) == before and not (tmp_path / how).exists()
+
+
+def test_eval_exits_non_zero_when_every_episode_ended_in_an_env_error(tmp_path):
+    """The run says so in its summary and, since it measured nothing, exits non-zero in one line."""
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "raising_env.py").write_text(textwrap.dedent('''
+        from atod_edge.envs.household.env import HouseholdEnv
+
+        class RaisingEnv(HouseholdEnv):
+            name = "raising"
+
+            def step(self, action):
+                raise RuntimeError("the simulator crashed")
+    '''))
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "atod_edge.cli", "eval", "--policy", "expert", "--env",
+                             "raising_env:RaisingEnv", "--episodes", "2", "--out", str(tmp_path / "ev")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "2 of 2 episodes ended in env errors" in result.stdout
+    [line] = result.stderr.strip().splitlines()
+    assert "every one of 2 episodes ended in an env error" in line and "the simulator crashed" in line

@@ -72,7 +72,17 @@ def _evaluate_one(cfg, policy, out: str, force: bool) -> int:
     save_eval(out, summary, episodes, force=force)
     print(format_summary(summary))
     print(f"report and episodes: {out}/")
+    _refuse_if_every_episode_failed(summary)
     return 0
+
+
+def _refuse_if_every_episode_failed(summary: dict) -> None:
+    """An evaluation whose every episode ended in an env error measured nothing: exit non-zero."""
+    from atod_edge.evaluate.evaluate import all_failed_by_error
+
+    if all_failed_by_error(summary):
+        raise UserError(f"every one of {summary['episodes']} episodes ended in an env error "
+                        f"(first: {summary.get('first_error')})")
 
 
 def _compare(cfg, agents: list[str], out: str, force: bool) -> int:
@@ -95,6 +105,8 @@ def _compare(cfg, agents: list[str], out: str, force: bool) -> int:
     print(format_comparison(compare_summary(runs[0][2], runs[1][2])))
     print(f"episodes and pairing index: {out}/  (view: atod-edge tui --diff {out}/a/episodes.jsonl "
           f"{out}/b/episodes.jsonl)")
+    for _, summary, _ in runs:
+        _refuse_if_every_episode_failed(summary)
     return 0
 
 

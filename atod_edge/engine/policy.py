@@ -221,8 +221,12 @@ class TorchPolicy(Policy):
         attention = np.concatenate([prefix_mask.astype(np.int64), attention], axis=1)
         input_ids, attention, positions = (torch.from_numpy(a).to(self.device)
                                            for a in (input_ids, attention, positions))
+        # the last position as an index tensor, not logits_to_keep=1: the slice hidden[:, -1:] is a strided
+        # view, under which torch.matmul expands the LM head's weight to [B, hidden, vocab] and copies it
+        # (~1 s a prefill batch at SmolLM2's 49k vocabulary in bf16); an index gathers a contiguous row
+        last = torch.tensor([input_ids.shape[1] - 1], device=self.device)
         out = self.model(input_ids=input_ids, attention_mask=self._mask(attention, input_ids.shape[1]),
-                         position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=last)
         cache, logits = out.past_key_values, out.logits[:, -1, :].float()
         if store:
             store_new_blocks(store, cache, block_keys, hits, [len(x) for x in suffixes])

@@ -31,13 +31,13 @@ class Calibration:
 
 def episode_sequences(model, tokenizer, env: str, n_episodes: int, seed: int = 0) -> list[list[int]]:
     """Token ids (prompt + the student's reply) of every turn of its greedy train-split episodes."""
-    from atod_edge.envs import env_class
+    from atod_edge.envs import env_class, env_tasks
     from atod_edge.engine.sampling import SamplingParams
     from atod_edge.engine.policy import TorchPolicy
     from atod_edge.rollout.runner import run_episodes
 
     env_cls = env_class(env)
-    tasks = env_cls().tasks("train", n_episodes)
+    tasks = env_tasks(env_cls, "train", n_episodes)
     policy = TorchPolicy(model, tokenizer, name="calibration")
     episodes = run_episodes(policy, env_cls, tasks, sampling=SamplingParams(temperature=0.0), seed=seed)
     return [list(t.prompt_ids) + list(t.response_ids) for e in episodes for t in e.turns

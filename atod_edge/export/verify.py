@@ -100,12 +100,12 @@ def heldout_contexts(tokenizer, cfg: VerifyConfig) -> tuple[list[Context], str]:
 
 
 def _episode_contexts(tokenizer, cfg: VerifyConfig) -> list[Context]:
-    from atod_edge.envs import env_class
+    from atod_edge.envs import env_class, env_tasks
     from atod_edge.prompts import build_messages, encode_prompt, format_response
     from atod_edge.rollout.runner import run_scripted
 
     env_cls = env_class(env_name(cfg))
-    tasks = env_cls().tasks("eval", cfg.n_contexts, start=cfg.n_episodes + 1000)
+    tasks = env_tasks(env_cls, "eval", cfg.n_contexts, start=cfg.n_episodes + 1000)
     episodes = run_scripted("expert", env_cls, tasks)
     end = tokenizer.eos_token or ""
     contexts = []
@@ -257,11 +257,11 @@ def decode_speed(policy: Policy, prompts: Sequence[Sequence[int]], min_tokens: i
 def agent_episodes(policy: Policy, cfg: VerifyConfig) -> list:
     """The agent-parity episodes: greedy, on the first cfg.n_episodes eval tasks of the env, seed 0,
     so every backend plays exactly the same episodes (paired)."""
-    from atod_edge.envs import env_class
+    from atod_edge.envs import env_class, env_tasks
     from atod_edge.rollout.runner import run_episodes
 
     env_cls = env_class(env_name(cfg))
-    tasks = env_cls().tasks("eval", cfg.n_episodes)
+    tasks = env_tasks(env_cls, "eval", cfg.n_episodes)
     return run_episodes(policy, env_cls, tasks, sampling=SamplingParams(temperature=0.0),
                         seed=0, max_turns=cfg.max_turns or None)
 

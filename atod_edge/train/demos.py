@@ -31,13 +31,13 @@ def demo_episodes(cfg: SFTConfig, dagger: Callable[[list], list[Episode]] | None
     """The demonstrations cfg.demos names: one generated kind, a mix of kinds joined by "+"
     (e.g. "dart+dagger": consecutive equal shares of the train tasks, one per kind), or a
     file. `dagger(tasks)` makes the dagger demos (it needs the model)."""
-    from atod_edge.envs import env_class
+    from atod_edge.envs import env_class, env_tasks
     from atod_edge.rollout.runner import run_scripted
 
     kinds = cfg.demos.split("+")
     if all(kind in GENERATED_DEMOS for kind in kinds):
         env_cls = env_class(cfg.env)
-        tasks = env_cls().tasks("train", cfg.episodes, start=cfg.demo_start)
+        tasks = env_tasks(env_cls, "train", cfg.episodes, start=cfg.demo_start)
         episodes = []
         for i, kind in enumerate(kinds):
             share = tasks[i * len(tasks) // len(kinds):(i + 1) * len(tasks) // len(kinds)]

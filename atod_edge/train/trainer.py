@@ -66,7 +66,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     from atod_edge.engine.policy import TorchPolicy
     from atod_edge.engine.rollout_copy import refresh_rollout_copy, rollout_copy
     from atod_edge.engine.sampling import SamplingParams
-    from atod_edge.envs import env_class
+    from atod_edge.envs import env_class, env_tasks
     from atod_edge.rollout.runner import run_episodes
     from atod_edge.scoring.teacher import score_episodes   # a torch model or a .gguf in llama.cpp
 
@@ -96,7 +96,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     policy = TorchPolicy(rollout_model, student.tokenizer, name=f"student@{run_dir.name}",
                          precision="bf16" if where.rollout_bf16 else where.precision)
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-    train_tasks = env_cls().tasks("train", cfg.tasks_per_step * cfg.steps)
+    train_tasks = env_tasks(env_cls, "train", cfg.tasks_per_step * cfg.steps)
 
     started = time.perf_counter()
     for step in range(done_steps, cfg.steps):
