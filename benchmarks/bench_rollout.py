@@ -271,6 +271,35 @@ def decode_step_ms(policy, prompts, steps: int, repeats: int = 5) -> dict:
         policy.tokenizer = real
 
 
+class _SlicedLastPosition:
+    """A model whose forward gets logits_to_keep=1 where the engine passes the last position's
+    index: the engine's prefill before issue 27 (the LM head on a strided slice)."""
+
+    def __init__(self, model):
+        self.__dict__["_model"] = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, **kwargs):
+        import torch
+
+        if isinstance(kwargs.get("logits_to_keep"), torch.Tensor):
+            kwargs["logits_to_keep"] = 1
+        return self._model(**kwargs)
+
+
+def engine_before(model, tokenizer):
+    """The engine as it was before issue 27: transformers' own SDPA (repeat_kv under a mask) and the
+    prefill's LM head on hidden[:, -1:]."""
+    from atod_edge.engine.policy import TorchPolicy
+
+    policy = TorchPolicy(model, tokenizer)
+    policy.fold_gqa = False
+    policy.model = _SlicedLastPosition(model)
+    return policy
+
+
 def ensure_smollm2_cut(out: Path, log) -> str | None:
     """The SmolLM2-135M student cut (every third layer) at `out`, made with the CLI when missing.
     Returns None when it exists, else why it could not be made."""
@@ -305,6 +334,7 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
     import torch
 
     from atod_edge.engine.policy import TorchPolicy
+    from atod_edge.engine.rollout_copy import rollout_copy
     from atod_edge.envs import env_class
     from atod_edge.models.loading import load_model
 
@@ -330,6 +360,13 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
         policy = TorchPolicy(model, tokenizer, prefix_cache_mb=mb)
         seconds, counts, episodes = timed_rollout(policy, env_cls, tasks, sampling, turns)
         row(name, "engine" if mb is None else "engine-no-reuse", seconds, counts)
+        if mb is None:   # issue 27: the engine before (stock SDPA, sliced LM head) and with a bf16 copy
+            before_policy, bf16_policy = engine_before(model, tokenizer), TorchPolicy(
+                rollout_copy(model), tokenizer, precision="bf16")
+            row("engine before issue 27 (transformers' SDPA: repeat_kv under a mask; prefill LM head on a "
+                "strided slice)", "engine-before", *timed_rollout(before_policy, env_cls, tasks, sampling, turns)[:2])
+            row("engine on a bf16 copy of the weights (train config rollout_precision=bf16; other samples)",
+                "engine-bf16", *timed_rollout(bf16_policy, env_cls, tasks, sampling, turns)[:2])
         if mb is None:
             engine_episodes = episodes
             reuse = policy.last_store.hit_rate if getattr(policy, "last_store", None) is not None else 0.0
@@ -351,6 +388,8 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
     working_set = machine_bounds.memory_bandwidth(max(4, int(cost32["bytes"] / 2**20)), repeats=5)
     llc = machine_bounds.last_level_cache_bytes()
     engine_times = decode_step_ms(engine_policy, prompts, args.decode_steps)
+    before_times = decode_step_ms(before_policy, prompts, args.decode_steps)
+    bf16_times = decode_step_ms(bf16_policy, prompts, args.decode_steps)
     engine_ms = engine_times["wall"]
     bound32 = machine_bounds.bound(cost32, bandwidth["gb_s"], peak["gflop_s"]["float32"])
     bound32_ws = machine_bounds.bound(cost32, max(working_set["gb_s"], bandwidth["gb_s"]), peak["gflop_s"]["float32"])
@@ -369,6 +408,14 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
               "bf16_weights_bound": machine_bounds.bound(
                   machine_bounds.decode_step_cost(model, len(prompts), context, weight_bytes=2, kv_bytes=2),
                   bandwidth["gb_s"], peak["gflop_s"]["bfloat16"])}
+    for key, times, bound in (("engine_before_fp32", before_times, bound32),
+                              ("engine_bf16", bf16_times, decode["bf16_weights_bound"])):
+        decode[key] = {"step_ms": times["wall"], "cpu_step_ms": times["cpu"], "bound": bound,
+                       "tokens_per_s": len(prompts) / times["wall"] * 1e3,
+                       "fraction_of_bound": bound["step_ms"] / times["wall"],
+                       "fraction_of_bound_cpu_time": bound["step_ms"] / times["cpu"],
+                       "fraction_of_fp32_bound": bound32["step_ms"] / times["wall"],
+                       "fraction_of_fp32_bound_cpu_time": bound32["step_ms"] / times["cpu"]}
     log(f"  decode at batch {len(prompts)} (context {context:.0f}): engine {engine_ms:.2f} ms/step; bound "
         f"{bound32['step_ms']:.2f} ms ({bound32['bound_by']}-bound) -> {decode['engine_fp32']['fraction_of_bound']:.0%}")
 
@@ -419,6 +466,10 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
     return {"source": source, "settings": settings, "rows": rows, "prefix_reuse_share": reuse,
             "vs_batched_generate": rate["engine"] / rate["batched-generate"],
             "vs_batched_generate_cpu_time": cpu_rate["engine"] / cpu_rate["batched-generate"],
+            "vs_batched_generate_bf16": rate["engine-bf16"] / rate["batched-generate"],
+            "vs_batched_generate_bf16_cpu_time": cpu_rate["engine-bf16"] / cpu_rate["batched-generate"],
+            "vs_batched_generate_before": rate["engine-before"] / rate["batched-generate"],
+            "vs_batched_generate_before_cpu_time": cpu_rate["engine-before"] / cpu_rate["batched-generate"],
             "vs_per_episode": rate["engine"] / rate["per-episode"],
             "vs_llamacpp_batched": (rate["engine"] / rate["llama.cpp-batched"]
                                     if "llama.cpp-batched" in rate else None),
@@ -518,6 +569,12 @@ def main() -> None:
               f"{e['tokens_per_s']:.0f} tokens/s = {e['fraction_of_bound']:.0%} of the bound "
               f"({e['fraction_of_bound_cpu_time']:.0%} by CPU time) ({e['fraction_of_working_set_bound']:.0%} of the bound at "
               f"the working set's copy bandwidth, {d['working_set_bandwidth']['gb_s']:.1f} GB/s)")
+        for key, label in (("engine_before_fp32", "engine before issue 27"), ("engine_bf16", "engine, bf16 copy")):
+            x = d[key]
+            print(f"  {label}: {x['step_ms']:.2f} ms/step ({x['cpu_step_ms']:.2f} ms of CPU time) = "
+                  f"{x['fraction_of_bound']:.0%} of its bound ({x['bound']['step_ms']:.2f} ms; "
+                  f"{x['fraction_of_bound_cpu_time']:.0%} by CPU time); {x['fraction_of_fp32_bound']:.0%} of the "
+                  f"fp32 bound ({x['fraction_of_fp32_bound_cpu_time']:.0%} by CPU time)")
         if "llamacpp_f16" in d:
             lc = d["llamacpp_f16"]
             print(f"  llama.cpp f16: {lc['step_ms']:.2f} ms/step ({lc['cpu_step_ms']:.2f} ms of CPU time) = "
@@ -527,11 +584,17 @@ def main() -> None:
           + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     print("the same by CPU time of this process: " + ", ".join(
         f"{k} {v['vs_batched_generate_cpu_time']:.2f}x" for k, v in results.items() if "skipped" not in v))
+    for key in ("bf16", "before"):
+        print(f"engine ({key}) / batched HF generate: " + ", ".join(
+            f"{k} {v[f'vs_batched_generate_{key}']:.2f}x ({v[f'vs_batched_generate_{key}_cpu_time']:.2f}x by CPU time)"
+            for k, v in results.items() if "skipped" not in v))
     result = {
         "vs_batched_generate": ratios,
         "vs_per_episode": {k: v["vs_per_episode"] for k, v in results.items() if "skipped" not in v},
         "vs_batched_generate_cpu_time": {k: v["vs_batched_generate_cpu_time"] for k, v in results.items()
                                          if "skipped" not in v},
+        **{f"vs_batched_generate_{key}": {k: v[f"vs_batched_generate_{key}"] for k, v in results.items()
+                                         if "skipped" not in v} for key in ("bf16", "before")},
         "command": "python " + " ".join(sys.argv), "note": args.note,
         "load_average": {"start": load_start, "end": load_end},
         "seconds": time.perf_counter() - started,

@@ -152,11 +152,17 @@ def test_decoding_unpadded_rows_passes_no_mask_and_repeats_no_kv(qwen3, househol
     layers = model.config.num_hidden_layers
     calls = count_repeat_kv(monkeypatch)
     same = [household_prompts[0]] * 3                 # a group's first turn: nothing is padded
-    TorchPolicy(model, tokenizer, precision="bf16").generate(same, SAMPLE, seed=0)
+    stock = TorchPolicy(model, tokenizer, precision="bf16")
+    stock.fold_gqa = False                            # transformers' own SDPA path
+    stock.generate(same, SAMPLE, seed=0)
     assert len(calls) == 2 * layers                   # the prefill's keys and values only
     calls.clear()
-    TorchPolicy(model, tokenizer, precision="bf16").generate(household_prompts, SAMPLE, seed=0)
+    stock.generate(household_prompts, SAMPLE, seed=0)
     assert len(calls) == 2 * layers * SAMPLE.max_new_tokens   # padded rows still need the mask
+    calls.clear()
+    for prompts in (same, household_prompts):         # the engine's folded GQA attention: never (issue 27)
+        TorchPolicy(model, tokenizer, precision="bf16").generate(prompts, SAMPLE, seed=0)
+    assert calls == []
 
 
 def test_decoding_without_the_mask_gives_the_same_generations(qwen3, household_prompts, monkeypatch):

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
     average.add_argument("--force", action="store_true", help=FORCE_HELP)
     publish = m_sub.add_parser("publish", help="add a trained checkpoint to the model zoo (fp16 copy, "
                                                "evaluated on the eval and unseen splits, with its card)")
-    publish.add_argument("model", help="checkpoint dir")
+    publish.add_argument("model", help="checkpoint dir (with --adapter: a LoRA checkpoint holding adapter/)")
     publish.add_argument("--name", required=True, help="zoo name, e.g. household-teacher")
     publish.add_argument("--chain", required=True, metavar="FILE",
                          help="text file: the exact commands that made the checkpoint, one per line")
@@ -37,6 +37,12 @@ def add_parser(subparsers) -> None:
     publish.add_argument("--zoo", default=None, help="zoo directory (default: the package's atod_edge/zoo)")
     publish.add_argument("--force", action="store_true",
                          help="let the zoo entry replace a non-empty directory that is not a model")
+    publish.add_argument("--adapter", action="store_true",
+                         help="store the LoRA adapter only (needs --base); loading merges it into the base")
+    publish.add_argument("--base", default=None, metavar="PRESET",
+                         help="with --adapter: the preset it was trained on, e.g. smollm2-135m")
+    publish.add_argument("--adapter-dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                         help="with --adapter: store the adapter in this dtype (default: as saved)")
 
 
 FORCE_HELP = "let --out replace a non-empty directory that is not an earlier model (its files are lost)"
@@ -108,9 +114,15 @@ def _publish(args: argparse.Namespace) -> int:
         raise UserError(f"--chain {args.chain}: cannot read it ({type(e).__name__})") from None
     if not any(line.strip() for line in chain):
         raise UserError(f"--chain {args.chain} is empty: give the commands that made the model")
+    if args.adapter != bool(args.base):
+        raise UserError("--adapter and --base go together: --adapter --base PRESET publishes a LoRA adapter "
+                        "over that preset")
+    if args.adapter_dtype and not args.adapter:
+        raise UserError("--adapter-dtype applies to --adapter entries only (full models are stored in float16)")
     root = Path(args.zoo) if args.zoo else zoo.ZOO_ROOT
     out = publish(args.model, args.name, chain, env=args.env, episodes=args.episodes,
-                  description=args.description, trained_on=args.trained_on, root=root, force=args.force)
+                  description=args.description, trained_on=args.trained_on, root=root, force=args.force,
+                  base=args.base, adapter_dtype=args.adapter_dtype)
     print(f"{args.name}: {zoo.summary_line(zoo.read_card(args.name, root))}")
     print(f"zoo entry written: {out}/ (card: {out / zoo.CARD_MD})")
     return 0

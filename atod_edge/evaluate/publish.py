@@ -21,12 +21,18 @@ ZOO_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 def publish(src: str, name: str, chain: Sequence[str], env: str = "household", episodes: int = 300,
             temperature: float = 0.4, description: str = "", trained_on: str = "",
-            root: Path | None = None, max_turns: int = 0, log=print, force: bool = False) -> Path:
+            root: Path | None = None, max_turns: int = 0, log=print, force: bool = False,
+            base: str | None = None, adapter_dtype: str | None = None) -> Path:
     """Write zoo entry `name` from checkpoint `src`: fp16 weights, tokenizer, and a card with the
     command chain, the versions, the sha256 of every file and the evaluation of the stored model
     on the eval and unseen splits (`episodes` each, at `temperature`). The name, the numbers (the
     bounds of EvalConfig) and the entry's directory (io.check_output: new or an earlier model;
-    force: a foreign one too) are checked before any work."""
+    force: a foreign one too) are checked before any work.
+
+    base: SRC is a LoRA adapter (CHECKPOINT/adapter as LoRA training saves it, or the adapter dir)
+    over preset `base`; the entry stores the adapter only (adapter_dtype: cast it, e.g. float16)
+    with the base's name, version and weights sha256 in its card, and the merged model is what is
+    evaluated."""
     from atod_edge.config import from_dict
     from atod_edge.evaluate.evaluate import EvalConfig, evaluate
 
@@ -35,7 +41,10 @@ def publish(src: str, name: str, chain: Sequence[str], env: str = "household", e
         raise UserError(f"zoo name '{name}': expected a plain name like household-teacher (letters, digits, "
                         "'.', '_' and '-', not starting with '.' or '-')")
     from_dict(EvalConfig, {"env": env, "episodes": episodes, "temperature": temperature, "max_turns": max_turns})
-    check_output(root / name, "model", force=force, what="zoo entry")
+    earlier_entry = (root / name / CARD_JSON).is_file()   # an earlier zoo entry (a full model or an adapter)
+    check_output(root / name, "model", force=force or earlier_entry, what="zoo entry")
+    if adapter_dtype not in (None, "float32", "float16", "bfloat16"):
+        raise UserError(f"adapter dtype '{adapter_dtype}': expected float32, float16 or bfloat16")
     import torch
     import transformers
 
@@ -43,14 +52,20 @@ def publish(src: str, name: str, chain: Sequence[str], env: str = "household", e
     from atod_edge.models.loading import load_model
     from atod_edge.engine.policy import TorchPolicy
 
-    model, tokenizer = load_model(src)
+    if base is None:
+        model, tokenizer = load_model(src)
     source_card = _source_card(Path(src))
-    with atomic_path(root / name, kind=None if force else "model") as tmp:
+    with atomic_path(root / name, kind=None if force or earlier_entry else "model") as tmp:
         tmp.mkdir(parents=True)
-        model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        # Evaluate what users will load: the fp16 file, upcast to fp32 as load_model does on CPU.
-        stored, stored_tokenizer = load_model(tmp)
+        if base is None:
+            model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            stored_dir, base_card = tmp, None
+        else:
+            stored_dir, base_card = _store_adapter(src, base, tmp, name, adapter_dtype)
+        # Evaluate what users will load: the fp16 file, upcast to fp32 as load_model does on CPU
+        # (for an adapter: the stored adapter merged into its base).
+        stored, stored_tokenizer = load_model(stored_dir)
         policy = TorchPolicy(stored, stored_tokenizer, name=name)
         evaluation: dict[str, Any] = {"temperature": temperature, "episodes": episodes}
         for split in ("eval", "unseen"):
@@ -66,7 +81,8 @@ def publish(src: str, name: str, chain: Sequence[str], env: str = "household", e
                  for p in sorted(tmp.iterdir()) if p.is_file()}
         card = {
             "card_version": CARD_VERSION, "name": name, "env": env, "description": description,
-            "params": sum(p.numel() for p in stored.parameters()), "storage_dtype": "float16",
+            "params": sum(p.numel() for p in stored.parameters()),
+            "storage_dtype": "float16" if base_card is None else _adapter_dtype(tmp),
             "chain": list(chain), "trained_on": trained_on or f"{platform.machine()} CPU",
             "source": str(src), "source_card": source_card,
             "versions": {"atod_edge": atod_edge.__version__, "torch": torch.__version__,
@@ -74,11 +90,55 @@ def publish(src: str, name: str, chain: Sequence[str], env: str = "household", e
             "evaluation": evaluation, "eval_command": _eval_command(name, env, episodes, temperature),
             "published": time.strftime("%Y-%m-%d"), "files": files,
         }
+        if base_card is not None:
+            card["base"] = base_card
+            card["adapter"] = {k: v for k, v in _adapter_config(tmp).items()
+                               if k in ("r", "lora_alpha", "target_modules", "use_rslora")}
         atomic_write_json(tmp / CARD_JSON, card)
         atomic_write_text(tmp / CARD_MD, card_markdown(card))
     forget_verified(root / name)
     return root / name
 
+
+
+def _store_adapter(src: str, base: str, tmp: Path, name: str, dtype: str | None) -> tuple[Path, dict]:
+    """Copy SRC's LoRA adapter into the new entry `tmp` (cast to `dtype` if given), check it was
+    trained on this machine's `base` preset and fits it; return (the merged model dir, the card's base)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from atod_edge.models import adapters
+    from atod_edge.models.presets import PRESETS, build_preset
+
+    if base not in PRESETS:
+        raise UserError(f"--base '{base}': not a preset (choices: {', '.join(PRESETS)})")
+    adapter_dir = adapters.adapter_source(src)
+    config = adapters.adapter_settings(adapter_dir)
+    base_dir = build_preset(base)
+    adapters.check_trained_on(src, adapter_dir, base_dir, base)
+    config["base_model_name_or_path"] = base   # not the trainer's local path
+    atomic_write_json(tmp / adapters.ADAPTER_CONFIG, config)
+    tensors = load_file(str(adapter_dir / adapters.ADAPTER_WEIGHTS))
+    if dtype:
+        tensors = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(tmp / adapters.ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    base_card = adapters.base_record(base, base_dir)
+    files = {f: {"sha256": file_sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in adapters.ADAPTER_FILES}
+    merged = adapters.merged_dir(name, tmp, {"files": files, "base": base_card}, base_dir)
+    return merged, base_card
+
+
+def _adapter_config(entry: Path) -> dict:
+    return json.loads((entry / "adapter_config.json").read_text(encoding="utf-8"))
+
+
+def _adapter_dtype(entry: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(entry / "adapter_model.safetensors"), framework="pt") as f:
+        kinds = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    return ",".join(sorted(names.get(k, k) for k in kinds)) + " (LoRA adapter only)"
 
 
 def _source_card(src: Path) -> dict:
@@ -109,6 +169,13 @@ def card_markdown(card: dict[str, Any]) -> str:
                       if f not in (CARD_JSON, CARD_MD))
     chain = "\n".join(card["chain"])
     evals = "\n".join(card["eval_command"])
+    base = card.get("base")
+    if base:
+        version = base.get("wheel_version") or f"atod_edge {base.get('atod_edge', '?')}"
+        digests = ", ".join(f"{f} sha256 `{h}`" for f, h in sorted(base["sha256"].items()))
+        files += (f"\n\nA LoRA adapter only, over the preset `{base['preset']}` "
+                  f"({base.get('source') or base.get('kind')}, version {version}; base weights: {digests}). "
+                  "Loading it by name builds the base, checks those sha256 and merges the adapter into it.")
     return f"""# {card['name']}
 
 {card['description']}
@@ -127,7 +194,7 @@ def card_markdown(card: dict[str, Any]) -> str:
 {evals}
 ```
 
-## How it was made (from the `tiny-teacher` preset, seeds in the commands)
+## How it was made (from the `{(base or {}).get('preset', 'tiny-teacher')}` preset, seeds in the commands)
 
 ```bash
 {chain}

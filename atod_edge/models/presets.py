@@ -22,7 +22,7 @@ from pathlib import Path
 
 from atod_edge.errors import UserError
 from atod_edge.io import atomic_path, cache_dir
-from atod_edge.models import zoo
+from atod_edge.models import adapters, zoo
 from atod_edge.models.cache import Preset, file_lock, preset_dir, read_card
 from atod_edge.models.smollm2 import build_smollm2
 from atod_edge.models.tiny import build_tiny, tiny_card_is_current, tiny_llama
@@ -56,13 +56,16 @@ def preset_is_built(preset: Preset) -> bool:
 
 def resolve_model(name_or_dir: str | os.PathLike) -> Path:
     """A preset name (built into the cache on first use), a zoo model name (its files checked
-    against the sha256 in its card) or a local checkpoint directory."""
+    against the sha256 in its card; an adapter entry merged into its checked base, cached) or a
+    local checkpoint directory."""
     text = str(name_or_dir)
     if text in PRESETS:
         return build_preset(text)
     if zoo.is_zoo_name(text):
-        return zoo.model_dir(text)
+        return _zoo_model(text, None)
     path = Path(text).expanduser()
+    if path.is_dir() and (path / zoo.CARD_JSON).is_file() and (path / adapters.ADAPTER_CONFIG).is_file():
+        return _zoo_model(path.name, path.parent)   # an adapter entry's directory, given by path
     if not path.exists():
         raise UserError(f"model '{text}' not found: not a preset ({', '.join(PRESETS)}), "
                         f"not a zoo model ({', '.join(zoo.names()) or 'none'}) and no such directory")
@@ -74,6 +77,19 @@ def resolve_model(name_or_dir: str | os.PathLike) -> Path:
         raise UserError(f"model directory '{text}' has no tokenizer files "
                         "(tokenizer.json or tokenizer_config.json); save the tokenizer beside the model")
     return path
+
+
+def _zoo_model(name: str, root: Path | None) -> Path:
+    """A zoo model's checked directory; for an adapter entry, its merge into its checked base."""
+    directory = zoo.model_dir(name, root)
+    card = zoo.read_card(name, root)
+    base = zoo.adapter_base(card)
+    if base is None:
+        return directory
+    if base["preset"] not in PRESETS:
+        raise UserError(f"zoo model '{name}' is an adapter over '{base['preset']}', which is not a preset "
+                        f"({', '.join(PRESETS)})")
+    return adapters.merged_dir(name, directory, card, build_preset(base["preset"]))
 
 
 def build_preset(name: str, force: bool = False) -> Path:

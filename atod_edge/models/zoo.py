@@ -13,10 +13,15 @@ truncated, replaced) is refused with one line naming it, before transformers rea
 copy of SRC, evaluated as stored, and its card. Zoo models load by name anywhere a model is
 accepted (`--model household-teacher`, `teacher: household-teacher`), through
 `atod_edge.models.presets.resolve_model`.
+
+An entry may instead be a LoRA adapter only (adapter_config.json, adapter_model.safetensors) over a
+named base preset: its card's `base` names the preset, the version it came from and the sha256 of
+the base weights it was trained on (`adapter_base`); models/adapters.py checks the base and merges.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -64,7 +69,19 @@ def read_card(name: str, root: Path | None = None) -> dict[str, Any]:
                 or not isinstance(entry.get("sha256"), str)):
             raise UserError(f"zoo card {path}: malformed 'files' entry {file_name!r} "
                             "(expected a plain file name with its bytes and sha256)")
+    base = card.get("base")
+    if base is not None and (not isinstance(base, dict) or not isinstance(base.get("preset"), str)
+                             or not isinstance(base.get("sha256"), dict) or not base["sha256"]
+                             or not all(isinstance(v, str) for v in base["sha256"].values())
+                             or not {"adapter_config.json", "adapter_model.safetensors"} <= set(card["files"])):
+        raise UserError(f"zoo card {path}: malformed adapter entry (expected 'base' with its preset and the "
+                        "sha256 of its weights, and the adapter's two files in 'files')")
     return card
+
+
+def adapter_base(card: dict[str, Any]) -> dict[str, Any] | None:
+    """The base of an adapter-only entry (preset, version, weights sha256), or None for a full model."""
+    return card.get("base") if isinstance(card.get("base"), dict) else None
 
 
 def model_dir(name: str, root: Path | None = None) -> Path:
@@ -110,8 +127,19 @@ def forget_verified(directory: Path) -> None:
 
 
 def weights_sha256(name: str, root: Path | None = None) -> str:
-    """The sha256 of a zoo model's weights, from its card: a key for what was derived from it."""
-    return read_card(name, root)["files"]["model.safetensors"]["sha256"]
+    """The sha256 of a zoo model's weights, from its card: a key for what was derived from it (for
+    an adapter entry, a digest of the adapter's and the base weights' sha256)."""
+    return card_weights_key(read_card(name, root))
+
+
+def card_weights_key(card: dict[str, Any]) -> str:
+    """weights_sha256 of a card already read."""
+    base = adapter_base(card)
+    if base is None:
+        return card["files"]["model.safetensors"]["sha256"]
+    parts = {"adapter": {f: v["sha256"] for f, v in sorted(card["files"].items()) if f.startswith("adapter_")},
+             "base": base["sha256"]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def summary_line(card: dict[str, Any]) -> str:
@@ -123,6 +151,9 @@ def summary_line(card: dict[str, Any]) -> str:
         if s:
             low, high = s["success_ci95"]
             parts.append(f"{split} {s['success']:.1%} [{low:.1%}, {high:.1%}] of {s['episodes']}")
+    base = adapter_base(card)
+    over = f"adapter over {base['preset']}; " if base else ""
     if not parts:
-        return "not evaluated"
-    return f"{card.get('env', '?')} " + ", ".join(parts) + f" (temperature {evaluation.get('temperature', '?')})"
+        return over + "not evaluated"
+    return (over + f"{card.get('env', '?')} " + ", ".join(parts)
+            + f" (temperature {evaluation.get('temperature', '?')})")

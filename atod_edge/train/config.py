@@ -65,11 +65,6 @@ class TrainConfig:
                          "too; FSDP2: a MixedPrecisionPolicy) | fp32. The trained weights are fp32 master weights "
                          "whatever the checkpoint's dtype (AdamW steps at lr 1e-6 round away in bf16); the frozen "
                          "teacher keeps its checkpoint's dtype on accelerators", choices=["auto", "bf16", "fp32"])
-    rollout_precision: str = opt("auto", "rollout weights: bf16 (rollouts decode a bf16 copy of the student, "
-                                 "refreshed after every update: half the weight bytes a decode step reads; samples "
-                                 "differ from fp32 decoding; lp_S is recomputed by the training forward) | fp32 (the "
-                                 "student itself, in `precision`) | auto (bf16 on CUDA, fp32 on CPU)",
-                                 choices=["auto", "bf16", "fp32"])
     steps: int = opt(150, "training steps (one optimizer round over one batch of rollouts)", min=1)
     tasks_per_step: int = opt(16, "B: tasks per step", min=1)
     group_size: int = opt(8, "G: rollouts per task (a GRPO group)", min=1, max=4096)
@@ -132,6 +127,12 @@ class TrainConfig:
     schedule: ScheduleConfig = nested(ScheduleConfig, "the annealed kappa/rho schedule")
     bootstrap: BootstrapOptions = nested(BootstrapOptions, "teacher bootstrap and cold start")
     compare: bool = opt(True, "at the end, evaluate the cold-start student and the teacher too and print a table")
+    rollout_precision: str = opt("auto", "rollout weights: bf16 (rollouts decode a bf16 copy of the student, "
+                                 "refreshed after every update: half the weight bytes a decode step reads; samples "
+                                 "differ from fp32 decoding; lp_S is recomputed by the training forward) | fp32 (the "
+                                 "student itself, in `precision`) | auto (bf16 on CUDA and where precision is bf16, "
+                                 "fp32 otherwise)",
+                                 choices=["auto", "bf16", "fp32"])
 
     def validate(self) -> None:
         for key in ("temperature", "top_p"):
