@@ -27,8 +27,6 @@ def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistIn
     is sharded with FSDP2, which reduces the gradients itself. cfg.prefix_reuse: each micro-batch
     encodes the prompt prefixes its turns share once (see turn_logprobs). grad_terms: first the
     norm of each advantage term's gradient and their cosine (term_gradient_norms)."""
-    from atod_edge.scoring.logprobs import response_logprobs
-
     device = next(student.parameters()).device
     precision = compute_precision(cfg.precision, str(device))
     parameters = [p for p in student.parameters() if p.requires_grad]
@@ -61,9 +59,7 @@ def update(student, optimizer, batch: TokenBatch, cfg: TrainConfig, info: DistIn
         for m in range(0, micro_batches * cfg.micro_batch, cfg.micro_batch):
             turns = order[m:m + cfg.micro_batch]
             if not turns:   # fsdp only: a zero-loss micro-batch to match the other ranks
-                new = torch.cat(response_logprobs(student, [[pad_id]], [[pad_id]], pad_id=pad_id, whole_model=True,
-                                                  precision=precision))
-                (new.sum() * 0.0).backward()
+                zero_loss_backward(student, pad_id, precision)
                 continue
             new_lp = turn_logprobs(student, [batch.prompts[k] for k in turns], [batch.responses[k] for k in turns],
                                    pad_id, reuse, fsdp, precision)
@@ -170,8 +166,6 @@ def backward_with(student, batch: TokenBatch, advantages: torch.Tensor, cfg: Tra
     accumulated into .grad and (ddp) summed over ranks; no optimizer step. The update's
     micro-batches, order, loss weights and token count; under fsdp every rank runs as many
     micro-batches as the busiest one."""
-    from atod_edge.scoring.logprobs import response_logprobs
-
     device = next(student.parameters()).device
     precision = compute_precision(cfg.precision, str(device))
     total_tokens = all_reduce_sum(torch.tensor(float(len(batch.old_logprobs)), device=device), info)
@@ -191,9 +185,7 @@ def backward_with(student, batch: TokenBatch, advantages: torch.Tensor, cfg: Tra
     for m in range(0, micro_batches * cfg.micro_batch, cfg.micro_batch):
         turns = order[m:m + cfg.micro_batch]
         if not turns:   # fsdp only: a zero-loss micro-batch to match the other ranks
-            new = torch.cat(response_logprobs(student, [[pad_id]], [[pad_id]], pad_id=pad_id, whole_model=True,
-                                              precision=precision))
-            (new.sum() * 0.0).backward()
+            zero_loss_backward(student, pad_id, precision)
             continue
         new = torch.cat(turn_logprobs(student, [batch.prompts[k] for k in turns],
                                       [batch.responses[k] for k in turns], pad_id, reuse, fsdp, precision))
@@ -269,3 +261,13 @@ def correct_for_rollout(batch: TokenBatch, rollout_logprobs: torch.Tensor | None
     if cfg.tis_cap:
         batch.loss_weights, truncated = truncated_is_weights(batch.old_logprobs, rollout_logprobs, cfg.tis_cap)
         batch.stats["tis_truncated_fraction"] = truncated
+
+
+def zero_loss_backward(student, pad_id: int, precision: str) -> None:
+    """A backward pass that contributes nothing: under FSDP every rank must run the same number of
+    forward/backward passes (their collectives pair up), so a rank with no turns left runs this."""
+    from atod_edge.scoring.logprobs import response_logprobs
+
+    new = torch.cat(response_logprobs(student, [[pad_id]], [[pad_id]], pad_id=pad_id, whole_model=True,
+                                      precision=precision))
+    (new.sum() * 0.0).backward()
