@@ -8,7 +8,10 @@ limit), measured in one run:
 - batched HF generate: one `model.generate` call per turn over every live episode, left padding,
   no KV reuse across turns: what TRL does without vLLM. **The headline baseline**;
 - the engine: atod_edge's TorchPolicy (batched KV-cache decode, prefix reuse) via the rollout
-  runner, and the same without prefix reuse;
+  runner, and the same without prefix reuse; the engine as it was before issue 27
+  (`engine-before`: transformers' SDPA, which copies the KV heads with repeat_kv under a mask, and
+  the prefill's LM head on a strided slice), and the engine decoding a bf16 copy of the weights
+  (`engine-bf16`, what the trainer's rollout_precision=bf16 runs; it samples other tokens);
 - llama.cpp: the model exported to GGUF f16 (atod_edge.export.export_model), decoded by
   llama-cpp-python's C API with many sequences in one context (one llama_decode per step over
   every live sequence, f32 KV cache as the project's LlamaCppPolicy uses, no prefix reuse), and
