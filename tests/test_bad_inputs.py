@@ -610,3 +610,31 @@ def test_eval_exits_non_zero_when_every_episode_ended_in_an_env_error(tmp_path):
     assert "2 of 2 episodes ended in env errors" in result.stdout
     [line] = result.stderr.strip().splitlines()
     assert "every one of 2 episodes ended in an env error" in line and "the simulator crashed" in line
+
+
+def test_train_stops_in_one_line_when_every_episode_of_a_step_ended_in_an_env_error(tmp_path):
+    """An env whose step() always raises must not train to exit 0 on nothing but errors."""
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "raising_env2.py").write_text(textwrap.dedent('''
+        from atod_edge.envs.household.env import HouseholdEnv
+
+        class RaisingEnv(HouseholdEnv):
+            name = "raising"
+
+            def step(self, action):
+                raise RuntimeError("the simulator crashed")
+    '''))
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "atod_edge.cli", "train", "--algo", "grpo", "--out",
+                             str(tmp_path / "run"), "--set", "env=raising_env2:RaisingEnv",
+                             "--set", "student=tiny-student", "--set", "teacher=none", "--set", "steps=2",
+                             "--set", "tasks_per_step=1", "--set", "group_size=2", "--set", "compare=false",
+                             "--set", "eval_episodes=0", "--set", "max_new_tokens=8"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "every one of its 2 episodes ended in an env error" in line and "the simulator crashed" in line

@@ -108,6 +108,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
                                 sampling=sampling, seed=cfg.seed * 100_003 + step * info.world + info.rank,
                                 history_turns=cfg.history_turns, max_turns=cfg.max_turns or None, step=step,
                                 timings=rollout_timings, chat_template_kwargs=cfg.chat_template_kwargs)
+        refuse_if_every_episode_failed(episodes, step)
         # score with the teacher: lp_T of every response token
         t1 = time.perf_counter()
         if teacher is not None:
@@ -339,3 +340,15 @@ def dump_weights_for_tests(model, info: DistInfo) -> None:
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
                    Path(dump_dir) / f"rank{info.rank}.pt")
+
+
+def refuse_if_every_episode_failed(episodes, step: int) -> None:
+    """A step whose every episode ended in an env error has nothing to learn from: stop in one line
+    (the checkpoints written so far stay; the run resumes once the env is fixed)."""
+    from atod_edge.rollout.runner import env_errors
+
+    failed = env_errors(episodes)
+    if episodes and failed == len(episodes):
+        first = next(ep.meta["error"] for ep in episodes if "error" in ep.meta)
+        raise UserError(f"step {step + 1}: every one of its {failed} episodes ended in an env error "
+                        f"(first: {' '.join(str(first).split())[:300]})")
