@@ -24,6 +24,9 @@ from atod_edge.evaluate.evaluate import EvalConfig, evaluate, paired_difference
 from atod_edge.io import atomic_write_json
 
 NS = (5, 10, 20, 40, 80, 160, 320)   # 80-320 added after 5-40 all scored 0% on valid (PLAN.md)
+EPOCHS = int(os.environ.get("GRID2_P1_EPOCHS", "1"))   # P1b (PLAN.md): 4 epochs on N >= 80
+NS = tuple(int(n) for n in os.environ["GRID2_P1_NS"].split(",")) if os.environ.get("GRID2_P1_NS") else NS
+P1_KEY = "p1_cold_starts" if EPOCHS == 1 else f"p1_cold_starts_epochs{EPOCHS}"
 LRS = (3e-4, 1e-4, 3e-5)
 VALID_EPISODES = 200
 PILOT_STEPS = 40
@@ -82,20 +85,22 @@ def main() -> int:
     state.setdefault("commit", os.environ.get("GRID2_COMMIT", ""))
     started = time.perf_counter()
     # P1: cold starts
-    cold = state.setdefault("p1_cold_starts", {})
+    cold = state.setdefault(P1_KEY, {})
     for n in NS:
         key = str(n)
         if key in cold:
             continue
-        model = work / f"cold-{n}"
+        model = work / (f"cold-{n}" if EPOCHS == 1 else f"cold-{n}-e{EPOCHS}")
         if not (model / "config.json").exists():
             cli("sft", "--model", "tiny-student", "--env", "household", "--demos", "noisy", "--episodes", str(n),
-                "--out", str(model), "--set", "noise=0.3", "--set", "epochs=1", "--set", "lr=1e-3",
+                "--out", str(model), "--set", "noise=0.3", "--set", f"epochs={EPOCHS}", "--set", "lr=1e-3",
                 "--set", "batch_size=16", "--set", "prompt_loss_weight=0.0", "--set", "seed=0",
                 "--set", "eval_episodes=0")   # no eval-split look: choices are made on valid only
         cold[key] = {"model": str(model), "valid": valid_outcomes(str(model))}
         log(f"P1 N={n}: valid success {cold[key]['valid']['success']:.1%}")
         save()
+    if os.environ.get("GRID2_P1_ONLY"):
+        return 0
     if "p1_choice" not in state:
         inside = [n for n in NS if 0.05 <= cold[str(n)]["valid"]["success"] <= 0.12]
         choice = inside[0] if inside else min(NS, key=lambda n: abs(cold[str(n)]["valid"]["success"] - 0.085))
