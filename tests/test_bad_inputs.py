@@ -586,13 +586,14 @@ def test_the_cli_refuses_a_garbage_tokenizer_and_nan_weights_in_one_line(damaged
         assert tree(path) == before and not (tmp_path / how).exists()
 
 
-def test_eval_exits_non_zero_when_every_episode_ended_in_an_env_error(tmp_path):
-    """The run says so in its summary and, since it measured nothing, exits non-zero in one line."""
-    import subprocess
-    import sys
+
+def _raising_env(tmp_path, module: str) -> dict:
+    """A household env whose step() always raises, importable as `module:RaisingEnv`; the env vars
+    that put it on the path."""
+    import os
     import textwrap
 
-    (tmp_path / "raising_env.py").write_text(textwrap.dedent('''
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent('''
         from atod_edge.envs.household.env import HouseholdEnv
 
         class RaisingEnv(HouseholdEnv):
@@ -601,7 +602,15 @@ def test_eval_exits_non_zero_when_every_episode_ended_in_an_env_error(tmp_path):
             def step(self, action):
                 raise RuntimeError("the simulator crashed")
     '''))
-    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    return {**os.environ, "PYTHONPATH": str(tmp_path)}
+
+
+def test_eval_exits_non_zero_when_every_episode_ended_in_an_env_error(tmp_path):
+    """The run says so in its summary and, since it measured nothing, exits non-zero in one line."""
+    import subprocess
+    import sys
+
+    env = _raising_env(tmp_path, "raising_env")
     result = subprocess.run([sys.executable, "-m", "atod_edge.cli", "eval", "--policy", "expert", "--env",
                              "raising_env:RaisingEnv", "--episodes", "2", "--out", str(tmp_path / "ev")],
                             capture_output=True, text=True, env=env, timeout=300)
@@ -616,18 +625,8 @@ def test_train_stops_in_one_line_when_every_episode_of_a_step_ended_in_an_env_er
     """An env whose step() always raises must not train to exit 0 on nothing but errors."""
     import subprocess
     import sys
-    import textwrap
 
-    (tmp_path / "raising_env2.py").write_text(textwrap.dedent('''
-        from atod_edge.envs.household.env import HouseholdEnv
-
-        class RaisingEnv(HouseholdEnv):
-            name = "raising"
-
-            def step(self, action):
-                raise RuntimeError("the simulator crashed")
-    '''))
-    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    env = _raising_env(tmp_path, "raising_env2")
     result = subprocess.run([sys.executable, "-m", "atod_edge.cli", "train", "--algo", "grpo", "--out",
                              str(tmp_path / "run"), "--set", "env=raising_env2:RaisingEnv",
                              "--set", "student=tiny-student", "--set", "teacher=none", "--set", "steps=2",
