@@ -63,6 +63,16 @@ def paired(after: dict, before: dict) -> dict:
     return paired_difference(a, b)
 
 
+def train_to_end(run: Path, algo: str, student: str, lr: float) -> None:
+    """Train a pilot run to its last step: start it, or resume it where an interrupted one stopped."""
+    if (run / "checkpoints" / f"step_{PILOT_STEPS:06d}").is_dir():
+        return
+    if (run / "metrics.jsonl").exists():
+        cli("train", "--resume", str(run))
+    else:
+        cli("train", "--algo", algo, "--out", str(run), "--set", f"student={student}", "--set", f"lr={lr}", *COMMON)
+
+
 def first_row(run_dir: Path) -> dict:
     with open(run_dir / "metrics.jsonl") as f:
         return json.loads(f.readline())
@@ -116,9 +126,7 @@ def main() -> int:
         if key in grpo:
             continue
         run = work / f"grpo-lr{key}"
-        if not (run / "done.json").exists() and not list(run.glob("checkpoints/step_*")):
-            cli("train", "--algo", "grpo", "--out", str(run), "--set", f"student={cold_model}", "--set", f"lr={lr}",
-                *COMMON)
+        train_to_end(run, "grpo", cold_model, lr)
         final = sorted(run.glob("checkpoints/step_*"))[-1]
         valid = valid_outcomes(str(final))
         grpo[key] = {"run": str(run), "valid": valid, "vs_cold": paired(valid, cold_valid),
@@ -133,9 +141,7 @@ def main() -> int:
     # P3: OPD with the gates
     if "p3_opd" not in state:
         run = work / "opd"
-        if not list(run.glob("checkpoints/step_*")):
-            cli("train", "--algo", "opd", "--out", str(run), "--set", f"student={cold_model}", "--set", f"lr={lr}",
-                *COMMON)
+        train_to_end(run, "opd", cold_model, lr)
         final = sorted(run.glob("checkpoints/step_*"))[-1]
         valid = valid_outcomes(str(final))
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
