@@ -7,9 +7,10 @@
 For each env the teacher and the cold-start student come from the env's recipe
 (pipeline.ensure_model: bootstrapped by SFT once, cached) and are shared by every method and
 seed. Each (env, method, seed) trains into OUT/runs/{env}-{method}-s{seed}; ablations
-(no-anneal: schedule.anneal=false, uniform: weights=uniform, token: weights=token) run on
-household only. Every run, the teacher and the cold-start student are then evaluated on the
-eval and unseen splits (--eval-episodes episodes, temperature 0.4), and OUT gets results.md,
+(no-anneal: schedule.anneal=false, uniform: weights=uniform, token: weights=token, adaptive:
+schedule.shape=adaptive) run on household only. Every run, the teacher and the cold-start
+student are then evaluated on the eval and unseen splits (--splits; --eval-episodes episodes,
+temperature 0.4), and OUT gets results.md,
 results.json and PNG plots (benchmarks/compare_report.py).
 
 Every final evaluation (each run's, the teacher's, the cold start's) plays the same tasks with
@@ -65,7 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--algos", default="atod,opd,grpo", help="comma-separated: atod, opd, grpo")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--ablations", default="no-anneal,uniform,token",
-                        help="comma-separated ATOD ablations on household: no-anneal, uniform, token ('' = none)")
+                        help="comma-separated ATOD ablations on household: no-anneal, uniform, token, adaptive "
+                             "('' = none)")
+    parser.add_argument("--splits", default="eval,unseen",
+                        help="splits every final model is evaluated and reported on (eval, unseen)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the recipe's)")
     parser.add_argument("--eval-episodes", type=int, default=200, help="final evaluation episodes per split")
     parser.add_argument("--eval-seed", type=int, default=0,
@@ -480,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise UserError(f"unknown algo or ablation {', '.join(bad)} (algos: {', '.join(report.MAIN_METHODS)}; "
                         f"ablations: {', '.join(report.ABLATIONS)})")
+    try:
+        report.use_splits(_split(args.splits))
+    except ValueError as error:
+        raise UserError(f"--splits: {error}") from None
     if ablations and "household" not in envs:
         log("ablations run on household only, and household is not in --envs: no ablations")
         ablations = []

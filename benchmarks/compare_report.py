@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,16 +27,29 @@ import numpy as np
 import seed_stats  # noqa: E402 - a sibling module (benchmarks/ is on sys.path for every caller)
 from atod_edge.io import atomic_path, atomic_write_json, atomic_write_text, read_jsonl
 
-SPLITS = ("eval", "unseen")
+SPLITS = ("eval", "unseen")   # the splits evaluated and reported; use_splits() narrows them (grid 2: eval)
+
+
+def use_splits(splits) -> None:
+    """Evaluate and report only `splits` (a subset of eval, unseen), e.g. grid 2 drops unseen,
+    where the teacher scores 0% (benchmarks/results/grid2/PLAN.md)."""
+    global SPLITS
+    bad = [s for s in splits if s not in ("eval", "unseen")]
+    if bad or not splits:
+        raise ValueError(f"splits must be a non-empty subset of eval, unseen; got {', '.join(splits) or 'none'}")
+    SPLITS = tuple(splits)
+
 PLOTS = ("success_vs_step.png", "kappa_rho.png", "turns_vs_step.png", "log_ratio_vs_step.png", "time_breakdown.png")
 MAIN_METHODS = ("grpo", "opd", "atod")
 # ablation name -> --set overrides on top of ATOD (ATOD.md section 8)
-ABLATIONS = {"no-anneal": ["schedule.anneal=false"], "uniform": ["weights=uniform"], "token": ["weights=token"]}
+ABLATIONS = {"no-anneal": ["schedule.anneal=false"], "uniform": ["weights=uniform"], "token": ["weights=token"],
+             "adaptive": ["schedule.shape=adaptive"]}
 LABELS = {"cold-start": "cold-start student", "grpo": "GRPO", "opd": "OPD", "atod": "ATOD", "teacher": "teacher",
           "atod-no-anneal": "ATOD without annealing", "atod-uniform": "ATOD, uniform turn weights (no T-DUR)",
-          "atod-token": "ATOD, token-level weights"}
+          "atod-token": "ATOD, token-level weights", "atod-adaptive": "ATOD, adaptive schedule"}
 COLORS = {"cold-start": "tab:gray", "grpo": "tab:red", "opd": "tab:blue", "atod": "tab:green", "teacher": "black",
-          "atod-no-anneal": "tab:olive", "atod-uniform": "tab:purple", "atod-token": "tab:brown"}
+          "atod-no-anneal": "tab:olive", "atod-uniform": "tab:purple", "atod-token": "tab:brown",
+          "atod-adaptive": "tab:cyan"}
 # (key in a breakdown, label): where a training step's wall time goes
 PHASES = [("generate", "generation"), ("env", "env stepping"), ("prompt", "prompt building"),
           ("rollout_other", "rollout bookkeeping"), ("teacher", "teacher scoring"), ("update", "update"),
@@ -224,8 +238,17 @@ BOOTSTRAP_SEED = 0
 TRACKS_MARGIN = 0.05   # "ATOD tracks OPD early": not more than 5 points below it
 
 
+def _values(outcomes: dict, key: str) -> list[float]:
+    """Per-episode values of `key`; "turns_won" is the turn count of won episodes and NaN elsewhere
+    (episodes end early when won, so turns compare only where both sides won)."""
+    if key == "turns_won":
+        return [float(t) if s else float("nan") for t, s in zip(outcomes["turns"], outcomes["success"])]
+    return [float(v) for v in outcomes[key]]
+
+
 def paired_differences(a: dict, b: dict, key: str = "success") -> tuple[np.ndarray, list] | None:
-    """[seeds, tasks] of a - b per task, from per-episode outcomes.
+    """[seeds, tasks] of a - b per task, from per-episode outcomes (NaN where a side has no value:
+    key "turns_won" on a lost episode).
 
     a, b: {seed: outcomes} (outcomes: {"task_id": [...], key: [...]}); a model evaluated once
     (teacher, cold start) is {"-": outcomes} and pairs with every seed of the other side. Seeds:
@@ -242,13 +265,14 @@ def paired_differences(a: dict, b: dict, key: str = "success") -> tuple[np.ndarr
     rows = []
     for seed in seeds:
         left, right = a[seed], b[seed if seed in b else "-"]
-        right_by_task = dict(zip(right["task_id"], right[key]))
-        rows.append({task: float(value) - float(right_by_task[task])
-                     for task, value in zip(left["task_id"], left[key]) if task in right_by_task})
+        right_by_task = dict(zip(right["task_id"], _values(right, key)))
+        rows.append({task: value - right_by_task[task]
+                     for task, value in zip(left["task_id"], _values(left, key)) if task in right_by_task})
     tasks = [t for t in rows[0] if all(t in row for row in rows)]
-    if not tasks:
+    matrix = np.array([[row[t] for t in tasks] for row in rows], dtype=np.float64)
+    if not tasks or np.isnan(matrix).all(axis=1).any():
         return None
-    return np.array([[row[t] for t in tasks] for row in rows], dtype=np.float64), seeds
+    return matrix, seeds
 
 
 def paired_bootstrap(diffs: list[np.ndarray], resamples: int = BOOTSTRAP_RESAMPLES,
@@ -261,18 +285,21 @@ def paired_bootstrap(diffs: list[np.ndarray], resamples: int = BOOTSTRAP_RESAMPL
     seeds), and averages over seeds: the interval covers which tasks were drawn and how their
     episodes went, not which training seeds ran (the per-seed values show that spread)."""
     rng = np.random.default_rng(seed)
-    estimate = float(np.mean([d.mean() for d in diffs]))
-    boot = np.zeros(resamples)
-    for d in diffs:
-        per_task = d.mean(axis=0)
-        boot += per_task[rng.integers(0, len(per_task), size=(resamples, len(per_task)))].mean(axis=1)
-    boot /= len(diffs)
-    low, high = np.percentile(boot, [2.5, 97.5])
-    seeds = min(d.shape[0] for d in diffs)
-    per_seed = [float(np.mean([d[i].mean() for d in diffs])) for i in range(seeds)]
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # NaN (no value) cells are left out of every mean
+        estimate = float(np.mean([np.nanmean(np.nanmean(d, axis=1)) for d in diffs]))   # mean of seeds' means
+        boot = np.zeros(resamples)
+        for d in diffs:
+            per_task = np.nanmean(d, axis=0)
+            per_task = per_task[~np.isnan(per_task)]
+            boot += per_task[rng.integers(0, len(per_task), size=(resamples, len(per_task)))].mean(axis=1)
+        boot /= len(diffs)
+        low, high = np.percentile(boot, [2.5, 97.5])
+        seeds = min(d.shape[0] for d in diffs)
+        per_seed = [float(np.mean([np.nanmean(d[i]) for d in diffs])) for i in range(seeds)]
     return {"diff": estimate, "ci95": [float(low), float(high)], "per_seed": per_seed,
-            "tasks": [int(d.shape[1]) for d in diffs], "seeds": seeds, "resamples": resamples,
-            "bootstrap_seed": seed}
+            "tasks": [int((~np.isnan(d)).any(axis=0).sum()) for d in diffs], "seeds": seeds,
+            "resamples": resamples, "bootstrap_seed": seed}
 
 
 def verdict(ci95: list[float], threshold: float = 0.0) -> str:
@@ -294,7 +321,7 @@ class Claim:
     split: str
     a: str                      # the row whose outcome comes first in the difference
     b: str
-    key: str = "success"        # outcome compared: success (0/1) or turns
+    key: str = "success"        # outcome compared: success (0/1), turns, or turns_won (turns where both won)
     sign: int = 1               # +1: a - b; -1: b - a (fewer turns is better)
     threshold: float = 0.0
     curve: bool = False         # in-training evaluations of the first anneal_steps, not the final one
@@ -311,11 +338,13 @@ def headline_claims(methods: list[str], ablations: list[str]) -> list[Claim]:
     claims.append(Claim("ATOD tracks OPD early", "eval", "atod", "opd", threshold=-TRACKS_MARGIN, curve=True,
                         note=f"in-training evaluations up to step anneal_steps; holds when ATOD is at most "
                              f"{TRACKS_MARGIN:.0%} below OPD"))
-    claims += [Claim("ATOD's episodes shorten (fewer turns than the cold start)", "eval", "atod", "cold-start",
-                     key="turns", sign=-1),
-               Claim("GRPO's episodes get longer (more turns than the cold start)", "eval", "grpo", "cold-start",
-                     key="turns"),
-               Claim("ATOD's episodes are shorter than GRPO's", "eval", "atod", "grpo", key="turns", sign=-1)]
+    won = "turns on episodes both sides won (won episodes end early, so all-episode turns mostly track success)"
+    claims += [Claim("ATOD's won episodes are shorter than the cold start's", "eval", "atod", "cold-start",
+                     key="turns_won", sign=-1, note=won),
+               Claim("GRPO's won episodes are longer than the cold start's", "eval", "grpo", "cold-start",
+                     key="turns_won", note=won),
+               Claim("ATOD's won episodes are shorter than GRPO's", "eval", "atod", "grpo", key="turns_won", sign=-1,
+                     note=won)]
     for split in SPLITS:
         if "no-anneal" in ablations:
             claims.append(Claim("annealing helps (ATOD > ATOD without annealing)", split, "atod", "atod-no-anneal"))
@@ -323,6 +352,9 @@ def headline_claims(methods: list[str], ablations: list[str]) -> list[Claim]:
             claims.append(Claim("T-DUR helps (ATOD > ATOD with uniform turn weights)", split, "atod", "atod-uniform"))
         if "token" in ablations:
             claims.append(Claim("turn-level beats token-level weights", split, "atod", "atod-token"))
+        if "adaptive" in ablations:
+            claims.append(Claim("the adaptive schedule differs from the linear one (two-sided: adaptive - linear)",
+                                split, "atod-adaptive", "atod"))
     return [c for c in claims if all(r in ("teacher", "cold-start", *methods) or r.removeprefix("atod-") in ablations
                                      for r in (c.a, c.b))]
 
@@ -885,10 +917,11 @@ def build_report(out: str | Path, envs: list[str], algos: list[str], seeds: list
 
 
 def _ablation_table(stats: dict, rows: list[str], seeds: int) -> str:
-    lines = ["| household | eval success | unseen success | turns (eval) |", "|---|---|---|---|"]
+    columns = [(s, True) for s in SPLITS] + [("turns", False)]
+    lines = ["| household | " + " | ".join(f"{s} success" for s in SPLITS) + " | turns (eval) |",
+             "|---|" + "---|" * len(columns)]
     for row in rows:
-        cells = [format_cell(stats[s].get(row, {}).get("household"), percent, seeds)
-                 for s, percent in (("eval", True), ("unseen", True), ("turns", False))]
+        cells = [format_cell(stats[s].get(row, {}).get("household"), percent, seeds) for s, percent in columns]
         if any(c != "—" for c in cells):
             lines.append(f"| {LABELS.get(row, row)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

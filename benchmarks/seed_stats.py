@@ -22,6 +22,7 @@ the t quantile is 4.30, and the verdict says what the design can and cannot see.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -53,7 +54,9 @@ def per_seed(diffs: list[np.ndarray]) -> np.ndarray:
     """The paired difference of each seed, averaged over envs: diffs holds one [seeds, tasks] array
     per env (a - b per task, paired by seed)."""
     seeds = min(d.shape[0] for d in diffs)
-    return np.array([np.mean([d[i].mean() for d in diffs]) for i in range(seeds)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # NaN cells (no value, e.g. turns of a lost episode)
+        return np.array([np.mean([np.nanmean(d[i]) for d in diffs]) for i in range(seeds)])
 
 
 def t_interval(values: np.ndarray) -> dict:
@@ -79,9 +82,11 @@ def hierarchical_bootstrap(diffs: list[np.ndarray], resamples: int = BOOTSTRAP_R
         tasks = d.shape[1]
         drawn_tasks = rng.integers(0, tasks, size=(resamples, seeds, tasks))
         values = d[drawn_seeds[:, :, None], drawn_tasks]          # [resamples, seeds, tasks]
-        boot += values.mean(axis=(1, 2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            boot += np.nanmean(values, axis=(1, 2))   # NaN cells (no value) are left out
     boot /= len(diffs)
-    low, high = np.percentile(boot, [2.5, 97.5])
+    low, high = np.nanpercentile(boot, [2.5, 97.5])
     return [float(low), float(high)]
 
 

@@ -304,6 +304,26 @@ def test_paired_differences_match_tasks_and_seeds():
     turns, _ = report.paired_differences({0: _outcomes([0, 0], [3, 9])}, {"-": _outcomes([0, 0], [5, 5])}, "turns")
     assert turns.tolist() == [[-2.0, 4.0]]
     assert report.paired_differences(a, {}) is None
+    # turns_won: NaN unless both sides won; a seed with no both-won task pairs nothing
+    won, _ = report.paired_differences({0: _outcomes([1, 0, 1], [3, 9, 4])}, {"-": _outcomes([1, 1, 0], [5, 5, 5])},
+                                       "turns_won")
+    assert won[0, 0] == -2.0 and np.isnan(won[0, 1:]).all()
+    assert report.paired_differences({0: _outcomes([0, 1], [3, 9])}, {"-": _outcomes([1, 0], [5, 5])},
+                                     "turns_won") is None
+    boot = report.paired_bootstrap([np.array([[-2.0, np.nan, 1.0], [np.nan, np.nan, 3.0]])], resamples=200)
+    assert boot["diff"] == pytest.approx((-0.5 + 3.0) / 2) and boot["tasks"] == [2]
+
+
+def test_splits_can_be_narrowed_to_eval_and_the_adaptive_ablation_has_a_claim(monkeypatch):
+    monkeypatch.setattr(report, "SPLITS", report.SPLITS)   # restored after the test
+    report.use_splits(["eval"])
+    claims = report.headline_claims(["atod", "opd", "grpo"], ["no-anneal", "adaptive"])
+    assert {c.split for c in claims} == {"eval"}
+    adaptive = [c for c in claims if c.a == "atod-adaptive"]
+    assert len(adaptive) == 1 and adaptive[0].b == "atod" and "two-sided" in adaptive[0].name
+    assert report.ABLATIONS["adaptive"] == ["schedule.shape=adaptive"]
+    with pytest.raises(ValueError, match="subset of eval, unseen"):
+        report.use_splits(["valid"])
 
 
 def _add_outcomes(out: Path, run: str, eval_success: list[int], unseen_success: list[int], turns=None):
@@ -359,9 +379,10 @@ def test_claims_table_and_json_from_paired_outcomes(paired_dir):
     # curves: the same per-task outcomes in ATOD and OPD early -> difference 0, within 5 points
     tracks = claims[("ATOD tracks OPD early", "eval")]
     assert tracks["diff"] == 0.0 and tracks["verdict"] == "holds" and tracks["tasks"] == [20]
-    shorten = claims[("ATOD's episodes shorten (fewer turns than the cold start)", "eval")]
-    assert shorten["diff"] == pytest.approx(8.0) and shorten["verdict"] == "holds"
-    assert claims[("GRPO's episodes get longer (more turns than the cold start)", "eval")]["verdict"] == "fails"
+    # turns on episodes both sides won: the cold start wins tasks 0-3 (12 turns), ATOD wins them in 4
+    shorten = claims[("ATOD's won episodes are shorter than the cold start's", "eval")]
+    assert shorten["diff"] == pytest.approx(8.0) and shorten["verdict"] == "holds" and shorten["tasks"] == [4]
+    assert claims[("GRPO's won episodes are longer than the cold start's", "eval")]["verdict"] == "fails"
 
     md = (paired_dir / "results.md").read_text()
     assert "- ATOD > OPD [eval]: **holds** — paired difference +30.0 points; seed-level 95% t interval [" in md
