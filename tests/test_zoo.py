@@ -52,6 +52,20 @@ def test_zoo_model_loads_upcast_to_fp32(published):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+def test_publish_in_float32_keeps_the_weights_bit_exact(tmp_path):
+    import torch
+
+    publish("tiny-student", "exact-student", ["atod-edge models list"], episodes=1, max_turns=1,
+            root=tmp_path, dtype="float32", log=lambda *_: None)
+    assert zoo.read_card("exact-student", tmp_path)["storage_dtype"] == "float32"
+    stored, _ = load_model(zoo.model_dir("exact-student", tmp_path))
+    source, _ = load_model("tiny-student")
+    pairs = list(zip(stored.state_dict().items(), source.state_dict().items()))
+    assert pairs and all(a == b and torch.equal(x, y) for (a, x), (b, y) in pairs)
+    with pytest.raises(UserError, match="storage dtype 'int8'"):
+        publish("tiny-student", "bad-dtype", ["x"], episodes=1, root=tmp_path, dtype="int8")
+
+
 def _copy(published, tmp_path):
     root = tmp_path / "zoo"
     shutil.copytree(published, root)
@@ -109,7 +123,50 @@ def test_shipped_zoo_model_matches_its_card(name):
         assert card["evaluation"][split]["episodes"] >= 300
     assert card["evaluation"]["temperature"] == 0.4
     assert card["chain"] and card["versions"]["torch"]
-    assert json.loads((directory / "config.json").read_text())["vocab_size"] > 0
+    _check_entry_files(card, directory)
+
+
+def _check_entry_files(card: dict, directory) -> None:
+    """A full entry is a transformers checkpoint; an adapter-only one (models/adapters.py) holds
+    the adapter's files, no config of its own, and names its base (preset, weights sha256)."""
+    base = zoo.adapter_base(card)
+    if base is None:
+        assert json.loads((directory / "config.json").read_text())["vocab_size"] > 0
+        return
+    from atod_edge.models import adapters
+
+    assert set(adapters.ADAPTER_FILES) <= set(card["files"])
+    assert not (directory / "config.json").exists()   # the base's config comes from the preset
+    assert adapters.adapter_settings(directory)["r"] > 0
+    assert adapters.adapter_deltas(directory)   # LoRA A/B pairs only, every one complete
+    assert base["preset"] and base["sha256"] and all(len(v) == 64 for v in base["sha256"].values())
+
+
+def test_entry_file_check_takes_full_and_adapter_only_entries(published, tmp_path):
+    """The shipped-zoo check above, on a full entry and on an adapter-only one (which has no
+    config.json): each passes, and each fails when its own files are wrong."""
+    pytest.importorskip("peft")   # making the adapter needs it; loading one does not
+    from atod_edge.train.lora import ADAPTER_DIR, add_adapters, save_adapter
+
+    _check_entry_files(zoo.read_card("scratch-student", published), zoo.model_dir("scratch-student", published))
+    model, _ = load_model("tiny-student")
+    checkpoint = tmp_path / "lora"
+    save_adapter(add_adapters(model, 4, 8.0, 0.0, ["q_proj"]), checkpoint / ADAPTER_DIR)
+    root = tmp_path / "zoo"
+    publish(str(checkpoint), "scratch-adapter", ["atod-edge sft --set lora.rank=4"], episodes=1, max_turns=1,
+            root=root, log=lambda *_: None, base="tiny-student")
+    card, directory = zoo.read_card("scratch-adapter", root), zoo.model_dir("scratch-adapter", root)
+    _check_entry_files(card, directory)
+    (directory / "config.json").write_text("{}")   # a full entry's file in an adapter entry
+    with pytest.raises(AssertionError):
+        _check_entry_files(card, directory)
+    (directory / "config.json").unlink()
+    card["base"]["sha256"] = {}
+    with pytest.raises(AssertionError):
+        _check_entry_files(card, directory)
+    full = zoo.read_card("scratch-student", published)
+    with pytest.raises(FileNotFoundError):   # a full entry without config.json is no checkpoint
+        _check_entry_files(full, tmp_path)
 
 
 def test_household_teacher_is_listed_with_its_measured_success(capsys):

@@ -159,7 +159,7 @@ def test_cli_lists_info_and_publishes_adapter_entries(adapter_zoo, lora_checkpoi
     chain.write_text("atod-edge sft --model tiny-student --set lora.rank=4\n")
     root = tmp_path / "zoo"
     done = _cli(["models", "publish", str(lora_checkpoint[0]), "--name", "cli-adapter", "--chain", str(chain),
-                 "--adapter", "--base", "tiny-student", "--adapter-dtype", "float16", "--episodes", "1",
+                 "--adapter", "--base", "tiny-student", "--dtype", "float16", "--episodes", "1",
                  "--zoo", str(root)], root)
     assert done.returncode == 0, done.stderr
     card = zoo.read_card("cli-adapter", root)

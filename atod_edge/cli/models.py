@@ -41,8 +41,10 @@ def add_parser(subparsers) -> None:
                          help="store the LoRA adapter only (needs --base); loading merges it into the base")
     publish.add_argument("--base", default=None, metavar="PRESET",
                          help="with --adapter: the preset it was trained on, e.g. smollm2-135m")
-    publish.add_argument("--adapter-dtype", default=None, choices=("float32", "float16", "bfloat16"),
-                         help="with --adapter: store the adapter in this dtype (default: as saved)")
+    publish.add_argument("--dtype", "--adapter-dtype", dest="dtype", default=None,
+                         choices=("float32", "float16", "bfloat16"),
+                         help="storage dtype of the weights (default: float16 for a full model; with --adapter: "
+                              "the adapter as saved)")
 
 
 FORCE_HELP = "let --out replace a non-empty directory that is not an earlier model (its files are lost)"
@@ -117,12 +119,10 @@ def _publish(args: argparse.Namespace) -> int:
     if args.adapter != bool(args.base):
         raise UserError("--adapter and --base go together: --adapter --base PRESET publishes a LoRA adapter "
                         "over that preset")
-    if args.adapter_dtype and not args.adapter:
-        raise UserError("--adapter-dtype applies to --adapter entries only (full models are stored in float16)")
     root = Path(args.zoo) if args.zoo else zoo.ZOO_ROOT
     out = publish(args.model, args.name, chain, env=args.env, episodes=args.episodes,
                   description=args.description, trained_on=args.trained_on, root=root, force=args.force,
-                  base=args.base, adapter_dtype=args.adapter_dtype)
+                  base=args.base, dtype=args.dtype)
     print(f"{args.name}: {zoo.summary_line(zoo.read_card(args.name, root))}")
     print(f"zoo entry written: {out}/ (card: {out / zoo.CARD_MD})")
     return 0

@@ -22,15 +22,16 @@ ZOO_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 def publish(src: str, name: str, chain: Sequence[str], env: str = "household", episodes: int = 300,
             temperature: float = 0.4, description: str = "", trained_on: str = "",
             root: Path | None = None, max_turns: int = 0, log=print, force: bool = False,
-            base: str | None = None, adapter_dtype: str | None = None) -> Path:
-    """Write zoo entry `name` from checkpoint `src`: fp16 weights, tokenizer, and a card with the
+            base: str | None = None, dtype: str | None = None) -> Path:
+    """Write zoo entry `name` from checkpoint `src`: weights in `dtype` (default float16; float32
+    keeps a small model bit-exact), tokenizer, and a card with the
     command chain, the versions, the sha256 of every file and the evaluation of the stored model
     on the eval and unseen splits (`episodes` each, at `temperature`). The name, the numbers (the
     bounds of EvalConfig) and the entry's directory (io.check_output: new or an earlier model;
     force: a foreign one too) are checked before any work.
 
     base: SRC is a LoRA adapter (CHECKPOINT/adapter as LoRA training saves it, or the adapter dir)
-    over preset `base`; the entry stores the adapter only (adapter_dtype: cast it, e.g. float16)
+    over preset `base`; the entry stores the adapter only (dtype: cast it, e.g. float16; default: as saved)
     with the base's name, version and weights sha256 in its card, and the merged model is what is
     evaluated."""
     from atod_edge.config import from_dict
@@ -43,8 +44,8 @@ def publish(src: str, name: str, chain: Sequence[str], env: str = "household", e
     from_dict(EvalConfig, {"env": env, "episodes": episodes, "temperature": temperature, "max_turns": max_turns})
     earlier_entry = (root / name / CARD_JSON).is_file()   # an earlier zoo entry (a full model or an adapter)
     check_output(root / name, "model", force=force or earlier_entry, what="zoo entry")
-    if adapter_dtype not in (None, "float32", "float16", "bfloat16"):
-        raise UserError(f"adapter dtype '{adapter_dtype}': expected float32, float16 or bfloat16")
+    if dtype not in (None, "float32", "float16", "bfloat16"):
+        raise UserError(f"storage dtype '{dtype}': expected float32, float16 or bfloat16")
     import torch
     import transformers
 
@@ -58,12 +59,12 @@ def publish(src: str, name: str, chain: Sequence[str], env: str = "household", e
     with atomic_path(root / name, kind=None if force or earlier_entry else "model") as tmp:
         tmp.mkdir(parents=True)
         if base is None:
-            model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+            model.to(getattr(torch, dtype or "float16")).save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             stored_dir, base_card = tmp, None
         else:
-            stored_dir, base_card = _store_adapter(src, base, tmp, name, adapter_dtype)
-        # Evaluate what users will load: the fp16 file, upcast to fp32 as load_model does on CPU
+            stored_dir, base_card = _store_adapter(src, base, tmp, name, dtype)
+        # Evaluate what users will load: the stored file, upcast to fp32 as load_model does on CPU
         # (for an adapter: the stored adapter merged into its base).
         stored, stored_tokenizer = load_model(stored_dir)
         policy = TorchPolicy(stored, stored_tokenizer, name=name)
@@ -82,7 +83,7 @@ def publish(src: str, name: str, chain: Sequence[str], env: str = "household", e
         card = {
             "card_version": CARD_VERSION, "name": name, "env": env, "description": description,
             "params": sum(p.numel() for p in stored.parameters()),
-            "storage_dtype": "float16" if base_card is None else _adapter_dtype(tmp),
+            "storage_dtype": (dtype or "float16") if base_card is None else _adapter_dtype(tmp),
             "chain": list(chain), "trained_on": trained_on or f"{platform.machine()} CPU",
             "source": str(src), "source_card": source_card,
             "versions": {"atod_edge": atod_edge.__version__, "torch": torch.__version__,

@@ -207,12 +207,16 @@ def _prompt_parts(live: _Live) -> tuple:
 def episode_messages(episode: Episode, k: int, instructions: str, history_turns: int = 2) -> list[dict]:
     """The prompt messages of turn k of a recorded episode, exactly as the engine built them
     (SFT on demonstrations trains on the same prompts the agent later sees)."""
+    return build_messages(instructions, *episode_prompt_parts(episode, k), history_turns)
+
+
+def episode_prompt_parts(episode: Episode, k: int) -> tuple:
+    """What build_messages takes for turn k of a recorded episode (rollout.budget.PromptParts):
+    a demonstration's prompt goes through the same PromptFitter cut as a rollout's."""
     turns = episode.turns
     observations_after = [t.observation for t in turns[1:]] + [episode.final_observation]
     history = [(t.action or "(invalid)", observations_after[j]) for j, t in enumerate(turns[:k])]
-    return build_messages(instructions, turns[0].observation, history,
-                          None if k == 0 else turns[k].observation, turns[k].admissible or [],
-                          history_turns)
+    return turns[0].observation, history, None if k == 0 else turns[k].observation, turns[k].admissible or []
 
 
 def run_episodes(policy: Policy, env: str | Callable[[], Env], tasks: Sequence[Task],

@@ -103,6 +103,11 @@ class TrainConfig:
                                choices=["train", "mask"])
     history_turns: int = opt(2, "past turns shown in the prompt", min=0)
     max_turns: int = opt(0, "turn limit per episode (0: the env's default)", min=0)
+    env_step_timeout: float = opt(60.0, "seconds an env's reset/step may take before its episode ends as an "
+                                  "error (0: no limit); training rollouts and evaluations alike", min=0.0)
+    max_prompt_tokens: int = opt(0, "prompt token budget (0: the model's context less max_new_tokens); longer "
+                                 "prompts are cut, oldest history first; training rollouts and evaluations "
+                                 "alike", min=0)
     eval_every: int = opt(0, "evaluate every N steps (0: only at the end)", min=0)
     eval_episodes: int = opt(100, "episodes per evaluation (eval split, temperature eval_temperature)", min=0)
     eval_temperature: float = opt(0.4, "evaluation temperature (paper: 0.4)", min=0.0)
@@ -160,17 +165,10 @@ class TrainConfig:
         if self.algo != "opd" and self.group_size < 2:
             raise ConfigError(f"config key 'group_size': got {self.group_size}, GRPO needs >= 2 rollouts "
                               f"per task (algo={self.algo})")
-        if self.lora.rank:
-            if not self.lora.target_modules:
-                raise ConfigError("config key 'lora.target_modules': empty, but lora.rank > 0 needs at least one")
-            if self.distributed == "fsdp":
-                raise ConfigError("config key 'lora.rank': LoRA with distributed=fsdp is not supported; the "
-                                  "adapters are small, use distributed=ddp")
-            from atod_edge.train.lora import INSTALL_HINT, peft_available
-
-            if not peft_available():
-                raise ConfigError(f"config key 'lora.rank': got {self.lora.rank}, but LoRA needs peft, which is "
-                                  f"not installed: {INSTALL_HINT}")
+        if self.lora.rank and self.distributed == "fsdp":
+            raise ConfigError("config key 'lora.rank': LoRA with distributed=fsdp is not supported; the "
+                              "adapters are small, use distributed=ddp")
+        check_lora(self.lora)
 
 
 LR_SCHEDULES = ("linear", "constant", "cosine")   # the shapes of sft.lr_factor
@@ -221,6 +219,22 @@ class SFTConfig:
                                 "(0 = none)", min=0)
     chat_template_kwargs: dict = opt({}, "extra keyword arguments of the chat template for every prompt (demos, "
                                      "evaluation), e.g. {enable_thinking: false} for Qwen3")
+    lora: LoraOptions = nested(LoraOptions, "LoRA adapters instead of full fine-tuning (needs peft); the output "
+                               "is the merged model, with the adapter in <out>/adapter/")
 
     def validate(self) -> None:
         check_template_kwargs(self.chat_template_kwargs)
+        check_lora(self.lora)
+
+
+def check_lora(lora: LoraOptions) -> None:
+    """The `lora:` keys of a train or sft config (TrainConfig also refuses LoRA under fsdp)."""
+    if not lora.rank:
+        return
+    if not lora.target_modules:
+        raise ConfigError("config key 'lora.target_modules': empty, but lora.rank > 0 needs at least one")
+    from atod_edge.train.lora import INSTALL_HINT, peft_available
+
+    if not peft_available():
+        raise ConfigError(f"config key 'lora.rank': got {lora.rank}, but LoRA needs peft, which is "
+                          f"not installed: {INSTALL_HINT}")

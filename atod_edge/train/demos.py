@@ -131,15 +131,25 @@ def _is_well_formed(episode: Episode) -> bool:
 
 
 def build_examples(episodes: list[Episode], tokenizer, instructions: str, history_turns: int,
-                   chat_template_kwargs: dict | None = None) -> list[tuple[list[int], list[int]]]:
+                   chat_template_kwargs: dict | None = None, context: int | None = None,
+                   counts: dict | None = None) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids + end-of-turn) for every valid demonstrated turn, and for every
     turn labelled with an expert action (dart demos), whatever was executed there. The prompts
-    are the rollout engine's, with the same chat_template_kwargs."""
+    are the rollout engine's, with the same chat_template_kwargs.
+
+    context: the model's context (max_position_embeddings; None: no limit). A turn whose prompt
+    plus response is longer gets its prompt cut by the rollout engine's rule (rollout.budget:
+    oldest history first, then the observation's and the task's tails) to the context less its
+    response; one that cannot be cut to fit is skipped. Both are counted (in `counts`, keys "cut"
+    and "skipped") and logged as one warning: no turn runs past the position embeddings."""
+    from atod_edge.engine.context import ContextOverflow
     from atod_edge.prompts import encode_prompt, format_response
-    from atod_edge.rollout.runner import episode_messages
+    from atod_edge.rollout.budget import PromptFitter
+    from atod_edge.rollout.runner import episode_messages, episode_prompt_parts
 
     end = tokenizer.eos_token_id
     examples = []
+    cut = skipped = 0
     for ep in episodes:
         for k, turn in enumerate(ep.turns):
             if turn.expert_action:
@@ -153,5 +163,24 @@ def build_examples(episodes: list[Episode], tokenizer, instructions: str, histor
             response = tokenizer(target, add_special_tokens=False)["input_ids"]
             if end is not None:
                 response = response + [end]
+            if context is not None and len(prompt) + len(response) > context:
+                budget = context - len(response)
+                try:
+                    if budget < 1:
+                        raise ContextOverflow("the response alone fills the context")
+                    fitter = PromptFitter(tokenizer, instructions, history_turns, budget, chat_template_kwargs)
+                    prompt = fitter.encode([episode_prompt_parts(ep, k)])[0][0]
+                except ContextOverflow:
+                    prompt = None
+                if prompt is None or len(prompt) + len(response) > context:
+                    skipped += 1
+                    continue
+                cut += 1
             examples.append((prompt, response))
+    if cut or skipped:
+        logger.warning("%d demonstrated turn(s) longer than the model's context (%d tokens): %d prompt(s) cut "
+                       "to fit (oldest history first, then the observation's tail), %d skipped (too long "
+                       "even cut)", cut + skipped, context, cut, skipped)
+    if counts is not None:
+        counts.update(cut=cut, skipped=skipped)
     return examples

@@ -21,8 +21,8 @@ from atod_edge.train.config import BootstrapOptions, TrainConfig
 DEFAULT_RECIPE = "household"
 #: settings a resumed run may change (--resume DIR --set KEY=VALUE); any other change would make
 #: the rest of the run differ from what its config.yaml and its first steps say
-RESUME_CHANGEABLE = ("steps", "eval_every", "eval_episodes", "eval_temperature", "checkpoint_every",
-                     "keep_checkpoints", "sample_episodes", "compare", "device", "teacher_device")
+RESUME_CHANGEABLE = ("steps", "eval_every", "eval_episodes", "eval_temperature", "eval_batch_episodes",
+                     "checkpoint_every", "keep_checkpoints", "sample_episodes", "compare", "device", "teacher_device")
 
 
 _ADDED_LATER = {"teacher_batch_size", "teacher_prompt_loss_weight", "student_batch_size",
@@ -101,7 +101,8 @@ def evaluate_model(path: str, cfg: TrainConfig, cache: Path | None = None) -> di
 
     ecfg = EvalConfig(env=cfg.env, split="eval", episodes=cfg.eval_episodes, temperature=cfg.eval_temperature,
                       seed=cfg.seed, history_turns=cfg.history_turns, max_new_tokens=cfg.max_new_tokens,
-                      max_turns=cfg.max_turns, device=cfg.device, chat_template_kwargs=cfg.chat_template_kwargs)
+                      max_turns=cfg.max_turns, device=cfg.device, chat_template_kwargs=cfg.chat_template_kwargs,
+                      env_step_timeout=cfg.env_step_timeout, max_prompt_tokens=cfg.max_prompt_tokens)
     fields = {k: v for k, v in asdict(ecfg).items() if k != "chat_template_kwargs" or v}   # earlier caches stay valid
     key = json.dumps(fields, sort_keys=True)
     cache_file = (cache / "eval_cache.json") if cache else None

@@ -21,6 +21,11 @@ to `<out>.work/`:
     curves.png         the learning curve, drawn at the end
 Scripted demonstrations are regenerated from the seed on resume, and the data order is replayed,
 so an interrupted and resumed run ends with the same weights as an uninterrupted one.
+
+LoRA (config `lora.rank` > 0, see lora.py): only adapter weights train; checkpoints and the final
+model are the merged plain model with the adapter in adapter/ beside it (`atod-edge models publish
+--adapter` reads it), and resume loads the saved adapter onto the start model. A demonstrated turn
+longer than the model's context is cut to fit, or skipped, and counted (demos.build_examples).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from atod_edge.io import (DiskFullError, append_line, atomic_path, atomic_write_
 from atod_edge.train.checkpoint import latest_checkpoint, save_checkpoint
 from atod_edge.train.config import LR_SCHEDULES, SFTConfig
 from atod_edge.train.demos import build_examples, dagger_episodes, demo_episodes
+from atod_edge.train.lora import (ADAPTER_DIR, add_adapters, load_adapter, merged_state_dict, require_peft,
+                                  save_adapter, trainable_parameters)
 from atod_edge.train.run_log import format_duration, json_line, truncate_metrics
 
 
@@ -110,9 +117,10 @@ def check_sft_outputs(out: Path, work: Path, force: bool = False) -> None:
 
 
 def _train_sft(cfg: SFTConfig, log, resume: bool, force: bool) -> Path:
+    from atod_edge.engine.context import model_context
+    from atod_edge.engine.precision import torch_device
     from atod_edge.envs import env_class
     from atod_edge.models.loading import load_model
-    from atod_edge.engine.precision import torch_device
 
     torch_device(cfg.device)  # a one-line error for a bad device name
     out, work = Path(cfg.out), work_dir(cfg.out)
@@ -121,22 +129,40 @@ def _train_sft(cfg: SFTConfig, log, resume: bool, force: bool) -> Path:
         raise UserError(f"{work} holds the checkpoint of an interrupted sft run (step {found[0]}): continue it "
                         f"with `atod-edge sft --resume {out}`, or remove {work} to start over")
     done_steps, start = found if (resume and found) else (0, cfg.model)
+    if cfg.lora.rank:
+        require_peft()
+    elif done_steps and (Path(start) / ADAPTER_DIR).is_dir():
+        raise UserError(f"{start} was trained with LoRA (it has {ADAPTER_DIR}/): resume it with its lora.* settings")
     torch.manual_seed(cfg.seed)
     # fp32 master weights whatever the checkpoint's dtype (as in RL training, precision.py): a bf16
-    # checkpoint loaded as bf16 would train bf16 weights on CUDA; compute is bf16 autocast there
-    model, tokenizer = load_model(start, device=cfg.device, dtype=torch.float32)
+    # checkpoint loaded as bf16 would train bf16 weights on CUDA; compute is bf16 autocast there.
+    # LoRA resumes from the start model plus the saved adapter (the checkpoint's weights are merged)
+    model, tokenizer = load_model(cfg.model if cfg.lora.rank else start, device=cfg.device, dtype=torch.float32)
     model.train()
     instructions = env_class(cfg.env).instructions
     # a resumed run's model is a checkpoint, not the start model: dagger_episodes reads its demos back
     start_model = (model, tokenizer) if not done_steps else (None, None)
     episodes = demo_episodes(cfg, lambda tasks: dagger_episodes(cfg, tasks, work, *start_model, log=log))
-    examples = build_examples(episodes, tokenizer, instructions, cfg.history_turns, cfg.chat_template_kwargs)
+    fit: dict = {}   # turns over the model's context: cut to fit, or skipped
+    examples = build_examples(episodes, tokenizer, instructions, cfg.history_turns, cfg.chat_template_kwargs,
+                              context=model_context(model.config), counts=fit)
     if not examples:
-        raise UserError("the demonstrations hold no valid turns to train on")
+        raise UserError("the demonstrations hold no valid turns to train on"
+                        + (f" ({fit['skipped']} longer than the model's context)" if fit.get("skipped") else ""))
     data = {"demos": len(episodes), "successful": sum(e.success for e in episodes), "examples": len(examples),
+            "cut_to_context": fit.get("cut", 0), "skipped_over_context": fit.get("skipped", 0),
             "sha256": _fingerprint(examples)}
     pad = tokenizer.pad_token_id or 0
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    adapter = None
+    if cfg.lora.rank:   # after the demos: dagger rolls out the start model itself
+        lora = cfg.lora
+        adapter = add_adapters(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+        model = adapter.get_base_model()   # the transformers model, LoRA layers inside
+        if done_steps:
+            load_adapter(adapter, Path(start))
+        model.train()
+    params = trainable_parameters(model)   # with LoRA, the adapters only
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -157,7 +183,10 @@ def _train_sft(cfg: SFTConfig, log, resume: bool, force: bool) -> Path:
     atomic_write_text(work / "config.yaml", dump_yaml(cfg))
     atomic_write_json(work / "data.json", data)
     log(f"sft: {len(episodes)} demos ({data['successful']} successful), "
-        f"{len(examples)} turns, {cfg.epochs} epochs, {total} steps")
+        f"{len(examples)} turns, {cfg.epochs} epochs, {total} steps"
+        + (f", LoRA rank {cfg.lora.rank} ({sum(p.numel() for p in params):,} trained weights)" if adapter else ""))
+    if fit.get("cut") or fit.get("skipped"):
+        log(f"sft: {fit['cut']} turns cut to the model's context, {fit['skipped']} skipped (too long even cut)")
 
     rng = random.Random(cfg.seed)
     started, train_seconds, trained, step = time.perf_counter(), 0.0, 0, 0
@@ -183,7 +212,7 @@ def _train_sft(cfg: SFTConfig, log, resume: bool, force: bool) -> Path:
                     loss = chunk_loss(model, chunk, pad, cfg, n_tokens, n_prompt)
                     loss.backward()
                     loss_value += float(loss.detach())
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
                 lr = scheduler.get_last_lr()[0]   # the rate this step used
                 optimizer.step()
                 scheduler.step()
@@ -207,7 +236,8 @@ def _train_sft(cfg: SFTConfig, log, resume: bool, force: bool) -> Path:
                     log(f"sft: eval at step {step}: success {summary['success']:.1%}, score "
                         f"{summary['score']:.3f}, {summary['turns']:.1f} turns ({cfg.eval_every_episodes} episodes)")
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                    save_checkpoint(work, step, model, tokenizer, optimizer.state_dict(), scheduler, keep=1)
+                    save_checkpoint(work, step, model, tokenizer, optimizer.state_dict(), scheduler, keep=1,
+                                    adapter=adapter)
     except KeyboardInterrupt:
         last = latest_checkpoint(work)
         where = f"its last checkpoint is step {last[0]}" if last else "it has no checkpoint yet"
@@ -217,7 +247,11 @@ def _train_sft(cfg: SFTConfig, log, resume: bool, force: bool) -> Path:
     model.eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with atomic_path(out, kind=None if force else "model", need_bytes=weight_bytes) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if adapter is not None:   # the merged plain model, and the adapter for `models publish --adapter`
+            model.save_pretrained(tmp, state_dict=merged_state_dict(model), safe_serialization=True)
+            save_adapter(adapter, tmp / ADAPTER_DIR)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     # the checkpoints only served resuming; the final model replaces them
     shutil.rmtree(work / "checkpoints", ignore_errors=True)

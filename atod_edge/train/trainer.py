@@ -107,7 +107,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
         episodes = run_episodes(policy, env_cls, step_tasks[info.rank::info.world], group_size=cfg.group_size,
                                 sampling=sampling, seed=cfg.seed * 100_003 + step * info.world + info.rank,
                                 history_turns=cfg.history_turns, max_turns=cfg.max_turns or None, step=step,
-                                timings=rollout_timings, chat_template_kwargs=cfg.chat_template_kwargs)
+                                timings=rollout_timings, chat_template_kwargs=cfg.chat_template_kwargs,
+                                env_step_timeout=cfg.env_step_timeout or None,
+                                max_prompt_tokens=cfg.max_prompt_tokens or None)
         refuse_if_every_episode_failed(episodes, step)
         # score with the teacher: lp_T of every response token
         t1 = time.perf_counter()
@@ -307,7 +309,8 @@ def evaluate_now(policy, cfg: TrainConfig, metrics_path: Path, step: int, info: 
         part = EvalConfig(env=cfg.env, episodes=min(size, cfg.eval_episodes - start), start=start,
                           temperature=cfg.eval_temperature, seed=cfg.seed + start, history_turns=cfg.history_turns,
                           max_new_tokens=cfg.max_new_tokens, max_turns=cfg.max_turns, batch_episodes=size,
-                          chat_template_kwargs=cfg.chat_template_kwargs)
+                          chat_template_kwargs=cfg.chat_template_kwargs, env_step_timeout=cfg.env_step_timeout,
+                          max_prompt_tokens=cfg.max_prompt_tokens)
         mine.append((start, evaluate(policy, part)[1]))
     gathered = gather_to_main(mine, info)
     if not info.main:
@@ -316,10 +319,12 @@ def evaluate_now(policy, cfg: TrainConfig, metrics_path: Path, step: int, info: 
                      for ep in part]
     summary = summarize(eval_episodes)
     # eval_outcomes: success per task, in task order (the same tasks every run: paired curves)
-    append_line(metrics_path, json_line({"step": step, "eval_success": summary["success"],
-                                         "eval_score": summary["score"], "eval_turns": summary["turns"],
-                                         "eval_outcomes": [int(ep.success) for ep in eval_episodes],
-                                         "time_eval": time.perf_counter() - started}))
+    row = {"step": step, "eval_success": summary["success"], "eval_score": summary["score"],
+           "eval_turns": summary["turns"], "eval_outcomes": [int(ep.success) for ep in eval_episodes],
+           "time_eval": time.perf_counter() - started}
+    if summary["errors"]:   # episodes ended by an env error (raised, hung past env_step_timeout)
+        row.update(eval_errors=summary["errors"], eval_first_error=summary["first_error"])
+    append_line(metrics_path, json_line(row))
 
 
 def checkpoint_now(run_dir: Path, done: int, student: Student, optimizer, scheduler, cfg: TrainConfig,

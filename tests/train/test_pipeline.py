@@ -178,12 +178,33 @@ def test_resume_refuses_a_changed_training_setting_and_records_a_longer_run(fini
     assert (run_dir / "metrics.jsonl").read_text() == before           # nothing ran
 
     # more steps is a change a run may take: it continues, and config.yaml says so
-    assert cli.main(["train", "--resume", str(run_dir), "--set", "steps=3"]) == 0
+    assert cli.main(["train", "--resume", str(run_dir), "--set", "steps=3", "--set", "eval_batch_episodes=4"]) == 0
     out = capsys.readouterr().out
-    assert "resuming with steps 2 -> 3" in out and f"resuming {run_dir} after step 2" in out
+    assert "resuming with steps 2 -> 3, eval_batch_episodes 64 -> 4" in out
+    assert f"resuming {run_dir} after step 2" in out
     assert _steps(run_dir) == [0, 1, 2]
     assert "steps: 3" in (run_dir / "config.yaml").read_text().splitlines()
     assert (run_dir / "checkpoints" / "step_000003" / "model.safetensors").is_file()
+
+
+def test_resume_changeable_keys_are_train_settings_that_leave_training_as_it_was():
+    """Every RESUME_CHANGEABLE key is a TrainConfig key; changing one on resume is reported,
+    changing a training setting (grad_norm_every's extra passes draw dropout's random numbers
+    wherever dropout is on) is refused in one line naming it."""
+    from dataclasses import fields, replace
+
+    from atod_edge.errors import UserError
+    from atod_edge.train.config import TrainConfig
+    from atod_edge.train.pipeline import RESUME_CHANGEABLE, _resume_changes
+
+    assert set(RESUME_CHANGEABLE) <= {f.name for f in fields(TrainConfig)}
+    assert {"eval_batch_episodes"} <= set(RESUME_CHANGEABLE)
+    saved = TrainConfig()
+    assert _resume_changes(saved, replace(saved, eval_batch_episodes=8, eval_every=5), "RUN") == [
+        "eval_every 0 -> 5", "eval_batch_episodes 64 -> 8"]
+    for key, value in (("grad_norm_every", 1), ("max_prompt_tokens", 100)):
+        with pytest.raises(UserError, match=f"cannot change {key} of a run under way"):
+            _resume_changes(saved, replace(saved, **{key: value}), "RUN")
 
 
 def test_resume_after_a_kill_in_the_last_checkpoint_finishes_the_run(atod_cache, small_teacher, tmp_path, capsys):

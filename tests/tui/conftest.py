@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("textual")
 
-from tui_fixtures import (BrokenEnv, CountingEnv, build_tokenizer, copy_run_dir,  # noqa: E402
+from tui_fixtures import (BAD_ENVS, CountingEnv, build_tokenizer, copy_run_dir,  # noqa: E402
                           env_spec, make_episodes, write_episodes_file)
 
 
@@ -29,9 +29,11 @@ def episodes_file(tmp_path, tokenizer):
 
 @pytest.fixture
 def test_envs(monkeypatch):
-    """Register the tiny test envs as if they were built in ("counting", "broken")."""
+    """Register the tiny test envs as if they were built in ("counting", and the misbehaving
+    "broken", "garbage", "hanging" and "broken-expert")."""
     from atod_edge import envs
 
     monkeypatch.setitem(envs.BUILTIN, "counting", env_spec(CountingEnv))
-    monkeypatch.setitem(envs.BUILTIN, "broken", env_spec(BrokenEnv))
+    for name, cls in BAD_ENVS.items():
+        monkeypatch.setitem(envs.BUILTIN, name, env_spec(cls))
     return envs.BUILTIN

@@ -9,6 +9,7 @@ import pytest
 from atod_edge.tui.app import AtodApp
 from atod_edge.tui.screens.inspector import InspectorScreen
 from atod_edge.tui.screens.live import LiveRunScreen
+from tui_fixtures import CountingEnv
 
 SIZE = (120, 36)
 pytestmark = pytest.mark.asyncio
@@ -99,8 +100,15 @@ async def test_env_errors_and_bad_setup_are_notices(test_envs):
         screen = app.screen
         await pilot.press("s")
         await settle(pilot)
-        assert any("the env fell over" in n for n in notices(app))
+        assert any("env step failed: RuntimeError: the env fell over" in n for n in notices(app))
         assert not screen.busy and screen.session.turns == []
+        # the env error ended the episode: a red line, and the next step is refused with a notice
+        assert screen.session.done and "the env fell over" in screen.session.error
+        assert "episode ended by an env error: env step failed: RuntimeError: the env fell over" in " ".join(
+            transcript(screen).split())
+        await pilot.press("s")
+        await settle(pilot)
+        assert any("episode over" in n for n in notices(app)) and screen.session.turns == []
         # a bad task index and a model agent without a model: notices, no crash
         screen.query_one("#task-index").value = "-3"
         await pilot.press("r")
@@ -114,6 +122,36 @@ async def test_env_errors_and_bad_setup_are_notices(test_envs):
         await pilot.press("r")
         await settle(pilot)
         assert any("no/such/model" in n for n in notices(app))
+
+
+@pytest.mark.parametrize("env, needle", [
+    ("garbage", "env tui_fixtures:GarbageEnv: step() returned ('obs', 1.0, True, {}) (tuple), expected a StepResult"),
+    ("hanging", "env step failed: EnvTimeout: env tui_fixtures:HangingEnv: step() took longer than 0.5 s"),
+    ("broken-expert", "expert failed: KeyError: 'no plan'"),
+])
+async def test_an_env_returning_garbage_hanging_or_failing_its_expert_ends_the_episode(test_envs, monkeypatch,
+                                                                                     env, needle):
+    """As in the rollout engine: one line in the app, the episode over, the app still running."""
+    from atod_edge.tui import live_session
+
+    monkeypatch.setattr(live_session, "ENV_CALL_TIMEOUT", 0.5)
+    app = AtodApp(None, env=env)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        screen = app.screen
+        assert screen.session is not None and not screen.session.done
+        await pilot.press("s")
+        await settle(pilot)
+        session = screen.session
+        assert session.done and needle.replace("tui_fixtures", CountingEnv.__module__) in session.error
+        assert "\n" not in session.error and not screen.busy
+        assert any(n == session.error for n in notices(app))
+        assert f"episode ended by an env error: {session.error}" in " ".join(transcript(screen).split())
+        assert screen.query_one("#admissible").option_count == 0
+        await pilot.press("r")                               # a restart plays a new episode
+        await settle(pilot)
+        assert screen.session is not session and not screen.session.done and not screen.session.error
+        assert app.is_running
 
 
 async def test_human_agent_waits_for_typed_actions(test_envs):

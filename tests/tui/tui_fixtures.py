@@ -181,6 +181,37 @@ class BrokenEnv(CountingEnv):
         raise RuntimeError("the env fell over")
 
 
+class GarbageEnv(CountingEnv):
+    """step() returns a tuple instead of a StepResult: the episode ends with the protocol's one line."""
+
+    name = "garbage"
+
+    def step(self, action: str):
+        return ("obs", 1.0, True, {})
+
+
+class HangingEnv(CountingEnv):
+    """step() hangs: the live session's deadline ends the episode."""
+
+    name = "hanging"
+
+    def step(self, action: str) -> StepResult:
+        time.sleep(3600)
+
+
+class BrokenExpertEnv(CountingEnv):
+    """The scripted expert raises: the expert's turn ends the episode."""
+
+    name = "broken-expert"
+
+    def expert_action(self) -> str:
+        raise KeyError("no plan")
+
+
+#: the live screen's misbehaving envs by registered name (tests/tui/conftest.py: test_envs)
+BAD_ENVS = {"broken": BrokenEnv, "garbage": GarbageEnv, "hanging": HangingEnv, "broken-expert": BrokenExpertEnv}
+
+
 def env_spec(cls: type) -> str:
     """The plug-in import path of a test env class, however pytest imported this module."""
     return f"{cls.__module__}:{cls.__name__}"

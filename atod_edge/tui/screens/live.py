@@ -1,7 +1,9 @@
 """Live run: pick an env, a task and an agent, then step turn by turn or autoplay.
 
 Env resets, env steps and model generation all run in a thread worker, so the UI never freezes;
-an exception from the env or the model becomes a notification. A person can take over any turn by
+an exception from the env or the model becomes a notification. An env call that raises, hangs past
+its deadline or returns the wrong type ends the episode (live_session.EnvCallError): one red line
+in the transcript and a notice. A person can take over any turn by
 typing an action. Each result carries the session generation it was started for, so a result
 that arrives after a restart is dropped instead of landing in the new episode.
 """
@@ -19,7 +21,7 @@ from textual.widgets import Button, Footer, Header, Input, OptionList, RichLog, 
 
 from atod_edge.envs import SPLITS, list_envs
 from atod_edge.errors import UserError
-from atod_edge.tui.live_session import Agent, LiveSession, StepOutcome, make_agent
+from atod_edge.tui.live_session import Agent, EnvCallError, LiveSession, StepOutcome, make_agent
 
 AGENTS = ("expert", "human", "model")
 SPEEDS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)   # autoplay seconds per turn
@@ -164,6 +166,19 @@ class LiveRunScreen(Screen):
         self.notify(message, title="live run", severity="error")
         self.update_status()
 
+    def _turn_failed(self, error: EnvCallError, generation: int) -> None:
+        """An env call of this turn failed: the episode is over (LiveSession.error); a red line, a notice."""
+        if generation == self.generation and self.session is not None:
+            self._env_error(str(error))
+        self._failed(error, generation)
+
+    def _env_error(self, message: str) -> None:
+        """The episode was ended by an env error: say so in the transcript (the notice is the caller's)."""
+        self.query_one("#transcript", RichLog).write(Text(f"episode ended by an env error: {message}",
+                                                          style="bold red"))
+        self.stop_autoplay()
+        self.update_admissible()
+
     # ------------------------------------------------------------------ turns
 
     def take_turn(self, typed_action: str | None = None) -> bool:
@@ -195,6 +210,9 @@ class LiveRunScreen(Screen):
             else:
                 response, action, reason, who = typed_action, typed_action, "", "human"
             outcome = session.apply(action, response, reason)
+        except EnvCallError as e:   # the env raised, hung or returned garbage: the episode is over
+            self.app.call_from_thread(self._turn_failed, e, generation)
+            return
         except Exception as e:
             self.app.call_from_thread(self._failed, e, generation)
             return
@@ -218,7 +236,10 @@ class LiveRunScreen(Screen):
             line.append(f"  ({turn.feedback})", style="yellow")
         log.write(line)
         log.write(Text(outcome.observation.rstrip()))
-        if outcome.done:
+        if outcome.error:
+            self._env_error(outcome.error)
+            self.notify(outcome.error, title="live run", severity="error")
+        elif outcome.done:
             verdict = "won" if outcome.won else "lost"
             log.write(Text(f"episode over: {verdict} · score {outcome.score:.2f} · "
                            f"{len(self.session.turns)} turns", style="bold green" if outcome.won else "bold red"))
@@ -251,7 +272,9 @@ class LiveRunScreen(Screen):
                 out.append("last    ")
                 out.append("valid" if last.valid else "invalid", style="green" if last.valid else "red")
                 out.append("\n")
-            if s.done:
+            if s.error:
+                out.append("done: env error\n", style="bold red")
+            elif s.done:
                 out.append("done: won\n" if s.won else "done: lost\n", style="bold green" if s.won else "bold red")
         out.append(f"autoplay {'on' if self._autoplay_timer else 'off'} · {SPEEDS[self.speed_index]:g} s/turn")
         if activity:
