@@ -195,7 +195,7 @@ def card_markdown(card: dict[str, Any]) -> str:
 {evals}
 ```
 
-## How it was made (from the `{(base or {}).get('preset', 'tiny-teacher')}` preset, seeds in the commands)
+## How it was made ({f"a LoRA adapter over the `{base['preset']}` preset, " if base else ""}seeds in the commands)
 
 ```bash
 {chain}
