@@ -117,15 +117,20 @@ def main() -> int:
         state["p1_choice"] = choice
         save()
     n = state["p1_choice"]
+    # GRID2_COLD_N: the one retry PLAN.md allows when a gate fails (the next N of P1's list, toward the
+    # gates); its P2/P3 records get the suffix "_n{N}" and its runs their own dirs
+    retry = os.environ.get("GRID2_COLD_N")
+    suffix = f"_n{int(retry)}" if retry and int(retry) != n else ""
+    n = int(retry) if suffix else n
     cold_model, cold_valid = cold[str(n)]["model"], cold[str(n)]["valid"]
-    log(f"P1 choice: N={n} ({cold_valid['success']:.1%} on valid)")
+    log(f"P1 choice: N={n} ({cold_valid['success']:.1%} on valid)" + (" (the retry)" if suffix else ""))
     # P2: GRPO at each lr
-    grpo = state.setdefault("p2_grpo", {})
+    grpo = state.setdefault("p2_grpo" + suffix, {})
     for lr in LRS:
         key = f"{lr:g}"
         if key in grpo:
             continue
-        run = work / f"grpo-lr{key}"
+        run = work / f"grpo-lr{key}{suffix}"
         train_to_end(run, "grpo", cold_model, lr)
         final = sorted(run.glob("checkpoints/step_*"))[-1]
         valid = valid_outcomes(str(final))
@@ -133,30 +138,30 @@ def main() -> int:
                      "seconds_per_step": None}
         log(f"P2 GRPO lr={key}: valid {valid['success']:.1%}, vs cold {grpo[key]['vs_cold']}")
         save()
-    if "p2_choice" not in state:
+    if "p2_choice" + suffix not in state:
         ok = [lr for lr in LRS if grpo[f"{lr:g}"]["vs_cold"]["ci95"][1] >= 0]
-        state["p2_choice"] = max(ok) if ok else 3e-5
+        state["p2_choice" + suffix] = max(ok) if ok else 3e-5
         save()
-    lr = state["p2_choice"]
+    lr = state["p2_choice" + suffix]
     # P3: OPD with the gates
-    if "p3_opd" not in state:
-        run = work / "opd"
+    if "p3_opd" + suffix not in state:
+        run = work / f"opd{suffix}"
         train_to_end(run, "opd", cold_model, lr)
         final = sorted(run.glob("checkpoints/step_*"))[-1]
         valid = valid_outcomes(str(final))
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         step_s = sum(r.get("time_rollout", 0) + r.get("time_teacher", 0) + r.get("time_update", 0)
                      for r in rows if "step" in r and "eval_success" not in r) / max(1, len(rows))
-        state["p3_opd"] = {"run": str(run), "valid": valid, "vs_cold": paired(valid, cold_valid),
+        state["p3_opd" + suffix] = {"run": str(run), "valid": valid, "vs_cold": paired(valid, cold_valid),
                            "g1_mean_abs_log_ratio_step0": first_row(run).get("mean_abs_log_ratio"),
                            "seconds_per_step": step_s}
         save()
-    p3 = state["p3_opd"]
-    state["gates"] = {"G1": (p3["g1_mean_abs_log_ratio_step0"] or 0) >= 0.5,
-                      "G2": p3["vs_cold"]["mean"] >= 0.10}
+    p3 = state["p3_opd" + suffix]
+    state["gates" + suffix] = {"G1": (p3["g1_mean_abs_log_ratio_step0"] or 0) >= 0.5,
+                               "G2": p3["vs_cold"]["mean"] >= 0.10}
     state["wall_s_this_invocation"] = time.perf_counter() - started
     save()
-    log(f"P3 OPD: {p3['vs_cold']}, gates {state['gates']}, {p3['seconds_per_step']:.1f} s/step")
+    log(f"P3 OPD: {p3['vs_cold']}, gates {state['gates' + suffix]}, {p3['seconds_per_step']:.1f} s/step")
     return 0
 
 
