@@ -162,7 +162,36 @@ def main() -> int:
     state["wall_s_this_invocation"] = time.perf_counter() - started
     save()
     log(f"P3 OPD: {p3['vs_cold']}, gates {state['gates' + suffix]}, {p3['seconds_per_step']:.1f} s/step")
+    if os.environ.get("GRID2_D1"):
+        diagnostic_d1(work, state, save, suffix, cold_model, cold_valid, lr)
     return 0
+
+
+D1_STEPS = 150
+
+
+def diagnostic_d1(work: Path, state: dict, save, suffix: str, cold_model: str, cold_valid: dict, lr: float) -> None:
+    """D1 (PLAN.md; a diagnostic, not a gate): OPD for the grid's 150 steps at the P2 lr, each
+    50-step checkpoint scored on the same 200 valid tasks: does OPD gain at the grid's length?"""
+    key = "d1_opd_150" + suffix
+    found = state.setdefault(key, {"run": str(work / f"opd-s{D1_STEPS}{suffix}"), "lr": lr, "valid": {}})
+    run = Path(found["run"])
+    if not (run / "checkpoints" / f"step_{D1_STEPS:06d}").is_dir():
+        if (run / "metrics.jsonl").exists():
+            cli("train", "--resume", str(run))
+        else:
+            settings = [a if not a.startswith("steps=") else f"steps={D1_STEPS}" for a in COMMON]
+            settings = [a if not a.startswith("checkpoint_every=") else "checkpoint_every=50" for a in settings]
+            cli("train", "--algo", "opd", "--out", str(run), "--set", f"student={cold_model}", "--set", f"lr={lr}",
+                "--set", "keep_checkpoints=3", *settings)
+    for checkpoint in sorted(run.glob("checkpoints/step_*")):
+        step = str(int(checkpoint.name.split("_")[1]))
+        if step in found["valid"]:
+            continue
+        valid = valid_outcomes(str(checkpoint))
+        found["valid"][step] = {"valid": valid, "vs_cold": paired(valid, cold_valid)}
+        log(f"D1 OPD step {step}: valid {valid['success']:.1%}, vs cold {found['valid'][step]['vs_cold']}")
+        save()
 
 
 if __name__ == "__main__":
