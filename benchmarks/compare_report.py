@@ -269,10 +269,13 @@ def paired_differences(a: dict, b: dict, key: str = "success") -> tuple[np.ndarr
         rows.append({task: value - right_by_task[task]
                      for task, value in zip(left["task_id"], _values(left, key)) if task in right_by_task})
     tasks = [t for t in rows[0] if all(t in row for row in rows)]
-    matrix = np.array([[row[t] for t in tasks] for row in rows], dtype=np.float64)
-    if not tasks or np.isnan(matrix).all(axis=1).any():
+    if not tasks:
         return None
-    return matrix, seeds
+    matrix = np.array([[row[t] for t in tasks] for row in rows], dtype=np.float64)
+    has_value = ~np.isnan(matrix).all(axis=1)   # turns_won: a seed whose model won no paired task says nothing
+    if not has_value.any():
+        return None
+    return matrix[has_value], [seed for seed, keep in zip(seeds, has_value) if keep]
 
 
 def paired_bootstrap(diffs: list[np.ndarray], resamples: int = BOOTSTRAP_RESAMPLES,
@@ -408,7 +411,9 @@ def evaluate_claims(claims: list[Claim], runs: list[RunRecord], model_outcomes: 
         else:
             entry.update(paired_bootstrap(diffs))
             entry["task_verdict"] = verdict(entry["ci95"], claim.threshold)
-            entry.update(seed_stats.seed_level(diffs, claim.threshold))
+            # the paper's effect sizes are success points; on turns there is none to compare the MDE with
+            entry.update(seed_stats.seed_level(diffs, claim.threshold, paper_effect=seed_stats.PAPER_EFFECT
+                                               if claim.key == "success" else None))
             entry["verdict"] = entry["seed_verdict"] if solved else seed_stats.NO_SIGNAL
         results.append(entry)
     return results

@@ -99,7 +99,9 @@ def min_detectable_effect(sd: float | None, n: int) -> float | None:
 
 
 def seed_verdict(ci95: list[float] | None, mde: float | None, threshold: float = 0.0,
-                 paper_effect: float = PAPER_EFFECT) -> str:
+                 paper_effect: float | None = PAPER_EFFECT) -> str:
+    """paper_effect None: the paper reports no effect size on this scale (turns), so an interval
+    that spans the threshold is inconclusive, never "not testable"."""
     if ci95 is None:
         return "not testable with this design (one seed)"
     low, high = ci95
@@ -107,7 +109,7 @@ def seed_verdict(ci95: list[float] | None, mde: float | None, threshold: float =
         return "holds"
     if high < threshold:
         return "fails"
-    if mde is not None and mde > paper_effect:
+    if mde is not None and paper_effect is not None and mde > paper_effect:
         return "not testable with this design"
     return "inconclusive"
 
@@ -115,11 +117,12 @@ def seed_verdict(ci95: list[float] | None, mde: float | None, threshold: float =
 NO_SIGNAL = "not testable here (no model on either side solves a task of this split)"
 
 
-def seed_level(diffs: list[np.ndarray], threshold: float = 0.0, resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
+def seed_level(diffs: list[np.ndarray], threshold: float = 0.0, resamples: int = BOOTSTRAP_RESAMPLES,
+               paper_effect: float | None = PAPER_EFFECT) -> dict:
     """Everything the report prints at the seed level for one claim."""
     values = per_seed(diffs)
     t = t_interval(values)
     mde = min_detectable_effect(t["sd"], t["n"])
     return {"seed_mean": t["mean"], "seed_sd": t["sd"], "seed_ci95": t["ci95"], "seeds_n": t["n"],
             "hier_ci95": hierarchical_bootstrap(diffs, resamples), "mde80": mde,
-            "seed_verdict": seed_verdict(t["ci95"], mde, threshold)}
+            "seed_verdict": seed_verdict(t["ci95"], mde, threshold, paper_effect)}

@@ -310,6 +310,9 @@ def test_paired_differences_match_tasks_and_seeds():
     assert won[0, 0] == -2.0 and np.isnan(won[0, 1:]).all()
     assert report.paired_differences({0: _outcomes([0, 1], [3, 9])}, {"-": _outcomes([1, 0], [5, 5])},
                                      "turns_won") is None
+    kept, seeds = report.paired_differences({0: _outcomes([0, 1], [3, 9]), 1: _outcomes([1, 1], [2, 9])},
+                                            {"-": _outcomes([1, 0], [5, 5])}, "turns_won")
+    assert seeds == [1] and kept[0, 0] == -3.0   # seed 0 won no task the other side won: left out
     boot = report.paired_bootstrap([np.array([[-2.0, np.nan, 1.0], [np.nan, np.nan, 3.0]])], resamples=200)
     assert boot["diff"] == pytest.approx((-0.5 + 3.0) / 2) and boot["tasks"] == [2]
 
