@@ -206,6 +206,9 @@ class SFTConfig:
                                     "response tokens only; helps models trained from scratch)", min=0.0)
     seed: int = opt(0, "seed for demos and shuffling", min=0, max=SEED_MAX)
     device: str = opt("cpu", "torch device")
+    precision: str = opt("auto", "compute precision: auto (bf16 on CUDA, fp32 on CPU) | bf16 (bf16 autocast, CPU "
+                         "too where it has native bf16) | fp32; the trained weights stay fp32 master weights",
+                         choices=["auto", "bf16", "fp32"])
     out: str = opt("runs/sft", "output model dir (metrics, checkpoints, curves: <out>.work/)")
     eval_episodes: int = opt(50, "episodes evaluated on the eval split at the end (0 = none)", min=0)
     lr_schedule: str = opt("linear", "linear (the warmup ramp times a decay to 0 over the whole run, the "

@@ -318,17 +318,18 @@ def chunk_loss(model, chunk, pad: int, cfg: SFTConfig, n_tokens: int, n_prompt: 
     if cfg.prefix_reuse and prefix_reuse_applies(model):
         # one prefix tree: the system text (and a task, where turns share one) is encoded once
         first = [1 if cfg.prompt_loss_weight else len(p) for p, _ in chunk]
-        lps = shared_prefix_logprobs(model, [list(p) + list(r) for p, r in chunk], first, pad_id=pad)
+        lps = shared_prefix_logprobs(model, [list(p) + list(r) for p, r in chunk], first, pad_id=pad,
+                                     precision=cfg.precision)
         if not cfg.prompt_loss_weight:
             return -torch.cat(lps).sum() / n_tokens
     elif not cfg.prompt_loss_weight:
         lps = response_logprobs(model, [p for p, _ in chunk], [r for _, r in chunk], pad_id=pad,
-                                micro_batch=cfg.micro_batch)
+                                micro_batch=cfg.micro_batch, precision=cfg.precision)
         return -torch.cat(lps).sum() / n_tokens
     else:
         # Score every token after the first: prompt[1:] and the response, in one forward.
         lps = response_logprobs(model, [p[:1] for p, _ in chunk], [list(p[1:]) + list(r) for p, r in chunk],
-                                pad_id=pad, micro_batch=cfg.micro_batch)
+                                pad_id=pad, micro_batch=cfg.micro_batch, precision=cfg.precision)
     prompt_nll = -sum(lp[:len(p) - 1].sum() for lp, (p, _) in zip(lps, chunk))
     response_nll = -sum(lp[len(p) - 1:].sum() for lp, (p, _) in zip(lps, chunk))
     return response_nll / n_tokens + cfg.prompt_loss_weight * prompt_nll / max(n_prompt, 1)

@@ -252,6 +252,30 @@ def test_sft_loss_with_prefix_reuse_has_the_per_turn_value_and_gradients(atod_ca
         assert float((got[name] - grad).norm() / grad.norm()) < 1e-5, name
 
 
+@pytest.mark.parametrize("reuse", [False, True])
+def test_sft_loss_in_bf16_autocast_is_near_fp32_and_keeps_fp32_master_gradients(atod_cache, one_thread, reuse):
+    """precision=bf16: the forward computes in bf16 autocast (CPU too), so the loss moves by bf16
+    rounding but not more; weights and their gradients stay fp32."""
+    import torch
+
+    from atod_edge.train.sft import chunk_loss
+
+    model, tokenizer = load_model("tiny-student")
+    examples = build_examples(demo_episodes(SFTConfig(env="household", demos="noisy", episodes=2)), tokenizer,
+                              env_class("household").instructions, 2)[:6]
+    n_resp, n_prompt = sum(len(r) for _, r in examples), sum(len(p) - 1 for p, _ in examples)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = SFTConfig(env="household", prefix_reuse=reuse, precision=precision)
+        model.zero_grad(set_to_none=True)
+        loss = chunk_loss(model, examples, tokenizer.pad_token_id, cfg, n_resp, n_prompt)
+        loss.backward()
+        losses[precision] = float(loss)
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert losses["bf16"] != losses["fp32"]   # bf16 really ran
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
+
+
 def test_dart_demos_train_on_the_expert_label_of_every_turn(atod_cache):
     """Every dart turn is an example (invalid executed actions included), and its target is the
     expert's action in that state, not the executed one."""
