@@ -84,6 +84,28 @@ def test_episodes_with_and_without_prefix_reuse_are_identical(tiny_student):
             assert ta.student_logprobs == pytest.approx(tb.student_logprobs, abs=1e-4)
 
 
+def test_a_bucket_that_evicts_a_later_buckets_matched_blocks_loses_nothing(tiny_student, turn_prompts):
+    """A store smaller than one prefill's prompts (a real model's KV in the default 256 MB:
+    SmolLM2-135M holds ~5,600 tokens, 50 episodes' turn asks ~16,000): a prompt with a long new
+    part is prefilled in its own bucket first, and the blocks it stores evict the blocks the
+    second bucket's prompt matched when the hits were counted. Generations equal fresh ones."""
+    model, tokenizer = tiny_student
+    held = turn_prompts[2]
+    other = list(reversed(turn_prompts[1]))        # shares no prefix: all of it is new
+    blocks = len(PrefixStore().keys(held))
+    policy = TorchPolicy(model, tokenizer, prefix_cache_tokens=blocks * 16)   # room for `held` only
+    fresh = TorchPolicy(model, tokenizer, prefix_cache_mb=0)
+    later = [other, held + turn_prompts[0][-3:]]
+    with policy.reusing_prefixes():
+        policy.generate([held], GREEDY)
+        assert policy.last_store.match(PrefixStore().keys(held)) == blocks
+        cached = policy.generate(later, GREEDY)
+        store = policy.last_store
+    assert store.hit_tokens >= blocks * 16 - 16                   # the second prompt reused `held`
+    assert store.match(PrefixStore().keys(held)) < blocks          # and `other`'s blocks evicted it
+    _assert_same(cached, fresh.generate(later, GREEDY))
+
+
 def test_store_keys_match_only_whole_prefixes_and_evict_oldest():
     store = PrefixStore(block=4, max_bytes=3 * 4 * 8)          # three blocks of 8 float32
     assert len(store.keys(list(range(9)))) == 2               # the last token is always computed

@@ -168,6 +168,11 @@ class PrefixStore:
             _, old = self.blocks.popitem(last=False)
             self.bytes -= old.numel() * old.element_size()
 
+    def pinned(self, block_keys: list[list[bytes]], hits: list[int]) -> dict[bytes, torch.Tensor]:
+        """The matched blocks (each prompt's first hits[i]), held for one prefill: the blocks a
+        batch stores may evict blocks that a later batch of the same prefill matched."""
+        return {key: self.blocks[key] for keys, n in zip(block_keys, hits) for key in keys[:n]}
+
     @property
     def hit_rate(self) -> float:
         return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
@@ -196,15 +201,18 @@ def supports_prefix_cache(config) -> bool:
 
 
 def gather_prefixes(store: PrefixStore, block_keys: list[list[bytes]], hits: list[int],
-                    capacity: int) -> tuple[torch.Tensor, int] | None:
+                    capacity: int, blocks: dict[bytes, torch.Tensor] | None = None) -> tuple[torch.Tensor, int] | None:
     """The batch's reused prefixes, laid out for buffer_cache: kv [layers, 2, B, kv_heads, capacity,
     head_dim] where row i holds its hits[i] blocks right-aligned in the first `width` positions
     (width: the longest reused prefix), zeros before them (masked out by the caller, and finite,
-    as masked values must be), and room after. Returns (kv, width), or None when nothing is reused."""
+    as masked values must be), and room after. `blocks`: the matched blocks pinned when the hits
+    were counted (PrefixStore.pinned; default: the store's own). Returns (kv, width), or None
+    when nothing is reused."""
+    blocks = store.blocks if blocks is None else blocks
     width = max(hits) * store.block
     if width == 0:
         return None
-    sample = store.blocks[next(keys[0] for keys, n in zip(block_keys, hits) if n)]
+    sample = blocks[next(keys[0] for keys, n in zip(block_keys, hits) if n)]
     layers, _, heads, _, dim = sample.shape
     kv = sample.new_empty((layers, 2, len(hits), heads, max(capacity, width), dim))
     for i, (keys, n) in enumerate(zip(block_keys, hits)):
@@ -212,7 +220,7 @@ def gather_prefixes(store: PrefixStore, block_keys: list[list[bytes]], hits: lis
         kv[:, :, i, :, :start] = 0
         for b, key in enumerate(keys[:n]):           # each block straight into its place
             at = start + b * store.block
-            kv[:, :, i, :, at:at + store.block] = store.blocks[key]
+            kv[:, :, i, :, at:at + store.block] = blocks[key]
     return kv, width
 
 

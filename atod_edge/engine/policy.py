@@ -176,15 +176,16 @@ class TorchPolicy(Policy):
             block_keys = [store.keys(p) for p in unique]
             self._store_common_prefix(unique, block_keys)
             hits = [store.match(keys) for keys in block_keys]
+            pinned = store.pinned(block_keys, hits)   # a later bucket's hits survive an earlier one's stores
             reused = [n * store.block for n in hits]
             store.hit_tokens += sum(reused[i] for i in inverse)
             store.prompt_tokens += sum(len(p) for p in prompts)
         else:
-            block_keys, hits, reused = [[]] * len(unique), [0] * len(unique), [0] * len(unique)
+            block_keys, hits, reused, pinned = [[]] * len(unique), [0] * len(unique), [0] * len(unique), {}
         new_tokens = [len(p) - r for p, r in zip(unique, reused)]
         buckets = length_batches(new_tokens) if self._full_attention else [list(range(len(unique)))]
         parts = [self._forward_rows([unique[i] for i in b], [reused[i] for i in b], [block_keys[i] for i in b],
-                                    [hits[i] for i in b], max_new_tokens if len(buckets) == 1 else 0)
+                                    [hits[i] for i in b], max_new_tokens if len(buckets) == 1 else 0, pinned)
                  for b in buckets]
         if len(parts) == 1:
             logits, cache, attention, positions = parts[0]
@@ -202,7 +203,7 @@ class TorchPolicy(Policy):
             logits, attention, positions = logits[index], attention[index], positions[index]
         return logits, cache, attention, positions, order
 
-    def _forward_rows(self, rows, reused, block_keys, hits, room: int):
+    def _forward_rows(self, rows, reused, block_keys, hits, room: int, pinned: dict):
         """Prefill one batch of distinct prompts whose first reused[i] tokens come from the
         prefix store; the cache has `room` positions to spare. Returns (logits, cache,
         attention, last positions), as _prefill."""
@@ -213,7 +214,7 @@ class TorchPolicy(Policy):
         store = self._store
         suffixes = [p[r:] for p, r in zip(rows, reused)]
         capacity = max(reused) + max(len(x) for x in suffixes) + room
-        cache = self._new_cache(capacity, gather_prefixes(store, block_keys, hits, capacity) if store else None)
+        cache = self._new_cache(capacity, gather_prefixes(store, block_keys, hits, capacity, pinned) if store else None)
         input_ids, attention, positions = left_pad(suffixes, self.pad_id)
         positions = positions + np.asarray(reused, dtype=np.int64)[:, None]
         width = max(reused)
