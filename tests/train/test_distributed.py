@@ -169,7 +169,18 @@ def test_fsdp_update_on_uneven_batches_equals_one_process_over_all_turns(tmp_pat
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "fsdp.pt"
-    mp.spawn(_fsdp_worker, args=(port, str(out)), nprocs=2, join=True)
+    try:
+        mp.spawn(_fsdp_worker, args=(port, str(out)), nprocs=2, join=True)
+    except mp.ProcessExitedException as error:
+        # A gloo FSDP worker on CPU is sometimes killed by std::terminate inside torch (SIGABRT, "terminate
+        # called without an active exception"; ~1 run in 12-40, not traced): spawn once more, on a new port.
+        # A Python error in a worker raises ProcessRaisedException instead, and is never retried.
+        if error.signal_name != "SIGABRT":
+            raise
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_fsdp_worker, args=(port, str(out)), nprocs=2, join=True)
     sharded = torch.load(out, weights_only=True)
 
     model = _tiny_llama()
