@@ -63,14 +63,18 @@ def paired(after: dict, before: dict) -> dict:
     return paired_difference(a, b)
 
 
-def train_to_end(run: Path, algo: str, student: str, lr: float) -> None:
-    """Train a pilot run to its last step: start it, or resume it where an interrupted one stopped."""
-    if (run / "checkpoints" / f"step_{PILOT_STEPS:06d}").is_dir():
+def train_to_end(run: Path, algo: str, student: str, lr: float, **changes) -> None:
+    """Train a pilot run to its last step: start it, or resume it where an interrupted one stopped.
+    `changes`: COMMON's settings replaced or added (e.g. steps=150 for D1)."""
+    settings = dict(item.split("=", 1) for item in COMMON if item != "--set")
+    settings.update({key: str(value) for key, value in changes.items()})
+    if (run / "checkpoints" / f"step_{int(settings['steps']):06d}").is_dir():
         return
     if (run / "metrics.jsonl").exists():
         cli("train", "--resume", str(run))
     else:
-        cli("train", "--algo", algo, "--out", str(run), "--set", f"student={student}", "--set", f"lr={lr}", *COMMON)
+        cli("train", "--algo", algo, "--out", str(run), "--set", f"student={student}", "--set", f"lr={lr}",
+            *[arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")])
 
 
 def first_row(run_dir: Path) -> dict:
@@ -176,14 +180,7 @@ def diagnostic_d1(work: Path, state: dict, save, suffix: str, cold_model: str, c
     key = "d1_opd_150" + suffix
     found = state.setdefault(key, {"run": str(work / f"opd-s{D1_STEPS}{suffix}"), "lr": lr, "valid": {}})
     run = Path(found["run"])
-    if not (run / "checkpoints" / f"step_{D1_STEPS:06d}").is_dir():
-        if (run / "metrics.jsonl").exists():
-            cli("train", "--resume", str(run))
-        else:
-            settings = [a if not a.startswith("steps=") else f"steps={D1_STEPS}" for a in COMMON]
-            settings = [a if not a.startswith("checkpoint_every=") else "checkpoint_every=50" for a in settings]
-            cli("train", "--algo", "opd", "--out", str(run), "--set", f"student={cold_model}", "--set", f"lr={lr}",
-                "--set", "keep_checkpoints=3", *settings)
+    train_to_end(run, "opd", cold_model, lr, steps=D1_STEPS, checkpoint_every=50, keep_checkpoints=3)
     for checkpoint in sorted(run.glob("checkpoints/step_*")):
         step = str(int(checkpoint.name.split("_")[1]))
         if step in found["valid"]:

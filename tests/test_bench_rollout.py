@@ -4,20 +4,7 @@ where the engine would; its fixed-length decode timing keeps every row decoding.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_rollout", BENCH / "bench_rollout.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from bench_loader import load_benchmark
 
 def test_batched_generate_plays_the_engines_episodes_one_call_per_turn(tiny_student):
     from atod_edge.engine.policy import TorchPolicy
@@ -25,7 +12,7 @@ def test_batched_generate_plays_the_engines_episodes_one_call_per_turn(tiny_stud
     from atod_edge.envs import env_class
     from atod_edge.rollout.runner import run_episodes
 
-    bench = _load()
+    bench = load_benchmark("bench_rollout")
     model, tokenizer = tiny_student
     env_cls = env_class("household")
     tasks = env_cls().tasks("eval", 4)
@@ -51,7 +38,7 @@ def test_batched_generate_plays_the_engines_episodes_one_call_per_turn(tiny_stud
 def test_fixed_length_decode_timing_keeps_every_row(tiny_student):
     from atod_edge.engine.policy import TorchPolicy
 
-    bench = _load()
+    bench = load_benchmark("bench_rollout")
     model, tokenizer = tiny_student
     policy = TorchPolicy(model, tokenizer)
     ids = tokenizer("go to the kitchen")["input_ids"]

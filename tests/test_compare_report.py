@@ -3,29 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from bench_loader import load_benchmark
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    sys.path.insert(0, str(BENCH))  # compare.py imports compare_report as a sibling
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-report = _load("compare_report")
+report = load_benchmark("compare_report")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -219,7 +204,7 @@ def test_plots_are_written(bench_dir):
 
 
 def test_plan_and_run_configs():
-    compare = _load("compare")
+    compare = load_benchmark("compare")
     plan = compare.plan_runs(["household", "shop"], ["grpo", "atod"], [0, 1], ["no-anneal", "token"])
     assert plan[:5] == [("household", "grpo", 0), ("household", "atod", 0), ("household", "atod-no-anneal", 0),
                         ("household", "atod-token", 0), ("shop", "grpo", 0)]
@@ -235,7 +220,7 @@ def test_plan_and_run_configs():
 
 
 def test_env_scoped_overrides():
-    compare = _load("compare")
+    compare = load_benchmark("compare")
     sets = ["tasks_per_step=3", "shop:bootstrap.teacher_noise=0.4", "household:steps=7", "env=x.y:Z"]
     assert compare.overrides_for("shop", sets) == ["tasks_per_step=3", "bootstrap.teacher_noise=0.4", "env=x.y:Z"]
     args = compare.parse_args(["--set", "tasks_per_step=3", "--set", "shop:bootstrap.teacher_noise=0.4",
@@ -460,7 +445,7 @@ def git_results(tmp_path):
 
 
 def test_commit_adds_only_the_small_result_files(git_results):
-    compare = _load("compare")
+    compare = load_benchmark("compare")
     repo, out = git_results
     # someone else's staged change in the shared index stays staged and out of the commit
     (repo / "other.py").write_text("x = 1\n")
@@ -487,7 +472,7 @@ def test_commit_adds_only_the_small_result_files(git_results):
 def test_commit_retries_a_busy_index_and_never_raises(git_results, monkeypatch):
     import threading
 
-    compare = _load("compare")
+    compare = load_benchmark("compare")
     repo, out = git_results
     lock = repo / ".git" / "index.lock"
     lock.write_text("")
@@ -509,7 +494,7 @@ def test_commit_retries_a_busy_index_and_never_raises(git_results, monkeypatch):
 
 
 def test_eta_from_finished_runs(tmp_path):
-    compare = _load("compare")
+    compare = load_benchmark("compare")
     out = tmp_path / "results"
     plan = [("household", "atod", 0), ("household", "opd", 0), ("household", "atod", 1), ("household", "opd", 1)]
     for method, wall in (("atod", 100.0), ("opd", 60.0)):
@@ -523,7 +508,7 @@ def test_eta_from_finished_runs(tmp_path):
 
 def test_a_split_no_model_solves_is_not_testable():
     """Every model at 0% (the tiny models on household's unseen split): no claim is testable there."""
-    report = _load("compare_report")
+    report = load_benchmark("compare_report")
     zeros = {"task_id": [f"t{i}" for i in range(20)], "success": [0] * 20, "turns": [15] * 20}
     runs = [report.RunRecord(name=f"household-{m}-s{s}", env="household", method=m, seed=s, steps=1,
                              outcomes={"unseen": zeros}) for m in ("atod", "opd") for s in (0, 1, 2)]

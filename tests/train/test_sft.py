@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from train_fixtures import load_weights, same_weights
+from train_fixtures import interrupt_sft_at_step, load_weights, same_weights
 
 from atod_edge.cli import main as cli
 from atod_edge.config import load_config
@@ -147,23 +147,8 @@ def test_sft_writes_loss_rows_periodic_eval_rows_and_a_curve(sft_reference):
 
 def test_interrupted_then_resumed_sft_matches_the_uninterrupted_run(sft_reference, one_thread, tmp_path,
                                                                    monkeypatch, capsys):
-    from atod_edge.scoring import logprobs as scoring
-    from atod_edge.scoring import prefix_tree as shared_prefix
-
     out = tmp_path / "model"
-    calls = []
-
-    def interrupting(forward):
-        def interrupted_in_step_8(*args, **kwargs):   # one call per step (micro_batch = batch_size)
-            calls.append(1)
-            if len(calls) == 8:
-                raise KeyboardInterrupt
-            return forward(*args, **kwargs)
-        return interrupted_in_step_8
-
-    # whichever forward the step takes: per-turn (response_logprobs) or prefix reuse
-    monkeypatch.setattr(scoring, "response_logprobs", interrupting(scoring.response_logprobs))
-    monkeypatch.setattr(shared_prefix, "shared_prefix_logprobs", interrupting(shared_prefix.shared_prefix_logprobs))
+    interrupt_sft_at_step(monkeypatch, 8)
     assert cli.main(_run_args(out)) == 130
     assert f"last checkpoint is step 6: continue with `atod-edge sft --resume {out}`" in capsys.readouterr().err
     monkeypatch.undo()

@@ -11,7 +11,7 @@ import logging
 
 import pytest
 import torch
-from train_fixtures import load_weights, same_weights
+from train_fixtures import interrupt_sft_at_step, load_weights, same_weights
 
 from atod_edge.cli import main as cli
 from atod_edge.config import load_config
@@ -124,24 +124,11 @@ def test_resumed_lora_sft_restores_the_adapter_and_matches_the_uninterrupted_run
                                                                                monkeypatch):
     from safetensors.torch import load_file
 
-    from atod_edge.scoring import logprobs as scoring
-    from atod_edge.scoring import prefix_tree as shared_prefix
     from atod_edge.train import sft
 
     out = tmp_path / "model"
-    calls = []
-
-    def interrupting(forward):
-        def interrupted_in_step_5(*args, **kwargs):   # one call per step (micro_batch = batch_size)
-            calls.append(1)
-            if len(calls) == 5:
-                raise KeyboardInterrupt
-            return forward(*args, **kwargs)
-        return interrupted_in_step_5
-
     with monkeypatch.context() as patch:
-        patch.setattr(scoring, "response_logprobs", interrupting(scoring.response_logprobs))
-        patch.setattr(shared_prefix, "shared_prefix_logprobs", interrupting(shared_prefix.shared_prefix_logprobs))
+        interrupt_sft_at_step(patch, 5)
         with pytest.raises(KeyboardInterrupt):
             train_sft(_config(out), log=lambda *a: None)
     checkpoint = work_dir(out) / "checkpoints" / "step_000004"

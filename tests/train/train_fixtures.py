@@ -58,3 +58,24 @@ def metric_rows(run_dir: Path) -> list[dict]:
     rows, skipped = read_jsonl(Path(run_dir) / "metrics.jsonl")
     assert skipped == 0
     return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+
+
+def interrupt_sft_at_step(patch, step: int) -> None:
+    """Make SFT's forward raise KeyboardInterrupt on its `step`-th call (one call a step when
+    micro_batch = batch_size), whichever forward the step takes: per-turn (response_logprobs) or
+    prefix reuse (shared_prefix_logprobs). `patch`: a pytest MonkeyPatch (or its context)."""
+    from atod_edge.scoring import logprobs as scoring
+    from atod_edge.scoring import prefix_tree as shared_prefix
+
+    calls = []
+
+    def interrupting(forward):
+        def interrupted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == step:
+                raise KeyboardInterrupt
+            return forward(*args, **kwargs)
+        return interrupted
+
+    patch.setattr(scoring, "response_logprobs", interrupting(scoring.response_logprobs))
+    patch.setattr(shared_prefix, "shared_prefix_logprobs", interrupting(shared_prefix.shared_prefix_logprobs))
