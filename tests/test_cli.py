@@ -95,6 +95,27 @@ def test_eval_a_model_reports_tokens_per_second(atod_cache, tmp_path, capsys):
     assert all(turn.prompt_ids and turn.student_logprobs for ep in episodes for turn in ep.turns)
 
 
+def test_eval_precision_bf16_decodes_bf16_weights(atod_cache, tmp_path, capsys):
+    import torch
+
+    from atod_edge.cli.eval import _load_agent
+    from atod_edge.evaluate.evaluate import EvalConfig
+
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32), ("auto", torch.float32)):
+        policy = _load_agent("tiny-student", EvalConfig(precision=precision), scripted=False)
+        assert {p.dtype for p in policy.model.parameters()} == {dtype}
+    out = tmp_path / "bf16"
+    assert main(["eval", "--model", "tiny-student", "--env", "household", "--episodes", "2",
+                 "--set", "max_new_tokens=4", "--set", "precision=bf16", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["episodes"] == 2 and report["generated_tokens"] > 0
+    capsys.readouterr()
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert main(["eval", "--model", str(tmp_path / "m.gguf"), "--set", "precision=bf16",
+                 "--out", str(tmp_path / "g")]) != 0
+    assert "applies to PyTorch models" in one_error_line(capsys)
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["eval", "--model", "/no/such/model", "--env", "household"], "not found"),
     (["eval", "--env", "household"], "--model"),

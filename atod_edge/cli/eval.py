@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
     if len(agents) == 2:
         return _compare(cfg, agents, out, args.force)
     if args.policy:
-        policy = _load_agent(args.policy, cfg.device, scripted=True)
+        policy = _load_agent(args.policy, cfg, scripted=True)
     else:
-        policy = _load_agent(args.model[0], cfg.device, scripted=False)   # --model appends: one here
+        policy = _load_agent(args.model[0], cfg, scripted=False)   # --model appends: one here
     return _evaluate_one(cfg, policy, out, args.force)
 
 
@@ -91,7 +91,7 @@ def _compare(cfg, agents: list[str], out: str, force: bool) -> int:
     from atod_edge.evaluate.evaluate import compare_summary, evaluate, format_comparison, format_summary, save_comparison
 
     # a file or directory named like a scripted policy is a model
-    policies = [_load_agent(spec, cfg.device, scripted=spec in SCRIPTED and not Path(spec).exists())
+    policies = [_load_agent(spec, cfg, scripted=spec in SCRIPTED and not Path(spec).exists())
                 for spec in agents]
     runs = []
     for label, spec, policy in zip("ab", agents, policies):
@@ -110,13 +110,21 @@ def _compare(cfg, agents: list[str], out: str, force: bool) -> int:
     return 0
 
 
-def _load_agent(spec: str, device: str, scripted: bool):
-    """The scripted policy's name as evaluate() takes it, or the model loaded as a Policy."""
+def _load_agent(spec: str, cfg, scripted: bool):
+    """The scripted policy's name as evaluate() takes it, or the model loaded as a Policy (a
+    PyTorch model's weights in cfg.precision; an ONNX or GGUF file keeps its own)."""
     if scripted:
         return spec
-    from atod_edge.engine.backends import load_policy
+    from atod_edge.engine.backends import is_torch_model, load_policy
 
-    return load_policy(spec, device=device)
+    if cfg.precision == "auto" or not is_torch_model(spec):
+        if cfg.precision != "auto":
+            raise UserError(f"precision={cfg.precision} applies to PyTorch models; {spec} is an ONNX or GGUF "
+                            "export (its precision is the export's)")
+        return load_policy(spec, device=cfg.device)
+    policy = load_policy(spec, device=cfg.device, dtype={"bf16": "bfloat16", "fp32": "float32"}[cfg.precision])
+    policy.precision = cfg.precision    # bf16 weights decode under bf16 autocast, as training's rollout copy
+    return policy
 
 
 def _env_slug(env: str) -> str:

@@ -13,6 +13,16 @@ from pathlib import Path
 from atod_edge.engine.policy import Policy, TorchPolicy
 
 
+def is_torch_model(path: str) -> bool:
+    """Whether load_policy opens `path` with the PyTorch backend (not a .gguf or ONNX export)."""
+    p = Path(path)
+    return p.suffix != ".gguf" and not _is_onnx(p)
+
+
+def _is_onnx(p: Path) -> bool:
+    return p.suffix == ".onnx" or (p.is_dir() and (p / "model.onnx").is_file() and not list(p.glob("*.safetensors")))
+
+
 def load_policy(path: str, device: str = "cpu", **kwargs) -> Policy:
     """Any agent file: an HF checkpoint dir or preset (torch), a .onnx file or ONNX export dir
     (onnxruntime), a .gguf file (llama.cpp)."""
@@ -21,8 +31,7 @@ def load_policy(path: str, device: str = "cpu", **kwargs) -> Policy:
         from atod_edge.engine.backends.llamacpp import LlamaCppPolicy
 
         return LlamaCppPolicy.load(path, **kwargs)
-    is_onnx_dir = p.is_dir() and (p / "model.onnx").is_file() and not list(p.glob("*.safetensors"))
-    if p.suffix == ".onnx" or is_onnx_dir:
+    if _is_onnx(p):
         from atod_edge.engine.backends.ort import OrtPolicy
 
         return OrtPolicy.load(path, device=device, **kwargs)
