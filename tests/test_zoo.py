@@ -66,6 +66,17 @@ def test_publish_in_float32_keeps_the_weights_bit_exact(tmp_path):
         publish("tiny-student", "bad-dtype", ["x"], episodes=1, root=tmp_path, dtype="int8")
 
 
+def test_publish_with_a_bf16_evaluation_says_so_in_its_card(tmp_path):
+    publish("tiny-student", "bf16-eval", ["atod-edge models list"], episodes=2, max_turns=2,
+            root=tmp_path, precision="bf16", log=lambda *_: None)
+    card = zoo.read_card("bf16-eval", tmp_path)
+    assert card["evaluation"]["precision"] == "bf16" and card["evaluation"]["eval"]["episodes"] == 2
+    assert all(command.endswith("--set precision=bf16") for command in card["eval_command"])
+    assert "decoded with bf16 weights" in (tmp_path / "bf16-eval" / zoo.CARD_MD).read_text()
+    with pytest.raises(UserError, match="precision"):
+        publish("tiny-student", "bad-precision", ["x"], episodes=1, root=tmp_path, precision="int8")
+
+
 def _copy(published, tmp_path):
     root = tmp_path / "zoo"
     shutil.copytree(published, root)
