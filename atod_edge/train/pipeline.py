@@ -40,6 +40,8 @@ def _bootstrap_dir(cfg: TrainConfig, role: str) -> Path:
             if k.startswith(role) and not (k in _ADDED_LATER and v == getattr(default, k))}
     # everything the SFT run depends on (history_turns shapes its prompts)
     keys.update(env=cfg.env, seed=cfg.seed, history_turns=cfg.history_turns, version=1)
+    if cfg.precision != "auto":   # the SFT's autocast (counted only when set: existing caches stay valid)
+        keys["precision"] = cfg.precision
     if role == "student" and b.student_from_teacher:
         keys["teacher"] = str(_bootstrap_dir(cfg, "teacher")) if cfg.teacher == "auto" else cfg.teacher
         if zoo.is_zoo_name(cfg.teacher):  # a new zoo teacher makes a new cold start
@@ -73,7 +75,7 @@ def ensure_model(cfg: TrainConfig, role: str, log=print) -> str:
                     micro_batch=min(16, getattr(b, f"{prefix}_batch_size")),
                     prompt_loss_weight=getattr(b, f"{prefix}_prompt_loss_weight"),
                     history_turns=cfg.history_turns, seed=cfg.seed, device=cfg.device, out=str(out),
-                    eval_episodes=0)
+                    eval_episodes=0, precision=cfg.precision)
     log(f"{role}: bootstrapping by SFT ({sft.demos} demos x{sft.episodes}) -> {out}")
     train_sft(sft, log=log, resume=True)   # an interrupted bootstrap continues from its checkpoint
     return str(out)

@@ -136,6 +136,27 @@ def test_student_cut_from_the_teacher_keeps_its_layers_and_tokenizer(atod_cache,
     assert other != student_dir
 
 
+def test_bootstrap_sft_runs_in_the_runs_precision_and_caches_by_it(atod_cache, one_thread):
+    """A run with precision=bf16 cold-starts its student under bf16 autocast too (its SFT config
+    says so), in another cache entry than the default (fp32 on CPU), which stays where it was."""
+    import yaml
+
+    from atod_edge.config import load_config
+    from atod_edge.train.config import TrainConfig
+    from atod_edge.train.pipeline import _bootstrap_dir, ensure_model
+
+    def config(*extra):
+        return load_config(TrainConfig, None, ["teacher=tiny-teacher", "bootstrap.student_episodes=1",
+                                               "bootstrap.student_lr=0", *extra])
+
+    default = _bootstrap_dir(config(), "student")
+    assert _bootstrap_dir(config("precision=fp32"), "student") not in (default, _bootstrap_dir(config("precision=bf16"), "student"))
+    bf16_dir = Path(ensure_model(config("precision=bf16"), "student", log=lambda *a: None))
+    assert bf16_dir != default
+    sft_config = yaml.safe_load((bf16_dir.with_name(bf16_dir.name + ".work") / "config.yaml").read_text())
+    assert sft_config["precision"] == "bf16"
+
+
 # --- train --resume through the CLI -------------------------------------------------------------
 
 
