@@ -66,10 +66,16 @@ def test_publish_in_float32_keeps_the_weights_bit_exact(tmp_path):
         publish("tiny-student", "bad-dtype", ["x"], episodes=1, root=tmp_path, dtype="int8")
 
 
-def test_publish_with_a_bf16_evaluation_says_so_in_its_card(tmp_path):
+def test_publish_with_a_bf16_evaluation_says_so_in_its_card_and_keeps_the_episodes(tmp_path):
+    from atod_edge.rollout.episode import read_episodes
+
     publish("tiny-student", "bf16-eval", ["atod-edge models list"], episodes=2, max_turns=2,
-            root=tmp_path, precision="bf16", log=lambda *_: None)
+            root=tmp_path, precision="bf16", log=lambda *_: None, episodes_out=tmp_path / "episodes")
     card = zoo.read_card("bf16-eval", tmp_path)
+    for split in ("eval", "unseen"):
+        kept, _ = read_episodes(tmp_path / "episodes" / split / "episodes.jsonl")
+        report = json.loads((tmp_path / "episodes" / split / "report.json").read_text())
+        assert len(kept) == 2 and report["success"] == card["evaluation"][split]["success"]
     assert card["evaluation"]["precision"] == "bf16" and card["evaluation"]["eval"]["episodes"] == 2
     assert all(command.endswith("--set precision=bf16") for command in card["eval_command"])
     assert "decoded with bf16 weights" in (tmp_path / "bf16-eval" / zoo.CARD_MD).read_text()

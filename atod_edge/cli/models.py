@@ -45,6 +45,8 @@ def add_parser(subparsers) -> None:
                          choices=("float32", "float16", "bfloat16"),
                          help="storage dtype of the weights (default: float16 for a full model; with --adapter: "
                               "the adapter as saved)")
+    publish.add_argument("--save-episodes", metavar="DIR", default=None,
+                         help="also keep the evaluation's episodes and reports in DIR/eval and DIR/unseen")
     publish.add_argument("--eval-precision", default="fp32", choices=("fp32", "bf16"),
                          help="weights the card's evaluation decodes with (bf16: ~2x faster on CPUs with native "
                               "bf16; the card says so)")
@@ -125,7 +127,8 @@ def _publish(args: argparse.Namespace) -> int:
     root = Path(args.zoo) if args.zoo else zoo.ZOO_ROOT
     out = publish(args.model, args.name, chain, env=args.env, episodes=args.episodes,
                   description=args.description, trained_on=args.trained_on, root=root, force=args.force,
-                  base=args.base, dtype=args.dtype, precision=args.eval_precision)
+                  base=args.base, dtype=args.dtype, precision=args.eval_precision,
+                  episodes_out=Path(args.save_episodes) if args.save_episodes else None)
     print(f"{args.name}: {zoo.summary_line(zoo.read_card(args.name, root))}")
     print(f"zoo entry written: {out}/ (card: {out / zoo.CARD_MD})")
     return 0

@@ -22,7 +22,8 @@ ZOO_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 def publish(src: str, name: str, chain: Sequence[str], env: str = "household", episodes: int = 300,
             temperature: float = 0.4, description: str = "", trained_on: str = "",
             root: Path | None = None, max_turns: int = 0, log=print, force: bool = False,
-            base: str | None = None, dtype: str | None = None, precision: str = "fp32") -> Path:
+            base: str | None = None, dtype: str | None = None, precision: str = "fp32",
+            episodes_out: Path | None = None) -> Path:
     """Write zoo entry `name` from checkpoint `src`: weights in `dtype` (default float16; float32
     keeps a small model bit-exact), tokenizer, and a card with the
     command chain, the versions, the sha256 of every file and the evaluation of the stored model
@@ -37,9 +38,11 @@ def publish(src: str, name: str, chain: Sequence[str], env: str = "household", e
 
     precision: the weights the evaluation decodes with: fp32 (as load_model gives on CPU) or bf16
     (about 2x faster on CPUs with native bf16, for models whose fp32 evaluation takes hours); the
-    card records it and its eval commands repeat it."""
+    card records it and its eval commands repeat it. episodes_out: also keep each split's episodes
+    and report there (episodes_out/eval, episodes_out/unseen: `atod-edge tui` opens them), checked
+    like any evaluation output before any work."""
     from atod_edge.config import from_dict
-    from atod_edge.evaluate.evaluate import EvalConfig, evaluate
+    from atod_edge.evaluate.evaluate import EvalConfig, evaluate, save_eval
 
     root = root or ZOO_ROOT
     if not ZOO_NAME_RE.fullmatch(name or ""):
@@ -51,6 +54,9 @@ def publish(src: str, name: str, chain: Sequence[str], env: str = "household", e
         raise UserError(f"evaluation precision '{precision}': expected fp32 or bf16")
     earlier_entry = (root / name / CARD_JSON).is_file()   # an earlier zoo entry (a full model or an adapter)
     check_output(root / name, "model", force=force or earlier_entry, what="zoo entry")
+    if episodes_out is not None:
+        for split in ("eval", "unseen"):
+            check_output(Path(episodes_out) / split, "eval")
     if dtype not in (None, "float32", "float16", "bfloat16"):
         raise UserError(f"storage dtype '{dtype}': expected float32, float16 or bfloat16")
     import torch
@@ -82,7 +88,9 @@ def publish(src: str, name: str, chain: Sequence[str], env: str = "household", e
             started = time.perf_counter()
             cfg = EvalConfig(env=env, split=split, episodes=episodes, temperature=temperature,
                              max_turns=max_turns)
-            summary, _ = evaluate(policy, cfg)
+            summary, split_episodes = evaluate(policy, cfg)
+            if episodes_out is not None:
+                save_eval(Path(episodes_out) / split, summary, split_episodes)
             evaluation[split] = {k: summary[k] for k in ("episodes", "success", "success_ci95", "score",
                                                           "turns", "invalid_rate")}
             log(f"{name}: {split} split {summary['success']:.1%} of {episodes} "
