@@ -1,0 +1,42 @@
+"""benchmarks/smollm2_cut_curve.py's pre-registered rule (PLAN.md, step 2) and its report; the failure report
+of benchmarks/episode_failures.py."""
+
+from __future__ import annotations
+
+from bench_loader import load_benchmark
+
+
+def row(layers: int, success: float) -> dict:
+    return {"layers": layers, "params": layers * 1e6, "success": success, "success_ci95": [0.0, 1.0],
+            "turns": 10.0, "invalid_rate": 0.1, "tokens_per_s": 100.0}
+
+
+def test_the_rule_takes_the_fewest_layers_that_win_enough_and_none_when_no_cut_does(tmp_path):
+    curve = load_benchmark("smollm2_cut_curve")
+    assert curve.choose({"every:2": row(16, 0.30), "every:3": row(11, 0.05), "every:5": row(7, 0.04)}) == "every:3"
+    assert curve.choose({"every:2": row(16, 0.30), "every:3": row(11, 0.01)}) == "every:2"
+    assert curve.choose({"every:2": row(16, 0.0), "every:3": row(11, 0.049)}) is None
+    state = {"teacher": "t", "teacher_valid": row(30, 0.5), "chosen": "every:3",
+             "curve": {"every:2": row(16, 0.3), "every:3": row(11, 0.05), "every:5": row(7, 0.0)}}
+    curve.render(state, tmp_path)
+    text = (tmp_path / "cut_curve.md").read_text()
+    assert "| cut every:3 | 11 | 11.0M | 5.0% |" in text and "**every:3**" in text and "| teacher | 30 |" in text
+
+
+def test_failure_report_puts_every_failed_episode_in_one_stage(tmp_path):
+    from atod_edge.envs import env_class, env_tasks
+    from atod_edge.rollout.episode import write_episodes
+    from atod_edge.rollout.runner import run_scripted
+
+    failures = load_benchmark("episode_failures")
+    env_cls = env_class("household")
+    episodes = run_scripted("random", env_cls, env_tasks(env_cls, "valid", 6), seed=0, max_turns=6)
+    episodes += run_scripted("expert", env_cls, env_tasks(env_cls, "valid", 2), seed=0)
+    write_episodes(tmp_path / "e.jsonl", episodes)
+    result = failures.analyse(tmp_path / "e.jsonl")
+    failed = sum(not ep.success for ep in episodes)
+    assert result["episodes"] == 8 and result["failed"] == failed >= 6
+    assert sum(result["stages"].values()) == failed
+    assert sum(n for _, n in result["families"].values()) == 8
+    assert sum(won for won, _ in result["families"].values()) == 8 - failed
+    assert "by the first stage they never passed" in failures.markdown({"x": result})
