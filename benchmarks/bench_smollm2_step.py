@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -47,7 +48,8 @@ def run_path(name: str, student: Path, work: Path, steps: int) -> list[dict]:
     run = work / f"run-{name}"
     args = [f"student={student}", f"steps={steps}", f"checkpoint_every={steps}", *SETTING, *PATHS[name]]
     if not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < steps:
-        subprocess.run([sys.executable, "-m", "atod_edge.cli", "train", "--out", str(run), "--force",
+        shutil.rmtree(run, ignore_errors=True)   # this benchmark's own run dir, from an unfinished try
+        subprocess.run([sys.executable, "-m", "atod_edge.cli", "train", "--out", str(run),
                         *[a for kv in args for a in ("--set", kv)]], check=True)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in rows if "time_rollout" in r][:steps]
