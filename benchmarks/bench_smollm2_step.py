@@ -21,10 +21,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import time
+from functools import partial
 from pathlib import Path
+
+import bench_cli
+from bench_rollout import ensure_smollm2_cut
 
 from atod_edge.io import atomic_write_json, atomic_write_text
 
@@ -37,10 +39,11 @@ PHASES = ("time_rollout", "time_teacher", "time_recompute", "time_update")
 
 
 def student_cut(work: Path) -> Path:
+    """bench_rollout's SmolLM2 cut (every third layer), made in WORK when missing."""
     cut = work / "smollm2-every3"
-    if not (cut / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "atod_edge.cli", "models", "shrink", "smollm2-135m", "--keep-layers",
-                        "every:3", "--out", str(cut), "--force"], check=True)
+    why = ensure_smollm2_cut(cut, partial(bench_cli.log, "step"))
+    if why:
+        raise SystemExit(f"cannot make the SmolLM2 student: {why}")
     return cut
 
 
@@ -49,8 +52,7 @@ def run_path(name: str, student: Path, work: Path, steps: int) -> list[dict]:
     args = [f"student={student}", f"steps={steps}", f"checkpoint_every={steps}", *SETTING, *PATHS[name]]
     if not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < steps:
         shutil.rmtree(run, ignore_errors=True)   # this benchmark's own run dir, from an unfinished try
-        subprocess.run([sys.executable, "-m", "atod_edge.cli", "train", "--out", str(run),
-                        *[a for kv in args for a in ("--set", kv)]], check=True)
+        bench_cli.cli("step", "train", "--out", str(run), *[a for kv in args for a in ("--set", kv)])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in rows if "time_rollout" in r][:steps]
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+
+import bench_cli
 
 from atod_edge.engine.policy import TorchPolicy
 from atod_edge.evaluate.evaluate import EvalConfig, evaluate, paired_difference
@@ -37,14 +39,7 @@ COMMON = ["--set", "env=household", "--set", "teacher=household-teacher", "--set
           "--set", "seed=0"]
 
 
-def log(msg: str) -> None:
-    print(f"[pilots {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cli(*args: str) -> None:
-    cmd = [sys.executable, "-m", "atod_edge.cli", *args]
-    log(" ".join(cmd[2:]))
-    subprocess.run(cmd, check=True)
+log, cli = partial(bench_cli.log, "pilots"), partial(bench_cli.cli, "pilots")
 
 
 def valid_outcomes(model: str) -> dict:

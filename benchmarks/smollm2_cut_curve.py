@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
+from functools import partial
 from pathlib import Path
+
+import bench_cli
 
 from atod_edge.io import atomic_write_json, atomic_write_text
 
@@ -31,14 +32,7 @@ COLD_START = ["--demos", "dart", "--episodes", "{episodes}", "--set", "noise=0.3
 MIN_VALID_SUCCESS = 0.05   # GRPO needs episodes that win: a cold start below this gives it no signal
 
 
-def log(msg: str) -> None:
-    print(f"[cut-curve {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cli(*args: str) -> None:
-    cmd = [sys.executable, "-m", "atod_edge.cli", *args]
-    log(" ".join(cmd[2:]))
-    subprocess.run(cmd, check=True)
+log, cli = partial(bench_cli.log, "cut-curve"), partial(bench_cli.cli, "cut-curve")
 
 
 def score(model: str) -> dict:
@@ -46,8 +40,7 @@ def score(model: str) -> dict:
     from atod_edge.engine.policy import TorchPolicy
     from atod_edge.evaluate.evaluate import EvalConfig, evaluate
 
-    policy = TorchPolicy.load(model, dtype="bfloat16")
-    policy.precision = "bf16"
+    policy = TorchPolicy.load(model, precision="bf16")
     summary, episodes = evaluate(policy, EvalConfig(env="household", split="valid", episodes=VALID_EPISODES,
                                                     temperature=0.4, seed=0))
     return {"success": summary["success"], "success_ci95": summary["success_ci95"], "turns": summary["turns"],

@@ -117,14 +117,12 @@ def _load_agent(spec: str, cfg, scripted: bool):
         return spec
     from atod_edge.engine.backends import is_torch_model, load_policy
 
-    if cfg.precision == "auto" or not is_torch_model(spec):
-        if cfg.precision != "auto":
-            raise UserError(f"precision={cfg.precision} applies to PyTorch models; {spec} is an ONNX or GGUF "
-                            "export (its precision is the export's)")
+    if cfg.precision == "auto":
         return load_policy(spec, device=cfg.device)
-    policy = load_policy(spec, device=cfg.device, dtype={"bf16": "bfloat16", "fp32": "float32"}[cfg.precision])
-    policy.precision = cfg.precision    # bf16 weights decode under bf16 autocast, as training's rollout copy
-    return policy
+    if not is_torch_model(spec):
+        raise UserError(f"precision={cfg.precision} applies to PyTorch models; {spec} is an ONNX or GGUF "
+                        "export (its precision is the export's)")
+    return load_policy(spec, device=cfg.device, precision=cfg.precision)   # weights and autocast in it
 
 
 def _env_slug(env: str) -> str:

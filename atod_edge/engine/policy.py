@@ -88,13 +88,15 @@ class TorchPolicy(Policy):
         self.last_store = None                  # the last scope's store, for its hit statistics
 
     @classmethod
-    def load(cls, path: str, device: str = "cpu", dtype: str | None = None) -> "TorchPolicy":
+    def load(cls, path: str, device: str = "cpu", dtype: str | None = None, precision: str = "auto") -> "TorchPolicy":
+        """precision "bf16"/"fp32": the weights are loaded in that dtype (unless `dtype` says
+        otherwise) and decode under its autocast; "auto": load_model's dtype, compute_autocast's."""
         from atod_edge.models.loading import load_model
 
         device = str(torch_device(device))
-        model, tokenizer = load_model(path, device=device, dtype=dtype)
+        model, tokenizer = load_model(path, device=device, dtype=dtype or (None if precision == "auto" else precision))
         model.eval()
-        return cls(model, tokenizer, name=str(path), device=device)
+        return cls(model, tokenizer, name=str(path), device=device, precision=precision)
 
     @contextlib.contextmanager
     def reusing_prefixes(self):

@@ -48,8 +48,7 @@ def publish(src: str, name: str, chain: Sequence[str], env: str = "household", e
     if not ZOO_NAME_RE.fullmatch(name or ""):
         raise UserError(f"zoo name '{name}': expected a plain name like household-teacher (letters, digits, "
                         "'.', '_' and '-', not starting with '.' or '-')")
-    from_dict(EvalConfig, {"env": env, "episodes": episodes, "temperature": temperature, "max_turns": max_turns,
-                           "precision": precision})
+    from_dict(EvalConfig, {"env": env, "episodes": episodes, "temperature": temperature, "max_turns": max_turns})
     if precision not in ("fp32", "bf16"):
         raise UserError(f"evaluation precision '{precision}': expected fp32 or bf16")
     earlier_entry = (root / name / CARD_JSON).is_file()   # an earlier zoo entry (a full model or an adapter)
@@ -79,8 +78,8 @@ def publish(src: str, name: str, chain: Sequence[str], env: str = "household", e
             stored_dir, base_card = _store_adapter(src, base, tmp, name, dtype)
         # Evaluate what users will load: the stored file, upcast to fp32 as load_model does on CPU
         # (for an adapter: the stored adapter merged into its base).
-        stored, stored_tokenizer = load_model(stored_dir, dtype="bfloat16" if precision == "bf16" else None)
-        policy = TorchPolicy(stored, stored_tokenizer, name=name, precision=precision)
+        policy = TorchPolicy.load(str(stored_dir), precision="auto" if precision == "fp32" else precision)
+        policy.name, stored = name, policy.model
         evaluation: dict[str, Any] = {"temperature": temperature, "episodes": episodes}
         if precision != "fp32":
             evaluation["precision"] = precision
