@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "('' = none)")
     parser.add_argument("--splits", default="eval,unseen",
                         help="splits every final model is evaluated and reported on (eval, unseen)")
+    parser.add_argument("--recipe", default=None,
+                        help="the recipe of every env's teacher, cold start and runs (default: each env's "
+                             "own, e.g. household); its env must be the one env in --envs")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the recipe's)")
     parser.add_argument("--eval-episodes", type=int, default=200, help="final evaluation episodes per split")
     parser.add_argument("--eval-seed", type=int, default=0,
@@ -121,15 +124,20 @@ def base_config(env: str, args: argparse.Namespace):
     budget: what the teacher, the cold start and every run of this env share."""
     from atod_edge.train.config import TrainConfig
 
-    try:
-        recipe = env if resolve_recipe(env) else None
-    except ConfigError:
-        recipe = None  # a plug-in env without a recipe: defaults with env=NAME
+    if args.recipe:
+        recipe = args.recipe
+    else:
+        try:
+            recipe = env if resolve_recipe(env) else None
+        except ConfigError:
+            recipe = None  # a plug-in env without a recipe: defaults with env=NAME
     overrides = overrides_for(env, args.overrides) + ([f"env={env}"] if recipe is None else [])
     if args.steps:
         overrides.append(f"steps={args.steps}")
     cfg = load_config(TrainConfig, recipe, overrides)
     if cfg.env != env:
+        if args.recipe:
+            raise UserError(f"--recipe {args.recipe} trains on {cfg.env}, not on --envs {env}")
         raise UserError(f"--set env={cfg.env} conflicts with --envs (env {env}); drop the --set")
     return cfg, recipe
 
@@ -172,12 +180,14 @@ def evaluate_cached(cache_file: Path, model_path: str, cfg, split: str, episodes
 
     ecfg = EvalConfig(env=cfg.env, split=split, episodes=episodes, temperature=EVAL_TEMPERATURE, seed=seed,
                       history_turns=cfg.history_turns, max_new_tokens=cfg.max_new_tokens,
-                      max_turns=cfg.max_turns, device=cfg.device)  # the training horizon, as the curves
+                      max_turns=cfg.max_turns, device=cfg.device,  # the training horizon, as the curves
+                      precision=cfg.precision)
     key = json.dumps({"model": str(model_path), **asdict(ecfg)}, sort_keys=True)
     stored = _read_json(cache_file)
     if stored.get(split, {}).get("key") == key and "episodes" in stored[split]:
         return stored[split]["summary"]
-    summary, episodes = evaluate(TorchPolicy.load(str(model_path), device=cfg.device), ecfg)
+    summary, episodes = evaluate(TorchPolicy.load(str(model_path), device=cfg.device, precision=ecfg.precision),
+                                 ecfg)
     log("  " + format_summary(summary) + f" ({summary.get('seconds', 0):.0f} s)")
     stored = _read_json(cache_file)  # re-read: keep the other split's entry
     stored.update({"path": str(model_path), split: {"key": key, "summary": summary,

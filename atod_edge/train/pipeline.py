@@ -104,7 +104,8 @@ def evaluate_model(path: str, cfg: TrainConfig, cache: Path | None = None) -> di
     ecfg = EvalConfig(env=cfg.env, split="eval", episodes=cfg.eval_episodes, temperature=cfg.eval_temperature,
                       seed=cfg.seed, history_turns=cfg.history_turns, max_new_tokens=cfg.max_new_tokens,
                       max_turns=cfg.max_turns, device=cfg.device, chat_template_kwargs=cfg.chat_template_kwargs,
-                      env_step_timeout=cfg.env_step_timeout, max_prompt_tokens=cfg.max_prompt_tokens)
+                      env_step_timeout=cfg.env_step_timeout, max_prompt_tokens=cfg.max_prompt_tokens,
+                      precision=cfg.precision)   # the run's precision: bf16 weights when it trains in bf16
     fields = {k: v for k, v in asdict(ecfg).items() if k != "chat_template_kwargs" or v}   # earlier caches stay valid
     key = json.dumps(fields, sort_keys=True)
     cache_file = (cache / "eval_cache.json") if cache else None
@@ -117,7 +118,7 @@ def evaluate_model(path: str, cfg: TrainConfig, cache: Path | None = None) -> di
 
         policy = LlamaCppPolicy.load(path)
     else:
-        policy = TorchPolicy.load(path, device=cfg.device)
+        policy = TorchPolicy.load(path, device=cfg.device, precision=cfg.precision)
     summary, episodes = evaluate(policy, ecfg)
     summary["outcomes"] = {e.task_id: int(bool(e.success)) for e in episodes}
     if cache_file:
