@@ -235,6 +235,21 @@ def test_env_scoped_overrides():
     assert shop.tasks_per_step == household.tasks_per_step == 3
 
 
+
+def test_recipe_flag_picks_the_recipe_and_checks_its_env():
+    compare = load_benchmark("compare")
+    from atod_edge.config import load_config
+    from atod_edge.errors import UserError
+    from atod_edge.train.config import TrainConfig
+
+    recipe = load_config(TrainConfig, "smollm2-household")
+    cfg = compare.run_config("household", "atod", 0, compare.parse_args(["--recipe", "smollm2-household"]))
+    assert (cfg.teacher, cfg.precision, cfg.steps) == (recipe.teacher, "bf16", recipe.steps)
+    assert cfg.bootstrap.student_from_teacher == "every:3" and cfg.lr == recipe.lr
+    assert compare.run_config("household", "atod", 0, compare.parse_args([])).teacher == "household-teacher"
+    with pytest.raises(UserError, match="--recipe smollm2-household trains on household, not on --envs shop"):
+        compare.base_config("shop", compare.parse_args(["--recipe", "smollm2-household"]))
+
 # --- paired comparisons, the paper's table, --commit -----------------------------------------
 
 import numpy as np  # noqa: E402
