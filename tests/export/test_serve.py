@@ -134,3 +134,22 @@ def test_non_chatml_template_gets_no_ollama_template(atod_cache):
     assert ollama_template(tokenizer) is not None
     tokenizer.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
     assert ollama_template(tokenizer) is None
+
+
+def test_serve_gguf_benchmark_serves_and_embeds_one_file(peaked_export, tmp_path):
+    """benchmarks/serve_gguf.py on an exported file: the stock server's replies parse and equal the
+    in-process actions, the embedded Agent plays whole episodes, and the report is written."""
+    from bench_loader import load_benchmark
+
+    serve_gguf = load_benchmark("serve_gguf")
+    out, _ = peaked_export
+    assert serve_gguf.main([str(out / "agent.q4_k_m.gguf"), "--prompts", "2", "--episodes", "1", "--max-turns", "3",
+                            "--threads", "1", "--out", str(tmp_path), "--name", "s"]) == 0
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["server"]["prompts"] == 2 and result["server"]["parsed"] == 2
+    assert result["server"]["same_as_in_process"] == 2
+    agent = result["agent"]
+    assert agent["episodes"] == 1 and 1 <= agent["mean_turns"] <= 3 and agent["first_action_s"] > 0
+    assert "llama_cpp.server" in (tmp_path / "s.md").read_text()
+    with pytest.raises(SystemExit, match="no such GGUF file"):
+        serve_gguf.main([str(tmp_path / "missing.gguf"), "--out", str(tmp_path)])
