@@ -8,7 +8,8 @@ preset cut to every third layer (`atod-edge models shrink smollm2-135m --keep-la
 tasks x 4 rollouts, 15 turns, 48 new tokens. Both are untrained for household, so every turn runs
 to the 48-token limit on both paths: the same number of tokens decoded, scored and trained on,
 though not the same tokens (the samples differ with the precision). Each path runs `atod-edge
-train` for `--steps` steps (the first includes one-time start-up costs, reported apart), and its
+train` for `--steps` steps (the first includes one-time start-up costs, reported apart; no
+gradient-norm passes: grad_norm_every=0), and its
 metrics rows give each phase's seconds (rollout, teacher, recompute, update). Writes
 benchmarks/results/smollm2-household/step.json and step.md (the per-phase table and the speedup of
 the whole step, fp32 / bf16).
@@ -34,7 +35,10 @@ OUT = Path(__file__).parent / "results" / "smollm2-household"
 PATHS = {"fp32": ["precision=fp32", "rollout_precision=fp32"],
          "bf16": ["precision=bf16", "rollout_precision=bf16"]}
 SETTING = ["env=household", "teacher=smollm2-135m", "tasks_per_step=4", "group_size=4", "max_turns=15",
-           "max_new_tokens=48", "micro_batch=16", "lr=1e-5", "eval_episodes=0", "compare=false", "seed=0"]
+           "max_new_tokens=48", "micro_batch=16", "lr=1e-5", "eval_episodes=0", "compare=false", "seed=0",
+           # a regular step: grad_norm_every logs each advantage term's gradient norm at steps 0, N, 2N
+           # with two more forward + backward passes, which tripled step 0's update
+           "grad_norm_every=0"]
 PHASES = ("time_rollout", "time_teacher", "time_recompute", "time_update")
 
 
