@@ -40,3 +40,35 @@ def test_failure_report_puts_every_failed_episode_in_one_stage(tmp_path):
     assert sum(n for _, n in result["families"].values()) == 8
     assert sum(won for won, _ in result["families"].values()) == 8 - failed
     assert "by the first stage they never passed" in failures.markdown({"x": result})
+
+
+def test_the_table_pairs_models_by_task_and_leaves_missing_ones_blank(tmp_path):
+    import json
+
+    table = load_benchmark("smollm2_table")
+
+    def evaluation(successes: list[int], order: list[int] | None = None) -> dict:
+        order = order or list(range(len(successes)))
+        n = len(successes)
+        summary = {"success": sum(successes) / n, "success_ci95": [0.0, 1.0], "turns": 9.0, "invalid_rate": 0.1}
+        episodes = {"task_id": [f"household/{{split}}/{i}" for i in order], "success": [successes[i] for i in order]}
+        return {split: {"summary": summary, "episodes": {k: [v.replace("{split}", split) if isinstance(v, str) else v
+                                                               for v in vs] for k, vs in episodes.items()}}
+                for split in ("eval", "unseen")}
+
+    models = tmp_path / "models" / "household"
+    models.mkdir(parents=True)
+    (models / "cold-start.json").write_text(json.dumps(evaluation([0, 0, 1, 0])))
+    (models / "teacher.json").write_text(json.dumps(evaluation([1, 1, 1, 0])))
+    assert table.main([str(tmp_path), "--out", str(tmp_path), "--name", "t"]) == 0
+    text = (tmp_path / "t.md").read_text()
+    assert "| ATOD student | — |" in text and "teacher - cold start: **+50.0 points" in text
+    run = tmp_path / "runs" / "household-atod-s0"
+    run.mkdir(parents=True)
+    # listed in another order: pairing goes by task id, not by position
+    (run / "final_eval.json").write_text(json.dumps(evaluation([1, 0, 1, 1], order=[3, 2, 1, 0])))
+    table.main([str(tmp_path), "--out", str(tmp_path), "--name", "t"])
+    result = json.loads((tmp_path / "t.json").read_text())
+    atod_cold = result["paired"]["eval"]["ATOD student - cold start"]
+    assert atod_cold["n"] == 4 and abs(atod_cold["mean"] - 0.5) < 1e-9 and atod_cold["discordant"] == 2
+    assert abs(result["paired"]["unseen"]["ATOD student - teacher"]["mean"]) < 1e-9
