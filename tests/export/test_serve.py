@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -23,35 +19,10 @@ pytest.importorskip("sse_starlette", reason="the server needs atod-edge[serve]")
 
 from atod_edge.envs import make_env  # noqa: E402
 from atod_edge.prompts import build_messages, parse_action, render_prompt  # noqa: E402
+from bench_loader import load_benchmark  # noqa: E402
 
-READY_TIMEOUT_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict, timeout: float = 60) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.load(response)
-
-
-def _wait_ready(base: str, server: subprocess.Popen, log_path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"server exited with {server.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/v1/models", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"server not ready after {READY_TIMEOUT_S} s: {log_path.read_text()[-2000:]}")
+# the server helpers of the benchmark that serves a real export (benchmarks/serve_gguf.py)
+serve_gguf = load_benchmark("serve_gguf")
 
 
 def test_stock_llama_cpp_server_answers_household_prompts_with_actions(peaked_export, tmp_path):
@@ -74,7 +45,7 @@ def test_stock_llama_cpp_server_answers_household_prompts_with_actions(peaked_ex
         [encode_prompt(local.tokenizer, m) for m in requests], SamplingParams(temperature=0.0))]
     local.close()
 
-    port = _free_port()
+    port = serve_gguf.free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log:
@@ -84,8 +55,8 @@ def test_stock_llama_cpp_server_answers_household_prompts_with_actions(peaked_ex
              "--port", str(port), "--n_ctx", "1024", "--n_threads", "1", "--type_k", "0", "--type_v", "0"],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        _wait_ready(base, server, log_path)
-        replies = [_post(f"{base}/v1/chat/completions",
+        serve_gguf.wait_ready(base, server, log_path)
+        replies = [serve_gguf.post(f"{base}/v1/chat/completions",
                          {"messages": messages, "temperature": 0.0, "max_tokens": 48}
                          )["choices"][0]["message"]["content"] for messages in requests]
     finally:
@@ -139,9 +110,6 @@ def test_non_chatml_template_gets_no_ollama_template(atod_cache):
 def test_serve_gguf_benchmark_serves_and_embeds_one_file(peaked_export, tmp_path):
     """benchmarks/serve_gguf.py on an exported file: the stock server's replies parse and equal the
     in-process actions, the embedded Agent plays whole episodes, and the report is written."""
-    from bench_loader import load_benchmark
-
-    serve_gguf = load_benchmark("serve_gguf")
     out, _ = peaked_export
     assert serve_gguf.main([str(out / "agent.q4_k_m.gguf"), "--prompts", "2", "--episodes", "1", "--max-turns", "3",
                             "--threads", "1", "--out", str(tmp_path), "--name", "s"]) == 0
