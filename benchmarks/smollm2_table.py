@@ -9,7 +9,8 @@ played the same tasks with the same sampling seed), writes NAME.md and NAME.json
 differences: per task, success of one model minus the other's, mean with its 95% t interval over
 tasks (atod_edge.evaluate.paired_difference, as the default job's table). One training seed: the
 interval covers the tasks, not the variance between training runs. The smallest effect the
-design detects (80% power, two-sided alpha 0.05) is 2.8 standard errors of the paired mean.
+design detects (80% power, two-sided alpha 0.05) is 2.8 standard errors of the paired mean, and
+at least 7.84 / (n + 7.84) (a model that wins d of the other's lost tasks and nothing else).
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ def paired(a: dict, b: dict) -> dict:
     n = result["n"]
     diffs = [x - y for x, y in common]
     sd = math.sqrt(sum((d - result["mean"]) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("nan")
-    result["detectable"] = 2.8 * sd / math.sqrt(n) if n > 1 else float("nan")
+    # 2.8 standard errors of the paired mean; at least the effect of a model that wins d of the
+    # tasks the other loses and nothing else (sd sqrt(d(1 - d))): d = 7.84 / (n + 7.84), the floor
+    # when both models sit at 0% and the observed spread is 0
+    floor = 2.8 ** 2 / (n + 2.8 ** 2) if n else float("nan")
+    result["detectable"] = max(2.8 * sd / math.sqrt(n), floor) if n > 1 else float("nan")
     result["discordant"] = sum(d != 0 for d in diffs)
     return result
 
