@@ -10,7 +10,7 @@
    when the server applied the GGUF's chat template exactly as training did). Also the server's
    median wall time per request, as a client sees it.
 2. Embedded: `atod_edge.Agent.load(FILE)` plays `--episodes` household eval episodes (greedy,
-   up to --max-turns turns): success, turns, invalid actions, and the latency of its first action
+   up to --max-turns turns): success, turns, replies without a parseable action, and the latency of its first action
    and of every action (median), what an application embedding the agent waits for.
 
 Writes OUT/NAME.json and OUT/NAME.md (atomically).
@@ -122,14 +122,14 @@ def agent_episodes(gguf: Path, episodes: int, threads: int, max_turns: int) -> d
 
     env = make_env("household")
     agent = Agent.load(str(gguf), env_instructions=env.instructions, n_threads=threads)
-    wins, turns, invalid, first, every = 0, [], 0, [], []
+    wins, turns, no_action, first, every = 0, [], 0, [], []
     for task in env.tasks("eval", episodes):
         observation = env.reset(task)
         agent.reset(observation)
         for turn in range(max_turns):
             result = agent.act(observation, env.admissible_actions())
             (first if turn == 0 else every).append(result.seconds)
-            invalid += not result.valid
+            no_action += not result.valid   # the reply held no parseable action
             step = env.step(result.action or "")
             observation = step.observation
             if step.done:
@@ -138,7 +138,7 @@ def agent_episodes(gguf: Path, episodes: int, threads: int, max_turns: int) -> d
         turns.append(turn + 1)
     agent.close()
     return {"episodes": episodes, "success": wins / max(1, episodes), "mean_turns": float(np.mean(turns)),
-            "invalid_rate": invalid / max(1, sum(turns)), "first_action_s": float(np.median(first)),
+            "no_action_rate": no_action / max(1, sum(turns)), "first_action_s": float(np.median(first)),
             "action_s": float(np.median(first + every))}
 
 
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
           f"parse to an action, {s['same_as_in_process']}/{s['prompts']} equal the in-process action on "
           f"atod-edge's own prompt tokens; median request {1000 * s['median_request_s']:.0f} ms.\n"
           f"- `atod_edge.Agent.load(\"{gguf.name}\")`, greedy, {a['episodes']} household eval episodes: "
-          f"success {100 * a['success']:.1f}%, {a['mean_turns']:.1f} turns, {100 * a['invalid_rate']:.1f}% invalid "
-          f"actions; first action {1000 * a['first_action_s']:.0f} ms, any action {1000 * a['action_s']:.0f} ms "
+          f"success {100 * a['success']:.1f}%, {a['mean_turns']:.1f} turns, {100 * a['no_action_rate']:.1f}% of "
+          f"replies without an action; first action {1000 * a['first_action_s']:.0f} ms, any action {1000 * a['action_s']:.0f} ms "
           f"(medians, {args.threads} threads).\n")
     atomic_write_text(out / f"{args.name}.md", md)
     print(md)
