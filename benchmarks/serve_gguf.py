@@ -19,6 +19,7 @@ Writes OUT/NAME.json and OUT/NAME.md (atomically).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -64,6 +65,30 @@ def wait_ready(base: str, server: subprocess.Popen, log_path: Path) -> None:
     raise SystemExit(f"server not ready after {READY_TIMEOUT_S} s: {log_path.read_text()[-2000:]}")
 
 
+@contextlib.contextmanager
+def stock_server(gguf: Path, threads: int, n_ctx: int, log_path: Path):
+    """`python -m llama_cpp.server` serving `gguf` on a free 127.0.0.1 port, ready: yields (base URL,
+    the process); stopped on exit. float32 KV cache, as LlamaCppPolicy runs the file."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+             "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--type_k", "0",
+             "--type_v", "0"], stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    try:
+        wait_ready(base, server, log_path)
+        yield base, server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
 def served_actions(gguf: Path, prompts: int, threads: int) -> dict:
     """First-turn household prompts through the stock server vs the same file in process."""
     from atod_edge.engine.backends.llamacpp import LlamaCppPolicy
@@ -82,33 +107,13 @@ def served_actions(gguf: Path, prompts: int, threads: int) -> dict:
         [encode_prompt(local.tokenizer, m) for m in requests], sampling)]
     local.close()
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as tmp:
-        log_path = Path(tmp) / "server.log"
-        with open(log_path, "wb") as log:
-            # float32 KV cache, as LlamaCppPolicy runs the file
-            server = subprocess.Popen(
-                [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                 "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads), "--type_k", "0",
-                 "--type_v", "0"], stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-        try:
-            wait_ready(base, server, log_path)
-            replies, seconds = [], []
-            for messages in requests:
-                started = time.perf_counter()
-                reply = post(f"{base}/v1/chat/completions",
-                             {"messages": messages, "temperature": 0.0, "max_tokens": 48})
-                seconds.append(time.perf_counter() - started)
-                replies.append(reply["choices"][0]["message"]["content"])
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+    with tempfile.TemporaryDirectory() as tmp, stock_server(gguf, threads, 2048, Path(tmp) / "server.log") as (base, _):
+        replies, seconds = [], []
+        for messages in requests:
+            started = time.perf_counter()
+            reply = post(f"{base}/v1/chat/completions", {"messages": messages, "temperature": 0.0, "max_tokens": 48})
+            seconds.append(time.perf_counter() - started)
+            replies.append(reply["choices"][0]["message"]["content"])
     actions = [parse_action(text).action for text in replies]
     return {"prompts": len(requests), "parsed": sum(a is not None for a in actions),
             "same_as_in_process": sum(a == e for a, e in zip(actions, expected)),

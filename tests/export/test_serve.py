@@ -6,9 +6,6 @@ that export writes."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -45,27 +42,10 @@ def test_stock_llama_cpp_server_answers_household_prompts_with_actions(peaked_ex
         [encode_prompt(local.tokenizer, m) for m in requests], SamplingParams(temperature=0.0))]
     local.close()
 
-    port = serve_gguf.free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        # float32 KV cache (flash attention is off by default): what LlamaCppPolicy runs with
-        server = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_file), "--host", "127.0.0.1",
-             "--port", str(port), "--n_ctx", "1024", "--n_threads", "1", "--type_k", "0", "--type_v", "0"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        serve_gguf.wait_ready(base, server, log_path)
+    with serve_gguf.stock_server(gguf_file, threads=1, n_ctx=1024, log_path=tmp_path / "server.log") as (base, server):
         replies = [serve_gguf.post(f"{base}/v1/chat/completions",
-                         {"messages": messages, "temperature": 0.0, "max_tokens": 48}
-                         )["choices"][0]["message"]["content"] for messages in requests]
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+                                   {"messages": messages, "temperature": 0.0, "max_tokens": 48}
+                                   )["choices"][0]["message"]["content"] for messages in requests]
     actions = [parse_action(text).action for text in replies]
     assert all(actions), replies                                    # 5 of 5 parse
     assert actions == expected, (replies, expected)
