@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from atod_edge.engine.attention import ATTENTION, folded_attention, folded_sdpa_forward
+from atod_edge.engine.attention import ATTENTION, ATTENTION_FP32, folded_attention, folded_sdpa_forward, \
+    folded_sdpa_fp32_forward
 from atod_edge.engine.policy import TorchPolicy
 from atod_edge.engine.rollout_copy import rollout_copy
 from atod_edge.engine.sampling import SamplingParams
@@ -123,7 +124,30 @@ def test_folded_attention_leaves_other_implementations(tiny_student):
     model.config._attn_implementation = "sdpa"
     with folded_attention(model):
         assert model.config._attn_implementation == ATTENTION
+    with folded_attention(model, fp32_on_cpu=True):
+        assert model.config._attn_implementation == ATTENTION_FP32
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_fp32_folded_attention_of_bf16_inputs_on_cpu():
+    """The prefix tree's attention for a trainable model: bf16 query, keys and values attended in
+    fp32 (the CPU's bf16 SDPA backward is slow), output and gradients back in bf16, equal to the
+    folded attention of the same inputs in fp32."""
+
+    class Module:
+        num_key_value_groups = 3
+        is_causal = True
+
+    torch.manual_seed(0)
+    query = torch.randn(2, 4, 6, 8).transpose(1, 2).bfloat16().requires_grad_()
+    key, value = (torch.randn(2, 2, 9, 8).bfloat16().requires_grad_() for _ in range(2))
+    mask = torch.ones(2, 1, 4, 9, dtype=torch.bool).tril(diagonal=5)
+    out, _ = folded_sdpa_fp32_forward(Module(), query, key, value, mask, scaling=8 ** -0.5)
+    want, _ = folded_sdpa_forward(Module(), query.float(), key.float(), value.float(), mask, scaling=8 ** -0.5)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, want.bfloat16())
+    out.float().sum().backward()
+    assert query.grad.dtype == key.grad.dtype == torch.bfloat16
 
 
 # --- bf16 rollouts on CPU (config rollout_precision) ---------------------------------------------

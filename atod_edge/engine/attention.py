@@ -13,8 +13,13 @@ axis (a view for decode, where q = 1). Each query row meets the same keys, value
 under repeat_kv, so outputs equal the stock path's to float rounding (tests/test_engine_speed.py).
 
 It is registered with transformers under ATTENTION ("atod_folded_sdpa", with SDPA's mask
-builder), and the engine switches a model to it only for its own forwards (`folded_attention`),
-so training and scoring keep the model's own implementation.
+builder); the engine switches a model to it only for its own forwards (`folded_attention`). The
+prefix-tree scorer (scoring/prefix_tree.py) uses it too, for a trainable model on CPU as
+ATTENTION_FP32: the same attention computed in fp32 when the forward runs under bf16 autocast,
+because the CPU's bf16 SDPA backward is slow (measured on the SmolLM2 cut's tree shapes, query
+[16, 9, 47, 64] over 326 keys: forward + backward 25.0 ms stock bf16, 15.7 ms folded bf16, 9.5 ms
+folded fp32). A trainable model takes it with and without gradients, so the recomputed old
+log-probs and the update's forward stay the same computation (a first ratio of exactly 1).
 """
 
 from __future__ import annotations
@@ -24,6 +29,16 @@ import contextlib
 import torch
 
 ATTENTION = "atod_folded_sdpa"
+ATTENTION_FP32 = "atod_folded_sdpa_fp32"
+
+
+def folded_sdpa_fp32_forward(module, query, key, value, attention_mask, **kwargs):
+    """folded_sdpa_forward with bf16 query, keys and values computed in fp32 on CPU (its output
+    cast back to the query's dtype); elsewhere the same as folded_sdpa_forward."""
+    if query.device.type != "cpu" or query.dtype != torch.bfloat16:
+        return folded_sdpa_forward(module, query, key, value, attention_mask, **kwargs)
+    out, weights = folded_sdpa_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+    return out.to(query.dtype), weights
 
 
 def folded_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -51,29 +66,37 @@ def folded_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
 _REGISTERED = False
 
 
-def register() -> str:
-    """Register the folded attention (and SDPA's mask builder under its name) with transformers,
-    once; returns its name."""
+def register(fp32_on_cpu: bool = False) -> str:
+    """Register the folded attentions (and SDPA's mask builder under their names) with
+    transformers, once; returns the name of the one asked for."""
     global _REGISTERED
     if not _REGISTERED:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
         AttentionInterface.register(ATTENTION, folded_sdpa_forward)
+        AttentionInterface.register(ATTENTION_FP32, folded_sdpa_fp32_forward)
         AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+        AttentionMaskInterface.register(ATTENTION_FP32, sdpa_mask)
         _REGISTERED = True
-    return ATTENTION
+    return ATTENTION_FP32 if fp32_on_cpu else ATTENTION
+
+
+def is_sdpa(config) -> bool:
+    """Whether a model's attention is SDPA, stock or folded (the 4-D boolean mask applies)."""
+    return getattr(config, "_attn_implementation", None) in ("sdpa", ATTENTION, ATTENTION_FP32)
 
 
 @contextlib.contextmanager
-def folded_attention(model):
-    """Run `model`'s SDPA attention as folded_sdpa_forward inside the scope (models whose config
-    says "sdpa" only; others are left as they are), restoring it after."""
+def folded_attention(model, fp32_on_cpu: bool = False):
+    """Run `model`'s SDPA attention as folded_sdpa_forward (fp32_on_cpu: folded_sdpa_fp32_forward)
+    inside the scope (models whose config says "sdpa" only; others are left as they are),
+    restoring it after."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         yield
         return
-    config._attn_implementation = register()
+    config._attn_implementation = register(fp32_on_cpu)
     try:
         yield
     finally:

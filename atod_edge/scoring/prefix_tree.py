@@ -94,6 +94,7 @@ def shared_prefix_logprobs(model, sequences: Sequence[Sequence[int]], score_from
     scoring.response_logprobs. The model must be a transformers causal LM that takes a cache
     (past_key_values); the caller keeps to models whose layers all attend to the full context.
     """
+    from atod_edge.engine.attention import folded_attention
     from atod_edge.engine.precision import compute_autocast
     from atod_edge.scoring.tokens import sampled_logprobs, to_device
 
@@ -135,7 +136,10 @@ def shared_prefix_logprobs(model, sequences: Sequence[Sequence[int]], score_from
     # keys/values (per layer) and mask of every position a batch's rows saw, kept for its children
     full: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = {}
     last_child = {parent: b for b, (_, parent) in enumerate(batches) if parent >= 0}
-    with compute_autocast(device, precision):
+    # grouped-query attention without repeat_kv copies; a trainable model's in fp32 on CPU
+    # (engine/attention.py: the CPU's bf16 attention backward is slow), with or without gradients
+    trainable = any(p.requires_grad for p in model.parameters())
+    with compute_autocast(device, precision), folded_attention(model, fp32_on_cpu=trainable):
         for b, (members, parent_batch) in enumerate(batches):
             width = max(nodes[m].end - nodes[m].start for m in members)
             ids = torch.full((len(members), width), pad_id, dtype=torch.long)
@@ -264,7 +268,9 @@ def _attention_mask(model, past: torch.Tensor, own: torch.Tensor) -> torch.Tenso
     1 = real) for the model to expand, or, under SDPA attention, the 4-D boolean mask it would
     build from that (a key is seen where it is real and not after the query), built directly:
     transformers builds it with torch.vmap, a fifth of the scoring time on the tiny presets."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    from atod_edge.engine.attention import is_sdpa
+
+    if not is_sdpa(model.config):
         return torch.cat([past, own], dim=1)
     width = own.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=own.device).tril()

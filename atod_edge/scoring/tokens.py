@@ -49,6 +49,31 @@ def tf32_matmuls(device):
 
 
 
+@contextlib.contextmanager
+def head_matmuls(device, low_precision: bool):
+    """The LM head's fp32 matmuls at the speed the device allows, fp32 in and out: as TF32 on CUDA
+    (tf32_matmuls, whatever the compute precision); on CPU, with low_precision (the forward runs
+    under bf16 autocast), as oneDNN's bf16 mode: inputs rounded to bf16, fp32 accumulation and
+    fp32 logits, the CPU's counterpart of TF32 (2.2x the fp32 head on this project's AMX CPU for
+    [512 x 576] x [576 x 49,152]; a log-prob moves by ~1e-2 at most, see tests/train/test_precision.py).
+    Restored after; nothing else changes."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        with tf32_matmuls(device):
+            yield
+        return
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    if device.type != "cpu" or not low_precision or mkldnn is None or not torch.backends.mkldnn.is_available():
+        yield
+        return
+    before = mkldnn.fp32_precision
+    mkldnn.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        mkldnn.fp32_precision = before
+
+
 def sampled_logprobs(features: torch.Tensor, targets: torch.Tensor, head=None,
                      chunk_tokens: int = LOGPROB_CHUNK_TOKENS, entropy: bool = False,
                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -56,23 +81,33 @@ def sampled_logprobs(features: torch.Tensor, targets: torch.Tensor, head=None,
 
     features: [N, hidden] hidden states with `head` (the LM head: logits = head(features)), or
     [N, vocab] logits with head=None; targets: [N] token ids. Works on `chunk_tokens` positions at
-    a time: only one chunk's logits and their fp32 log-softmax exist at once, and under grad mode
-    each chunk is recomputed in backward (activation checkpointing) instead of being kept, so
-    peak memory holds one [chunk, vocab] block, not the [N, vocab] logits, their fp32 copy, the
-    log-softmax and its gradient. The head runs in its weight's dtype with autocast off: fp32
-    logits for an fp32 (master-weight) student even inside a bf16 autocast forward (as TF32 on
-    CUDA: `tf32_matmuls`). The value is log_softmax(logits.float()).gather(target), row by row
-    the same computation.
+    a time: only one chunk's logits exist at once. Under grad mode, a linear head's chunk runs
+    through HeadLogprob (the gradient of the log-prob is written from the logits recomputed in
+    backward: no log-softmax kept, recomputed or differentiated); any other head, or logits given,
+    through activation checkpointing of the chunk. Peak memory holds one [chunk, vocab] block.
+
+    The head runs in its weight's dtype with autocast off: fp32 logits for an fp32 (master-weight)
+    student even inside a bf16 autocast forward, its matmuls through head_matmuls (TF32 on CUDA;
+    on CPU under bf16 autocast, bf16 inputs with fp32 accumulation). The value is
+    log_softmax(logits.float()).gather(target), row by row, up to rounding.
     entropy=True also returns the full-vocabulary entropy at each position (detached).
     """
     from torch.utils.checkpoint import checkpoint
 
+    low = torch.is_autocast_enabled(features.device.type) and \
+        torch.get_autocast_dtype(features.device.type) == torch.bfloat16
+    linear = isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32
     needs_grad = torch.is_grad_enabled() and (
         features.requires_grad or (head is not None and any(p.requires_grad for p in head.parameters())))
     picked, entropies = [], []
     for start in range(0, features.shape[0], chunk_tokens):
-        chunk = (features[start:start + chunk_tokens], targets[start:start + chunk_tokens], head, entropy)
-        lp, ent = checkpoint(_chunk_logprobs, *chunk, use_reentrant=False) if needs_grad else _chunk_logprobs(*chunk)
+        x, t = features[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        if linear:
+            lp, ent = _linear_head_logprobs(x, t, head, low, entropy)
+        elif needs_grad:
+            lp, ent = checkpoint(_chunk_logprobs, x, t, head, entropy, low, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(x, t, head, entropy, low)
         picked.append(lp)
         entropies.append(ent)
     if not picked:   # no response positions
@@ -82,11 +117,10 @@ def sampled_logprobs(features: torch.Tensor, targets: torch.Tensor, head=None,
     return (lp, torch.cat(entropies)) if entropy else lp
 
 
-
-def _chunk_logprobs(features, targets, head, entropy: bool):
+def _chunk_logprobs(features, targets, head, entropy: bool, low: bool = False):
     """(log-probs of `targets`, entropies or None) for one chunk of positions."""
     if head is not None:
-        with torch.autocast(device_type=features.device.type, enabled=False), tf32_matmuls(features.device):
+        with torch.autocast(device_type=features.device.type, enabled=False), head_matmuls(features.device, low):
             weight = getattr(head, "weight", None)
             logits = head(features.to(weight.dtype) if weight is not None else features)
     else:
@@ -98,3 +132,47 @@ def _chunk_logprobs(features, targets, head, entropy: bool):
         with torch.no_grad():
             ent = -(logp.exp() * logp).sum(-1)
     return picked, ent
+
+
+def _linear_head_logprobs(features, targets, head: torch.nn.Linear, low: bool, entropy: bool):
+    """One chunk through an fp32 nn.Linear head: (log-probs, entropies or None)."""
+    x = features.float()
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        lp = HeadLogprob.apply(x, head.weight, head.bias, targets, low)
+    ent = None
+    if entropy:
+        with torch.no_grad(), torch.autocast(device_type=features.device.type, enabled=False), \
+                head_matmuls(features.device, low):
+            logp = torch.log_softmax(torch.nn.functional.linear(x, head.weight, head.bias), dim=-1)
+            ent = -(logp.exp() * logp).sum(-1)
+    return lp, ent
+
+
+class HeadLogprob(torch.autograd.Function):
+    """log softmax(x W^T + b)[target] per row, with a hand-written backward: it keeps x and the
+    log-sum-exp per row, recomputes the chunk's logits, and turns them in place into the gradient
+    of the logits, g * (onehot(target) - softmax), then dX = G W and dW = G^T x. The same math as
+    autograd through log_softmax + gather, without keeping, recomputing or differentiating a
+    [chunk, vocab] log-softmax (under activation checkpointing that was half the head's time)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, low):
+        with head_matmuls(x.device, low):
+            logits = torch.nn.functional.linear(x, weight, bias)
+        lse = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+        ctx.save_for_backward(x, weight, bias, targets, lse)
+        ctx.low = low
+        return picked
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, targets, lse = ctx.saved_tensors
+        with head_matmuls(x.device, ctx.low):
+            logits = torch.nn.functional.linear(x, weight, bias)
+            grad_logits = logits.sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
+            grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1))
+            dx = grad_logits @ weight if ctx.needs_input_grad[0] else None
+            dw = grad_logits.T @ x if ctx.needs_input_grad[1] else None
+        db = grad_logits.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None
