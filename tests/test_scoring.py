@@ -104,3 +104,27 @@ def test_turn_pairs_lists_only_token_level_turns():
                 Episode("e", "b", 0, "eval", turns=[Turn("o", prompt_ids=[3, 4], response_ids=[])])]
     assert turn_pairs(episodes) == ([[1], [3, 4]], [[2], []], [(0, 0), (1, 0)])
     score_episodes(None, [Episode("e", "c", 0, "eval", turns=[Turn("o")])])   # nothing to score: no forward
+
+
+def test_a_bf16_teachers_linear_layers_change_no_score(small_teacher):
+    """load_teacher under bf16 holds the teacher's linear layers in bf16 (not the LM head): the same
+    log-probs, bit for bit, as autocast casting the fp32 weights at every call."""
+    from atod_edge.models.loading import load_model
+    from atod_edge.scoring.prefix_tree import shared_response_logprobs
+    from atod_edge.scoring.teacher import load_teacher
+
+    fp32, tokenizer = load_model(str(small_teacher))
+    fp32.eval().requires_grad_(False)
+    cast = load_teacher(str(small_teacher), "cpu", tokenizer, precision="bf16")
+    linears = [m for m in cast.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears[-1] is cast.get_output_embeddings() and linears[-1].weight.dtype == torch.float32
+    assert {m.weight.dtype for m in linears[:-1]} == {torch.bfloat16}
+    assert load_teacher(str(small_teacher), "cpu", tokenizer, precision="fp32").model.layers[0].mlp.up_proj.weight.dtype \
+        == torch.float32
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randrange(3, 200) for _ in range(20 + k)] for k in range(6)]
+    responses = [[rng.randrange(3, 200) for _ in range(5)] for _ in range(6)]
+    with torch.inference_mode():
+        want = shared_response_logprobs(fp32, prompts, responses, precision="bf16")
+        got = shared_response_logprobs(cast, prompts, responses, precision="bf16")
+    assert all(torch.equal(a, b) for a, b in zip(want, got))

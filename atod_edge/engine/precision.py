@@ -36,8 +36,15 @@ def compute_autocast(device, precision: str = "auto"):
     import torch
 
     device = torch.device(device)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision '{precision}': expected one of {', '.join(PRECISIONS)}")
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if autocasts_to_bf16(device, precision):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def autocasts_to_bf16(device, precision: str = "auto") -> bool:
+    """Whether compute_autocast(device, precision) is a bf16 autocast."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision '{precision}': expected one of {', '.join(PRECISIONS)}")
+    return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")

@@ -77,7 +77,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, student_src: str, teacher_src: 
     found = latest_checkpoint(run_dir, log=log) if resume else None   # the newest intact one
     done_steps, checkpoint = found or (0, None)
     student = make_student(cfg, student_src, checkpoint, where)
-    teacher = make_teacher(cfg, teacher_src, student.tokenizer, where.teacher_device)
+    teacher = make_teacher(cfg, teacher_src, student.tokenizer, where.teacher_device, where.precision)
     pad_id = student.tokenizer.pad_token_id or 0
     optimizer, scheduler = make_optimizer(cfg, student.model)
     if done_steps:
@@ -251,7 +251,7 @@ def make_student(cfg: TrainConfig, student_src: str, checkpoint: Path | None, wh
     return Student(model, full, tokenizer, adapter)
 
 
-def make_teacher(cfg: TrainConfig, teacher_src: str | None, student_tokenizer, device: str):
+def make_teacher(cfg: TrainConfig, teacher_src: str | None, student_tokenizer, device: str, precision: str = "auto"):
     """The frozen teacher (a torch model or a .gguf in llama.cpp) on `device` (Placement's
     teacher_device), or None for algo grpo."""
     from atod_edge.scoring.teacher import load_teacher
@@ -260,7 +260,7 @@ def make_teacher(cfg: TrainConfig, teacher_src: str | None, student_tokenizer, d
         return None
     if not teacher_src:
         raise UserError(f"algo {cfg.algo} needs a teacher (set teacher=DIR or a preset)")
-    return load_teacher(teacher_src, device=device, student_tokenizer=student_tokenizer)
+    return load_teacher(teacher_src, device=device, student_tokenizer=student_tokenizer, precision=precision)
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module):

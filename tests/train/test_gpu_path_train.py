@@ -95,7 +95,7 @@ def test_placement_puts_student_and_teacher_on_the_rank_gpu(monkeypatch):
     loaded = []
     import atod_edge.scoring.teacher as teacher_module
 
-    monkeypatch.setattr(teacher_module, "load_teacher", lambda src, device, student_tokenizer: loaded.append(device))
+    monkeypatch.setattr(teacher_module, "load_teacher", lambda src, device, student_tokenizer, **_: loaded.append(device))
     cfg = load_config(TrainConfig, None, ["device=cuda", "teacher_device=cuda", "tasks_per_step=2"])
     trainer.make_teacher(cfg, "some-teacher", None, trainer.placement(cfg).teacher_device)
     assert loaded == ["cuda:1"]
