@@ -203,6 +203,38 @@ def test_bf16_rollouts_of_an_fp32_run(small_teacher, monkeypatch, tmp_path):
         assert 0.0 < row["rollout_mismatch_mean"] < 1.0       # bf16 decode against the fp32 forward
 
 
+def test_packed_rollout_copy_decodes_bit_identically(tiny_student, monkeypatch):
+    """The rollout copy's linear layers read oneDNN-blocked weights at decode sizes: the same
+    tokens and log-probs as the plain bf16 weights, the same parameter names and tying, and after
+    a refresh the blocked weights follow the new masters."""
+    from atod_edge.engine import rollout_copy as rollout_copy_module
+    from atod_edge.engine.rollout_copy import PackedLinear, refresh_rollout_copy, rollout_copy
+
+    model, tokenizer = tiny_student
+    source = tiny_gqa("llama", tokenizer, seed=3)
+    copy = rollout_copy(source)
+    linears = [m for m in copy.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is PackedLinear and m.packed is not None for m in linears)
+    assert [n for n, _ in copy.named_parameters()] == [n for n, _ in source.named_parameters()]
+    assert copy.lm_head.weight is copy.model.embed_tokens.weight                         # still tied
+    prompts = prompts_of(tokenizer)
+    outputs = {}
+    for rows in (rollout_copy_module.PACKED_MAX_ROWS, 0):   # 0: every input takes the plain weight
+        monkeypatch.setattr(rollout_copy_module, "PACKED_MAX_ROWS", rows)
+        generated = TorchPolicy(copy, tokenizer, precision="bf16").generate(prompts, SAMPLE, seed=5)
+        outputs[rows] = [(g.token_ids, g.logprobs) for g in generated]
+    assert outputs[rollout_copy_module.PACKED_MAX_ROWS] == outputs[0]
+    with torch.no_grad():
+        for p in source.parameters():
+            p.mul_(1.5)
+    refresh_rollout_copy(source, copy)
+    monkeypatch.setattr(rollout_copy_module, "PACKED_MAX_ROWS", 64)
+    x = torch.randn(4, 1, 64).bfloat16()
+    layer = copy.model.layers[0].mlp.up_proj
+    with torch.inference_mode():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, source.model.layers[0].mlp.up_proj.weight.bfloat16()))
+
+
 def test_rollout_precision_resolution():
     from atod_edge.config import load_config
     from atod_edge.errors import ConfigError
