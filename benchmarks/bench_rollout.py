@@ -378,6 +378,14 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
     seconds, counts, _ = timed_rollout(hf, env_cls, tasks, sampling, turns)
     row("batched HF generate (one generate per turn over all live episodes, left padding)", "batched-generate",
         seconds, counts)
+    # like for like with the engine's bf16 copy: generate on the model's weights cast to bf16 (what a
+    # user would do for bf16 speed; plain nn.Linear layers, not the copy's blocked ones)
+    import copy as copy_module
+
+    hf16 = HFGeneratePolicy(copy_module.deepcopy(model).to(torch.bfloat16), tokenizer, name="hf-generate-bf16")
+    seconds, counts, _ = timed_rollout(hf16, env_cls, tasks, sampling, turns)
+    row("batched HF generate on bf16 weights", "batched-generate-bf16", seconds, counts)
+    del hf16
     seconds, counts, _ = timed_rollout(hf, env_cls, naive_tasks, sampling, turns, one_at_a_time=True)
     row("per-episode generate loop (one generate per episode per turn)", "per-episode", seconds, counts)
 
@@ -471,6 +479,9 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
             "vs_batched_generate_cpu_time": cpu_rate["engine"] / cpu_rate["batched-generate"],
             "vs_batched_generate_bf16": rate["engine-bf16"] / rate["batched-generate"],
             "vs_batched_generate_bf16_cpu_time": cpu_rate["engine-bf16"] / cpu_rate["batched-generate"],
+            # both on bf16 weights: the like-for-like ratio of the bf16 path
+            "bf16_vs_batched_generate_bf16": rate["engine-bf16"] / rate["batched-generate-bf16"],
+            "bf16_vs_batched_generate_bf16_cpu_time": cpu_rate["engine-bf16"] / cpu_rate["batched-generate-bf16"],
             "vs_batched_generate_before": rate["engine-before"] / rate["batched-generate"],
             "vs_batched_generate_before_cpu_time": cpu_rate["engine-before"] / cpu_rate["batched-generate"],
             "vs_per_episode": rate["engine"] / rate["per-episode"],
@@ -591,6 +602,9 @@ def main() -> None:
         print(f"engine ({key}) / batched HF generate: " + ", ".join(
             f"{k} {v[f'vs_batched_generate_{key}']:.2f}x ({v[f'vs_batched_generate_{key}_cpu_time']:.2f}x by CPU time)"
             for k, v in results.items() if "skipped" not in v))
+    print("engine (bf16) / batched HF generate on bf16 weights (like for like): " + ", ".join(
+        f"{k} {v['bf16_vs_batched_generate_bf16']:.2f}x ({v['bf16_vs_batched_generate_bf16_cpu_time']:.2f}x by CPU time)"
+        for k, v in results.items() if "skipped" not in v))
     result = {
         "vs_batched_generate": ratios,
         "vs_per_episode": {k: v["vs_per_episode"] for k, v in results.items() if "skipped" not in v},
@@ -598,6 +612,8 @@ def main() -> None:
                                          if "skipped" not in v},
         **{f"vs_batched_generate_{key}": {k: v[f"vs_batched_generate_{key}"] for k, v in results.items()
                                          if "skipped" not in v} for key in ("bf16", "before")},
+        "bf16_vs_batched_generate_bf16": {k: v["bf16_vs_batched_generate_bf16"] for k, v in results.items()
+                                          if "skipped" not in v},
         "command": "python " + " ".join(sys.argv), "note": args.note,
         "load_average": {"start": load_start, "end": load_end},
         "seconds": time.perf_counter() - started,

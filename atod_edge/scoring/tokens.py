@@ -153,24 +153,39 @@ class HeadLogprob(torch.autograd.Function):
     log-sum-exp per row, recomputes the chunk's logits, and turns them in place into the gradient
     of the logits, g * (onehot(target) - softmax), then dX = G W and dW = G^T x. The same math as
     autograd through log_softmax + gather, without keeping, recomputing or differentiating a
-    [chunk, vocab] log-softmax (under activation checkpointing that was half the head's time)."""
+    [chunk, vocab] log-softmax (under activation checkpointing that was half the head's time).
+
+    On CPU under bf16 (low), a forward that needs gradients keeps the chunk's softmax in bf16
+    instead (2 bytes a logit until backward; CPU memory is plentiful): backward then skips the
+    recomputed matmul and the exp over the vocabulary, a quarter of the head's time."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, targets, low):
         with head_matmuls(x.device, low):
             logits = torch.nn.functional.linear(x, weight, bias)
-        lse = torch.logsumexp(logits, dim=-1)
+        keep = low and x.device.type == "cpu" and any(ctx.needs_input_grad[:3])
+        if keep:   # one exp over the vocabulary gives the log-sum-exp and the softmax
+            top = logits.amax(-1, keepdim=True)
+            e = (logits - top).exp_()
+            total = e.sum(-1, keepdim=True)
+            lse = (top + total.log()).squeeze(-1)
+            probs = e.div_(total).to(torch.bfloat16)
+        else:
+            lse, probs = torch.logsumexp(logits, dim=-1), None
         picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-        ctx.save_for_backward(x, weight, bias, targets, lse)
+        ctx.save_for_backward(x, weight, bias, targets, lse, probs)
         ctx.low = low
         return picked
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, targets, lse = ctx.saved_tensors
+        x, weight, bias, targets, lse, probs = ctx.saved_tensors
         with head_matmuls(x.device, ctx.low):
-            logits = torch.nn.functional.linear(x, weight, bias)
-            grad_logits = logits.sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
+            if probs is not None:
+                grad_logits = probs.float().mul_(-grad.unsqueeze(-1))
+            else:
+                logits = torch.nn.functional.linear(x, weight, bias)
+                grad_logits = logits.sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
             grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1))
             dx = grad_logits @ weight if ctx.needs_input_grad[0] else None
             dw = grad_logits.T @ x if ctx.needs_input_grad[1] else None
