@@ -31,7 +31,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def compute_autocast(device, precision: str = "auto"):
     """The autocast scope of a forward: bf16 autocast for "bf16" (on any device, CPU included) and
-    for "auto" on CUDA; none for "fp32" and for "auto" on CPU (bf16 matmuls are slow there).
+    for "auto" on CUDA; none for "fp32" and for "auto" on CPU (CPU runs stay fp32 unless asked:
+    bf16 matmuls are fast only on CPUs with AMX or avx512_bf16, and samples change with precision).
     Weights keep their own dtype: an fp32 student computes in bf16 inside it (mixed precision)."""
     import torch
 
