@@ -62,9 +62,9 @@ def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequen
         keep = torch.unique(cols)   # on the host: a device-side unique would wait for the GPU
         # index tensors are built on the host; copying them from pinned memory does not block it
         ids, mask, rows, cols, targets, keep = (to_device(t, device) for t in (ids, mask, rows, cols, targets, keep))
-        with compute_autocast(device, precision):
+        with compute_autocast(device, precision):   # the head's matmuls follow it (scoring/tokens.py)
             features, head = _response_features(model, ids, mask, rows, cols, keep, whole_model)
-        picked = sampled_logprobs(features, targets, head=head, chunk_tokens=chunk_tokens, entropy=entropy)
+            picked = sampled_logprobs(features, targets, head=head, chunk_tokens=chunk_tokens, entropy=entropy)
         if entropy:
             picked, chunk_entropy = picked
         sizes = [len(r) for r in chunk_r]
