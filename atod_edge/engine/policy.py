@@ -278,9 +278,9 @@ class TorchPolicy(Policy):
         return folded_attention(self.model) if self.fold_gqa else contextlib.nullcontext()
 
     def _mask(self, attention, query_length: int):
-        from atod_edge.engine.attention import ATTENTION
+        from atod_edge.engine.attention import is_sdpa
 
-        if getattr(self.model.config, "_attn_implementation", None) in ("sdpa", ATTENTION):
+        if is_sdpa(self.model.config):
             mask = _mask_4d(attention, query_length)
             if self.device.type == "cpu":
                 # the same mask as additive floats: SDPA's CPU kernel gives bit-identical outputs

@@ -81,10 +81,11 @@ def sampled_logprobs(features: torch.Tensor, targets: torch.Tensor, head=None,
 
     features: [N, hidden] hidden states with `head` (the LM head: logits = head(features)), or
     [N, vocab] logits with head=None; targets: [N] token ids. Works on `chunk_tokens` positions at
-    a time: only one chunk's logits exist at once. Under grad mode, a linear head's chunk runs
-    through HeadLogprob (the gradient of the log-prob is written from the logits recomputed in
-    backward: no log-softmax kept, recomputed or differentiated); any other head, or logits given,
-    through activation checkpointing of the chunk. Peak memory holds one [chunk, vocab] block.
+    a time: only one chunk's logits exist at once. An fp32 linear head's chunk runs through
+    HeadLogprob (the gradient of the log-prob is written from the logits recomputed in backward:
+    no log-softmax kept, recomputed or differentiated); any other head, logits given, or a call
+    asking for entropies (diagnostics: one log-softmax gives both) takes the log-softmax, under
+    grad mode with activation checkpointing of the chunk. Peak memory holds one [chunk, vocab] block.
 
     The head runs in its weight's dtype with autocast off: fp32 logits for an fp32 (master-weight)
     student even inside a bf16 autocast forward, its matmuls through head_matmuls (TF32 on CUDA;
@@ -96,14 +97,15 @@ def sampled_logprobs(features: torch.Tensor, targets: torch.Tensor, head=None,
 
     low = torch.is_autocast_enabled(features.device.type) and \
         torch.get_autocast_dtype(features.device.type) == torch.bfloat16
-    linear = isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32
+    linear = isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32 and not entropy
     needs_grad = torch.is_grad_enabled() and (
         features.requires_grad or (head is not None and any(p.requires_grad for p in head.parameters())))
     picked, entropies = [], []
     for start in range(0, features.shape[0], chunk_tokens):
         x, t = features[start:start + chunk_tokens], targets[start:start + chunk_tokens]
         if linear:
-            lp, ent = _linear_head_logprobs(x, t, head, low, entropy)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                lp, ent = HeadLogprob.apply(x.float(), head.weight, head.bias, t, low), None
         elif needs_grad:
             lp, ent = checkpoint(_chunk_logprobs, x, t, head, entropy, low, use_reentrant=False)
         else:
@@ -132,20 +134,6 @@ def _chunk_logprobs(features, targets, head, entropy: bool, low: bool = False):
         with torch.no_grad():
             ent = -(logp.exp() * logp).sum(-1)
     return picked, ent
-
-
-def _linear_head_logprobs(features, targets, head: torch.nn.Linear, low: bool, entropy: bool):
-    """One chunk through an fp32 nn.Linear head: (log-probs, entropies or None)."""
-    x = features.float()
-    with torch.autocast(device_type=features.device.type, enabled=False):
-        lp = HeadLogprob.apply(x, head.weight, head.bias, targets, low)
-    ent = None
-    if entropy:
-        with torch.no_grad(), torch.autocast(device_type=features.device.type, enabled=False), \
-                head_matmuls(features.device, low):
-            logp = torch.log_softmax(torch.nn.functional.linear(x, head.weight, head.bias), dim=-1)
-            ent = -(logp.exp() * logp).sum(-1)
-    return lp, ent
 
 
 class HeadLogprob(torch.autograd.Function):

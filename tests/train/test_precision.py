@@ -170,6 +170,12 @@ def test_chunked_logprobs_equal_the_full_log_softmax_with_their_gradients():
         grads = torch.autograd.grad(lp.sum(), [hidden, head.weight])
         for got, want in zip(grads, expected):
             assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
+        # without entropies the linear head takes HeadLogprob: the same values and gradients
+        lp = sampled_logprobs(hidden, targets, head=head, chunk_tokens=chunk)
+        assert float((lp.double() - full).detach().abs().max()) <= 4e-6
+        grads = torch.autograd.grad(lp.sum(), [hidden, head.weight])
+        for got, want in zip(grads, expected):
+            assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
     # a head with a bias, and only the hidden states trainable (a frozen head: no weight gradient)
     biased = torch.nn.Linear(32, 3000)
     biased.weight.requires_grad_(False)
