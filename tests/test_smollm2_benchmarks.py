@@ -72,3 +72,13 @@ def test_the_table_pairs_models_by_task_and_leaves_missing_ones_blank(tmp_path):
     atod_cold = result["paired"]["eval"]["ATOD student - cold start"]
     assert atod_cold["n"] == 4 and abs(atod_cold["mean"] - 0.5) < 1e-9 and atod_cold["discordant"] == 2
     assert abs(result["paired"]["unseen"]["ATOD student - teacher"]["mean"]) < 1e-9
+
+
+def test_cpu_kernel_benchmark_runs_each_variant():
+    """bench_cpu_kernels: the head in both matmul modes and the three attentions run at the
+    SmolLM2 cut's shapes (a wrong shape or a missing op would raise here)."""
+    bench = load_benchmark("bench_cpu_kernels")
+    rows = bench.head_rows(1) + bench.attention_rows(1)
+    assert [r["variant"] for r in rows] == ["IEEE fp32", "oneDNN bf16 mode", "transformers SDPA (repeat_kv), bf16",
+                                           "folded SDPA, bf16", "folded SDPA in fp32"]
+    assert all(r["ms"] > 0 for r in rows)

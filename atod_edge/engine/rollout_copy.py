@@ -15,9 +15,10 @@ own forward absorbs (the ratio of the first epoch stays exactly 1).
     refresh_rollout_copy(student, copy)          # after every optimizer step that rolls out next
 
 On CPU the copy's linear layers are PackedLinear: the same nn.Linear, plus its weight reordered once
-(at every refresh) into oneDNN's blocked layout, which the decode's skinny matmuls ([16 x 576] x
-[576 x 49,152] for the SmolLM2 cut's LM head) read 1.6-2x faster than the plain weight, with
-bit-identical results (tests/test_engine_speed.py). Wider inputs (prefill) take the plain weight,
+(at every refresh) into oneDNN's blocked layout, which the decode's skinny matmuls read faster than
+the plain weight, with bit-identical results (tests/test_engine_speed.py): a SmolLM2-cut decode
+step at batch 16 and two threads 16.8 vs 17.7 ms (benchmarks/bench_cpu_kernels.py; no gain at one
+thread). Wider inputs (prefill) take the plain weight,
 where the blocked one is not faster.
 """
 

@@ -45,7 +45,7 @@ def bf16_linears(model) -> None:
     it in fp32, scoring/tokens.py, and it is often tied to the embedding). Under bf16 autocast this
     changes no value: autocast rounds a linear's fp32 weight to bf16 at every call, and caches
     that cast only for weights that require gradients, so a frozen teacher paid it on every
-    forward (~10% of the SmolLM2-135M teacher's scoring time on CPU); now it is paid once."""
+    forward; now it is paid once."""
     import torch
 
     head = model.get_output_embeddings()

@@ -54,8 +54,8 @@ def head_matmuls(device, low_precision: bool):
     """The LM head's fp32 matmuls at the speed the device allows, fp32 in and out: as TF32 on CUDA
     (tf32_matmuls, whatever the compute precision); on CPU, with low_precision (the forward runs
     under bf16 autocast), as oneDNN's bf16 mode: inputs rounded to bf16, fp32 accumulation and
-    fp32 logits, the CPU's counterpart of TF32 (2.2x the fp32 head on this project's AMX CPU for
-    [512 x 576] x [576 x 49,152]; a log-prob moves by ~1e-2 at most, see tests/train/test_precision.py).
+    fp32 logits, the CPU's counterpart of TF32 (2.1x the fp32 head on this project's AMX CPU for
+    [512 x 576] x [576 x 49,152], benchmarks/bench_cpu_kernels.py; a log-prob moves by ~1e-2 at most, see tests/train/test_precision.py).
     Restored after; nothing else changes."""
     device = torch.device(device)
     if device.type == "cuda":
