@@ -45,7 +45,9 @@ SETTING = ["env=household", "teacher=smollm2-135m", "tasks_per_step=4", "group_s
            "max_new_tokens=48", "micro_batch=16", "lr=1e-5", "eval_episodes=0", "compare=false", "seed=0",
            # a regular step: grad_norm_every logs each advantage term's gradient norm at steps 0, N, 2N
            # with two more forward + backward passes, which tripled step 0's update
-           "grad_norm_every=0"]
+           "grad_norm_every=0",
+           # every episode's token ids in the run's samples: the FLOPs of each phase (the floor) are counted on them
+           "sample_episodes=16"]
 PHASES = ("time_rollout", "time_teacher", "time_recompute", "time_update")
 
 
