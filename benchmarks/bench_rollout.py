@@ -26,7 +26,10 @@ The bound (benchmarks/machine_bounds.py): a decode step at batch 16 of the model
 weights and 16 rows' KV cache, and runs its FLOPs; measured memory bandwidth and matmul peak
 give the least time a step can take. The engine's (and llama.cpp's) decode step at batch 16 is
 timed on 16 of the run's own last-turn prompts, every row decoding a fixed number of tokens
-(end-of-turn tokens ignored), and reported as a fraction of that bound.
+(end-of-turn tokens ignored), and reported as a fraction of that bound. Beside it, the kernel
+floor (kernel_floor_ms): the same step's linear layers and attention alone, torch's kernels with
+nothing around them, in fp32 and on the bf16 copy: the largest fraction of the bound an engine
+built on these kernels could reach at this thread count.
 
     python benchmarks/bench_rollout.py [--models tiny-student,household-teacher,smollm2-cut]
 
@@ -274,6 +277,48 @@ def decode_step_ms(policy, prompts, steps: int, repeats: int = 5) -> dict:
         policy.tokenizer = real
 
 
+def kernel_floor_ms(model, batch: int, context: int, steps: int = 10, repeats: int = 5) -> dict:
+    """ms per decode step of its kernels alone: every linear layer of `model` once on a [batch, in]
+    input of its dtype, in model order (the engine's own modules: a rollout copy's PackedLinear
+    included), and, for each layer, SDPA as the engine's decode calls it (each KV group's query heads
+    folded, no mask) over [batch, kv_heads, context, head_dim] keys and values. No norm, rotary,
+    residual, sampler or Python of a real step: the least a decode step built on these kernels can
+    take on this machine, best of `repeats` runs of `steps` steps. {"linear": ms, "attention": ms, "total": ms}."""
+    import torch
+
+    from machine_bounds import model_dims
+
+    dims = model_dims(model.config)
+    dtype = next(model.parameters()).dtype
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m.in_features: torch.randn(batch, m.in_features, dtype=dtype) for m in linears}
+    groups = dims["heads"] // dims["kv_heads"]
+    query = torch.randn(batch, dims["kv_heads"], groups, dims["head_dim"], dtype=dtype)
+    kv = [(torch.randn(batch, dims["kv_heads"], context, dims["head_dim"], dtype=dtype),
+           torch.randn(batch, dims["kv_heads"], context, dims["head_dim"], dtype=dtype)) for _ in range(dims["layers"])]
+
+    def run_linear():
+        for m in linears:
+            m(inputs[m.in_features])
+
+    def run_attention():
+        for k, v in kv:
+            torch.nn.functional.scaled_dot_product_attention(query, k, v)
+
+    best = {}
+    with torch.inference_mode():
+        for name, fn in (("linear", run_linear), ("attention", run_attention)):
+            fn()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    fn()
+                times.append((time.perf_counter() - t0) / steps * 1e3)
+            best[name] = min(times)
+    return {**best, "total": best["linear"] + best["attention"]}
+
+
 class _SlicedLastPosition:
     """A model whose forward gets logits_to_keep=1 where the engine passes the last position's
     index: the engine's prefill before issue 27 (the LM head on a strided slice)."""
@@ -419,6 +464,14 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
               "bf16_weights_bound": machine_bounds.bound(
                   machine_bounds.decode_step_cost(model, len(prompts), context, weight_bytes=2, kv_bytes=2),
                   bandwidth["gb_s"], peak["gflop_s"]["bfloat16"])}
+    # the same step's kernels alone (kernel_floor_ms): what torch's CPU kernels allow a decode step here
+    for key, floor_model, bound in (("kernel_floor_fp32", model, bound32),
+                                    ("kernel_floor_bf16", bf16_policy.model, decode["bf16_weights_bound"])):
+        floor = kernel_floor_ms(floor_model, len(prompts), int(context))
+        decode[key] = {**{f"{k}_ms": v for k, v in floor.items()},
+                       "fraction_of_bound": bound["step_ms"] / floor["total"]}
+        log(f"  {key}: linear {floor['linear']:.2f} + attention {floor['attention']:.2f} ms = {floor['total']:.2f} ms "
+            f"a step -> at most {decode[key]['fraction_of_bound']:.0%} of the bound")
     for key, times, bound in (("engine_before_fp32", before_times, bound32),
                               ("engine_bf16", bf16_times, decode["bf16_weights_bound"])):
         decode[key] = {"step_ms": times["wall"], "cpu_step_ms": times["cpu"], "bound": bound,
@@ -589,6 +642,10 @@ def main() -> None:
                   f"{x['fraction_of_bound']:.0%} of its bound ({x['bound']['step_ms']:.2f} ms; "
                   f"{x['fraction_of_bound_cpu_time']:.0%} by CPU time); {x['fraction_of_fp32_bound']:.0%} of the "
                   f"fp32 bound ({x['fraction_of_fp32_bound_cpu_time']:.0%} by CPU time)")
+        for key in ("kernel_floor_fp32", "kernel_floor_bf16"):
+            x = d[key]
+            print(f"  {key}: linear layers {x['linear_ms']:.2f} + attention {x['attention_ms']:.2f} = "
+                  f"{x['total_ms']:.2f} ms/step = at most {x['fraction_of_bound']:.0%} of its bound")
         if "llamacpp_f16" in d:
             lc = d["llamacpp_f16"]
             print(f"  llama.cpp f16: {lc['step_ms']:.2f} ms/step ({lc['cpu_step_ms']:.2f} ms of CPU time) = "

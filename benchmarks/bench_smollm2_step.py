@@ -17,6 +17,17 @@ gradient-norm passes: grad_norm_every=0), and its
 metrics rows give each phase's seconds (rollout, teacher, recompute, update). Writes
 benchmarks/results/smollm2-household/step.json and step.md (the per-phase table and the speedup of
 the whole step, fp32 / bf16).
+
+The floor: the least time each phase of the bf16 path's last step could take on this machine, from
+the step's own episodes (the run's samples) and the machine measured in the same run
+(machine_bounds: the best bf16 torch.matmul rate over the models' shapes and large squares, and the
+memory bandwidth). Matmul FLOPs (machine_bounds.forward_flops: weights and attention) at that peak,
+with the prefix reuse of an ideal engine: the teacher, the recompute and the update (3x a forward)
+over one trie of all the step's turns (every shared token once; the code shares per micro-batch);
+the rollout's prefill over one trie of all the step's prompts, and each decode step (one per token
+position of every generate call, over the rows still decoding) at max(bf16 weights + KV bytes /
+bandwidth, FLOPs / peak). Element-wise work, the sampler, the environment and the optimizer count
+nothing. The step's floor bounds any speedup this machine allows: before / floor.
 """
 
 from __future__ import annotations
@@ -81,6 +92,82 @@ def run_path(name: str, student: Path, work: Path, steps: int, code: Path | None
     return [r for r in rows if "time_rollout" in r][:steps]
 
 
+def trie_work(sequences) -> tuple[int, int]:
+    """(tokens, attended (query, key) pairs) of one forward over a trie of the sequences: every
+    shared prefix token once, a token at position p attending to the p + 1 keys up to it."""
+    from atod_edge.scoring.prefix_tree import prefix_tree
+
+    nodes, _ = prefix_tree([s for s in sequences if len(s)], min_shared=1)
+    tokens = sum(n.end - n.start for n in nodes)
+    pairs = sum((n.end * (n.end + 1) - n.start * (n.start + 1)) // 2 for n in nodes)
+    return tokens, pairs
+
+
+def decode_floor_seconds(episodes, student, bandwidth_gb_s: float, peak_gflop_s: float) -> tuple[float, int]:
+    """(seconds, decode steps) of the rollout's decode steps at their bound: per generate call
+    (turn index k over the episodes that reach it), one step per token position after the
+    first (which the prefill gives) over the rows still decoding, each reading the bf16 weights
+    and the rows' bf16 KV."""
+    from machine_bounds import model_dims, parameter_counts
+
+    dims, counts = model_dims(student.config), parameter_counts(student)
+    weight_bytes = 2 * (counts["body"] + counts["head"])
+    kv_per_position = 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * 2
+    per_row_flops = 2 * (counts["body"] + counts["head"])
+    attention_flops = 4 * dims["layers"] * dims["heads"] * dims["head_dim"]
+    calls: dict[int, list[tuple[int, int]]] = {}
+    for ep in episodes:
+        for k, t in enumerate(ep.turns):
+            if t.response_ids:
+                calls.setdefault(k, []).append((len(t.prompt_ids), len(t.response_ids)))
+    seconds, steps = 0.0, 0
+    for rows in calls.values():
+        for j in range(1, max(r for _, r in rows)):
+            live = [n + j for n, r in rows if r > j]
+            context = sum(live)
+            memory = (weight_bytes + kv_per_position * context) / (bandwidth_gb_s * 1e9)
+            compute = (per_row_flops * len(live) + attention_flops * context) / (peak_gflop_s * 1e9)
+            seconds += max(memory, compute)
+            steps += 1
+    return seconds, steps
+
+
+def step_floor(run: Path, student_src: Path, log) -> dict:
+    """The floor of the run's last step (see the docstring), with the machine measured now."""
+    from machine_bounds import forward_flops, matmul_rates, memory_bandwidth, model_dims, model_shapes
+
+    from atod_edge.models.loading import load_model
+    from atod_edge.rollout.episode import read_episodes
+
+    samples = sorted((run / "samples").glob("step_*.jsonl"))
+    episodes, _ = read_episodes(samples[-1])
+    student, _ = load_model(str(student_src))
+    teacher, _ = load_model("smollm2-135m")
+    shapes = sorted({*model_shapes(model_dims(student.config), 16), *model_shapes(model_dims(teacher.config), 16),
+                     (1024, 1024, 1024), (2048, 2048, 2048), (4096, 576, 1536), (4096, 1536, 576)})
+    log("step", f"measuring the machine: bf16 matmul rates of {len(shapes)} shapes, memory bandwidth")
+    rates = matmul_rates(shapes, dtypes=("bfloat16",))
+    peak = max(r["gflop_s"] for r in rates)
+    bandwidth = memory_bandwidth()
+    turns = [t for ep in episodes for t in ep.turns if t.response_ids]
+    response_tokens = sum(len(t.response_ids) for t in turns)
+    scored = trie_work([list(t.prompt_ids) + list(t.response_ids[:-1]) for t in turns])
+    prefill = trie_work([list(t.prompt_ids) for t in turns])
+    flops = {"time_teacher": forward_flops(teacher, scored[0], response_tokens, scored[1]),
+             "time_recompute": forward_flops(student, scored[0], response_tokens, scored[1]),
+             "time_update": 3 * forward_flops(student, scored[0], response_tokens, scored[1]),
+             "rollout_prefill": forward_flops(student, prefill[0], len(turns), prefill[1])}
+    decode_s, decode_steps = decode_floor_seconds(episodes, student, bandwidth["gb_s"], peak)
+    seconds = {k: v / (peak * 1e9) for k, v in flops.items() if k != "rollout_prefill"}
+    seconds["time_rollout"] = flops["rollout_prefill"] / (peak * 1e9) + decode_s
+    del student, teacher
+    return {"samples": str(samples[-1].name), "episodes": len(episodes), "turns": len(turns),
+            "response_tokens": response_tokens, "scored_trie_tokens": scored[0], "prompt_trie_tokens": prefill[0],
+            "decode_steps": decode_steps, "decode_floor_seconds": decode_s,
+            "bf16_peak_gflop_s": peak, "matmul_rates": rates, "bandwidth": bandwidth,
+            "gflop": {k: v / 1e9 for k, v in flops.items()}, "phases": seconds, "step": sum(seconds.values())}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, type=Path, help="where the runs go (not committed)")
@@ -113,6 +200,8 @@ def main() -> int:
     # issue 27's target: the step against the path before its changes
     result["speedup_vs_before"] = before["step_seconds_last"] / bf16["step_seconds_last"]
     result["fp32_speedup_vs_before"] = before["step_seconds_last"] / fp32["step_seconds_last"]
+    floor = result["floor"] = step_floor(args.work / "run-bf16", student, bench_cli.log)
+    result["floor_speedup_vs_before"] = before["step_seconds_last"] / floor["step"]
     result["seconds"] = time.perf_counter() - started
     result["machine"]["load_average_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -135,6 +224,22 @@ def main() -> int:
     tokens = {n: (p["steps"][-1]["generated_tokens"], p["steps"][-1]["prompt_tokens"]) for n, p in result["paths"].items()}
     lines += ["", "Tokens of the last step (generated, prompt): " + ", ".join(
         f"{n} {g:,} / {q:,}" for n, (g, q) in tokens.items()) + "."]
+    lines += ["", f"## The floor on this machine (bf16 path, last step: {floor['turns']} turns, "
+              f"{floor['response_tokens']:,} response tokens)", "",
+              f"Measured in this run: bf16 matmul peak {floor['bf16_peak_gflop_s']:.0f} GFLOP/s (best of "
+              f"{len(floor['matmul_rates'])} shapes), memory bandwidth {floor['bandwidth']['gb_s']:.1f} GB/s. "
+              f"Tries: {floor['scored_trie_tokens']:,} tokens scored (teacher, recompute, update), "
+              f"{floor['prompt_trie_tokens']:,} prompt tokens prefilled; {floor['decode_steps']} decode steps.", "",
+              "| phase | GFLOP | floor (s) | now, bf16 (s) | now / floor |", "|---|---|---|---|---|"]
+    for k in PHASES:
+        f, b = floor["phases"][k], bf16["phases_last_step"][k]
+        gflop = floor["gflop"].get(k, floor["gflop"]["rollout_prefill"])
+        lines.append(f"| {k.removeprefix('time_')} | {gflop:,.0f}{' prefill + decode' if k == 'time_rollout' else ''} | "
+                     f"{f:.1f} | {b:.1f} | {b / f if f else 0:.1f}x |")
+    lines.append(f"| **step** | | **{floor['step']:.1f}** | **{bf16['step_seconds_last']:.1f}** | "
+                 f"**{bf16['step_seconds_last'] / floor['step']:.1f}x** |")
+    lines += ["", f"The most this machine allows: before / floor = {before['step_seconds_last']:.1f} / "
+              f"{floor['step']:.1f} s = **{result['floor_speedup_vs_before']:.2f}x**."]
     atomic_write_text(args.out / "step.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -105,14 +105,16 @@ class OpCounter(TorchDispatchMode):
 # --- item 4: the KV cache in the compute dtype; no mask (no repeat_kv) when nothing is padded ---
 
 def cache_dtypes(monkeypatch):
+    """(keys' dtype, key buffer's, value buffer's) at every cache write of the engine's forwards."""
     seen = []
-    original = kv_cache.BufferLayer.lazy_initialization
+    original = kv_cache.BufferLayer.update
 
-    def record(self, key_states):
-        original(self, key_states)
+    def record(self, key_states, value_states, cache_kwargs=None):
+        out = original(self, key_states, value_states, cache_kwargs)
         seen.append((key_states.dtype, self._k.dtype, self._v.dtype))
+        return out
 
-    monkeypatch.setattr(kv_cache.BufferLayer, "lazy_initialization", record)
+    monkeypatch.setattr(kv_cache.BufferLayer, "update", record)
     return seen
 
 

@@ -161,3 +161,41 @@ def test_buffer_cache_compacts_rows_in_place():
     keys, _ = cache.layers[0].update(torch.zeros(3, 2, 1, 3), torch.zeros(3, 2, 1, 3))
     assert torch.equal(keys[:, :, :6], cache.layers[0].reference) and keys.shape == (3, 2, 7, 3)
 
+
+
+def test_length_buckets_prefill_into_one_slab_and_decode_from_it(tiny_student, turn_prompts, monkeypatch):
+    """Prompts whose new parts differ much in length are prefilled in separate forwards, each
+    into its rows of one kv_slab (right-aligned to the widest bucket): the decode cache is that
+    slab itself, and generations equal each prompt's alone."""
+    import atod_edge.engine.kv_cache as kv_cache
+
+    model, tokenizer = tiny_student
+    slabs = []
+    real = kv_cache.kv_slab
+    monkeypatch.setattr(kv_cache, "kv_slab", lambda *a, **k: slabs.append(real(*a, **k)) or slabs[-1])
+    import atod_edge.engine.policy as policy_module
+
+    buckets = []
+    monkeypatch.setattr(policy_module, "length_batches",
+                        lambda lengths, _f=policy_module.length_batches: buckets.append(_f(lengths)) or buckets[-1])
+    policy = TorchPolicy(model, tokenizer)
+    fresh = TorchPolicy(model, tokenizer, prefix_cache_mb=0)
+    prompts = [turn_prompts[2], turn_prompts[0][:9], list(reversed(turn_prompts[1]))[:30]]
+    with policy.reusing_prefixes():
+        policy.generate(turn_prompts[:1], GREEDY)
+        slabs.clear(), buckets.clear()
+        cached = policy.generate(prompts, GREEDY)
+    assert len(buckets) == 1 and len(buckets[0]) >= 2 and len(slabs) == 1     # several buckets, one slab
+    assert slabs[0].shape[2] == len(prompts)
+    _assert_same(cached, [fresh.generate([p], GREEDY)[0] for p in prompts])
+
+
+def test_a_buffer_refuses_keys_of_another_shape():
+    from atod_edge.engine.kv_cache import buffer_cache
+
+    slab = torch.zeros(1, 2, 2, 3, 8, 4)                           # [layers, 2, rows, kv_heads, capacity, dim]
+    cache = buffer_cache(num_layers=1, capacity=8, prefix=(slab, 0))
+    with pytest.raises(ValueError, match="do not fit a KV buffer"):
+        cache.update(torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 4), 0)
+    keys, _ = cache.update(torch.ones(2, 3, 1, 4), torch.ones(2, 3, 1, 4), 0)
+    assert keys.data_ptr() == slab.data_ptr() and slab[0, 0, :, :, 0].eq(1).all()   # written in place

@@ -52,6 +52,9 @@ class BufferLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states)
         start, end = self.length, self.length + key_states.shape[-2]
+        if key_states.shape[1] != self._k.shape[1] or key_states.shape[3] != self._k.shape[3]:
+            raise ValueError(f"keys of shape {tuple(key_states.shape)} do not fit a KV buffer of "
+                             f"{tuple(self._k.shape)} (kv_slab reads kv heads and head_dim from the model's config)")
         if end > self._k.shape[2]:                  # out of room: double it
             room = max(end, 2 * self._k.shape[2]) - self._k.shape[2]
             self._k = torch.cat([self._k, self._k.new_empty((*self._k.shape[:2], room, self._k.shape[3]))], 2)
@@ -93,17 +96,23 @@ class BufferLayer(DynamicLayer):
 def cache_dtype(key_states: torch.Tensor) -> torch.dtype:
     """The dtype a cache keeps keys and values in: the autocast dtype where autocast is on for
     their device and they are in a wider float type (what SDPA would cast them to), else their own."""
-    kind = key_states.device.type
-    if key_states.is_floating_point() and torch.is_autocast_enabled(kind):
-        dtype = torch.get_autocast_dtype(kind)
-        if torch.finfo(dtype).bits < torch.finfo(key_states.dtype).bits:
-            return dtype
-    return key_states.dtype
+    return narrowest_dtype(key_states.dtype, key_states.device)
+
+
+def narrowest_dtype(dtype: torch.dtype, device) -> torch.dtype:
+    """cache_dtype for keys of `dtype` on `device` (a kv_slab's dtype: a model's parameter dtype)."""
+    kind = torch.device(device).type
+    if dtype.is_floating_point and torch.is_autocast_enabled(kind):
+        narrow = torch.get_autocast_dtype(kind)
+        if torch.finfo(narrow).bits < torch.finfo(dtype).bits:
+            return narrow
+    return dtype
 
 
 def buffer_cache(num_layers: int, capacity: int, prefix: tuple[torch.Tensor, int] | None = None) -> Cache:
-    """A cache of BufferLayers with room for `capacity` positions. `prefix`, from gather_prefixes:
-    (kv [layers, 2, B, kv_heads, capacity, head_dim], filled width) to start from."""
+    """A cache of BufferLayers with room for `capacity` positions. `prefix`: (kv [layers, 2, B,
+    kv_heads, capacity, head_dim], filled width) to write into, its first `width` positions
+    already filled (a kv_slab region, see gather_prefixes; width 0: nothing yet)."""
     cache = Cache(layers=[BufferLayer(capacity) for _ in range(num_layers)])
     if prefix is not None:
         kv, width = prefix
@@ -200,28 +209,35 @@ def supports_prefix_cache(config) -> bool:
     return getattr(config, "use_sliding_window", True) is False
 
 
-def gather_prefixes(store: PrefixStore, block_keys: list[list[bytes]], hits: list[int],
-                    capacity: int, blocks: dict[bytes, torch.Tensor] | None = None) -> tuple[torch.Tensor, int] | None:
-    """The batch's reused prefixes, laid out for buffer_cache: kv [layers, 2, B, kv_heads, capacity,
-    head_dim] where row i holds its hits[i] blocks right-aligned in the first `width` positions
-    (width: the longest reused prefix), zeros before them (masked out by the caller, and finite,
-    as masked values must be), and room after. `blocks`: the matched blocks pinned when the hits
-    were counted (PrefixStore.pinned; default: the store's own). Returns (kv, width), or None
-    when nothing is reused."""
+def gather_prefixes(store: PrefixStore, block_keys: list[list[bytes]], hits: list[int], out: torch.Tensor,
+                    blocks: dict[bytes, torch.Tensor] | None = None) -> int:
+    """Write the batch's reused prefixes into `out` (kv [layers, 2, B, kv_heads, capacity, head_dim],
+    a kv_slab region): row i's hits[i] blocks right-aligned in the first `width` positions (width:
+    the longest reused prefix), zeros before them (masked out by the caller, and finite, as masked
+    values must be). `blocks`: the matched blocks pinned when the hits were counted
+    (PrefixStore.pinned; default: the store's own). Returns the width (0: nothing reused, nothing
+    written)."""
     blocks = store.blocks if blocks is None else blocks
     width = max(hits) * store.block
-    if width == 0:
-        return None
-    sample = blocks[next(keys[0] for keys, n in zip(block_keys, hits) if n)]
-    layers, _, heads, _, dim = sample.shape
-    kv = sample.new_empty((layers, 2, len(hits), heads, max(capacity, width), dim))
-    for i, (keys, n) in enumerate(zip(block_keys, hits)):
+    for i, (keys, n) in enumerate(zip(block_keys, hits)) if width else ():
         start = width - n * store.block
-        kv[:, :, i, :, :start] = 0
+        out[:, :, i, :, :start] = 0
         for b, key in enumerate(keys[:n]):           # each block straight into its place
             at = start + b * store.block
-            kv[:, :, i, :, at:at + store.block] = blocks[key]
-    return kv, width
+            out[:, :, i, :, at:at + store.block] = blocks[key]
+    return width
+
+
+def kv_slab(config, rows: int, capacity: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """One uninitialised buffer for a whole decode batch's keys and values: [layers, 2, rows,
+    kv_heads, capacity, head_dim] of `config`'s decoder. The torch policy prefills each length
+    bucket of a batch straight into its rows (right-aligned, room for the new tokens after) and
+    decodes from it, so no bucket's cache is copied into a merged one."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return torch.empty((config.num_hidden_layers, 2, rows, kv_heads, capacity, head_dim), dtype=dtype, device=device)
 
 
 def store_new_blocks(store: PrefixStore, cache, block_keys: list[list[bytes]], hits: list[int],
@@ -245,28 +261,3 @@ def store_new_blocks(store: PrefixStore, cache, block_keys: list[list[bytes]], h
             blocks[:, index, kv] = buffer[rows, :, columns].transpose(1, 2)   # [N, block, heads, dim] -> [N, heads, ...]
     for (i, b), kv in zip(wanted, blocks):
         store.add(block_keys[i][b], kv)
-
-
-def merge_right_aligned(caches: Sequence[Cache], room: int) -> tuple[Cache, int]:
-    """One buffer cache holding the rows of several (batches prefilled separately), each
-    right-aligned to the widest: keys of row i at [width - its width, width), zeros before
-    them (masked out by the caller's attention mask, and finite), `room` positions after.
-    Returns (cache, width)."""
-    width = max(c.get_seq_length() for c in caches)
-    merged = buffer_cache(len(caches[0].layers), width + room)
-    for index, layer in enumerate(merged.layers):
-        parts = [c.layers[index] for c in caches]
-        batch = sum(p.keys.shape[0] for p in parts)
-        _, heads, _, dim = parts[0].keys.shape
-        k = parts[0].keys.new_empty((batch, heads, width + room, dim))
-        v = torch.empty_like(k)
-        row = 0
-        for part in parts:
-            n, start = part.keys.shape[0], width - part.keys.shape[2]
-            for buffer, values in ((k, part.keys), (v, part.values)):
-                buffer[row:row + n, :, :start] = 0
-                buffer[row:row + n, :, start:width] = values
-            row += n
-        layer.adopt(k, v, width)
-    return merged, width
-

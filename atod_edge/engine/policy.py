@@ -162,13 +162,14 @@ class TorchPolicy(Policy):
         """The forward over the prompts. Identical prompts (a group's first turn) are computed
         once; inside a reusing_prefixes scope, only the tokens after each prompt's longest stored
         prefix are. Prompts whose new parts differ much in length are prefilled in separate
-        batches (length_batches), so short ones are not padded to the longest, and their caches
-        are then merged, right-aligned. Returns the last position's float32 logits [B, V], the
+        batches (length_batches), so short ones are not padded to the longest, each straight into
+        its rows of one KV slab (kv_cache.kv_slab), right-aligned to the widest: the decode runs
+        on the slab, no cache is copied. Returns the last position's float32 logits [B, V], the
         cache, the attention mask [B, T], the last position ids [B, 1] and the prompt index of
         every row."""
         import torch
 
-        from atod_edge.engine.kv_cache import merge_right_aligned
+        from atod_edge.engine.kv_cache import buffer_cache, kv_slab, narrowest_dtype
 
         distinct: dict[tuple[int, ...], int] = {}
         inverse = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
@@ -185,16 +186,26 @@ class TorchPolicy(Policy):
         else:
             block_keys, hits, reused, pinned = [[]] * len(unique), [0] * len(unique), [0] * len(unique), {}
         new_tokens = [len(p) - r for p, r in zip(unique, reused)]
-        buckets = length_batches(new_tokens) if self._full_attention else [list(range(len(unique)))]
-        parts = [self._forward_rows([unique[i] for i in b], [reused[i] for i in b], [block_keys[i] for i in b],
-                                    [hits[i] for i in b], max_new_tokens if len(buckets) == 1 else 0, pinned)
-                 for b in buckets]
-        if len(parts) == 1:
-            logits, cache, attention, positions = parts[0]
+        if not self._full_attention:        # a DynamicCache: one batch, no reuse
+            logits, cache, attention, positions = self._forward_rows(unique, reused, block_keys, hits, None, pinned)
+            buckets = [list(range(len(unique)))]
         else:
-            cache, width = merge_right_aligned([part[1] for part in parts], max_new_tokens)
-            attention = torch.cat([torch.nn.functional.pad(part[2], (width - part[2].shape[1], 0))
-                                   for part in parts])
+            # the buckets' caches are regions of one slab: bucket b's rows, right-aligned to the
+            # widest bucket, with max_new_tokens of room after; the decode runs on the whole slab
+            buckets = length_batches(new_tokens)
+            widths = [max(reused[i] for i in b) + max(new_tokens[i] for i in b) for b in buckets]
+            width = max(widths)
+            slab = kv_slab(self.model.config, len(unique), width + max_new_tokens,
+                           narrowest_dtype(self.model.dtype, self.device), self.device)
+            parts, row = [], 0
+            for b, w in zip(buckets, widths):
+                region = slab[:, :, row:row + len(b), :, width - w:]
+                slab[:, :, row:row + len(b), :, :width - w] = 0      # before a narrower bucket: masked, finite
+                parts.append(self._forward_rows([unique[i] for i in b], [reused[i] for i in b],
+                                                [block_keys[i] for i in b], [hits[i] for i in b], region, pinned))
+                row += len(b)
+            cache = buffer_cache(slab.shape[0], slab.shape[4], (slab, width))
+            attention = torch.cat([torch.nn.functional.pad(part[2], (width - part[2].shape[1], 0)) for part in parts])
             logits, positions = (torch.cat([part[k] for part in parts]) for k in (0, 3))
         row_of = {u: r for r, u in enumerate(i for b in buckets for i in b)}   # unique prompt -> row
         order = sorted(range(len(prompts)), key=lambda j: row_of[inverse[j]])
@@ -205,18 +216,25 @@ class TorchPolicy(Policy):
             logits, attention, positions = logits[index], attention[index], positions[index]
         return logits, cache, attention, positions, order
 
-    def _forward_rows(self, rows, reused, block_keys, hits, room: int, pinned: dict):
+    def _forward_rows(self, rows, reused, block_keys, hits, region, pinned: dict):
         """Prefill one batch of distinct prompts whose first reused[i] tokens come from the
-        prefix store; the cache has `room` positions to spare. Returns (logits, cache,
-        attention, last positions), as _prefill."""
+        prefix store, into `region` (a kv_slab region [layers, 2, rows, kv_heads, capacity,
+        head_dim]; None: a DynamicCache). Returns the last position's float32 logits [B, V], the
+        batch's cache (its filled width: the longest reused prefix + the longest suffix, each
+        row right-aligned), the attention mask [B, width] and the last position ids [B, 1]."""
         import torch
 
-        from atod_edge.engine.kv_cache import gather_prefixes, store_new_blocks
+        from atod_edge.engine.kv_cache import buffer_cache, gather_prefixes, store_new_blocks
 
         store = self._store
         suffixes = [p[r:] for p, r in zip(rows, reused)]
-        capacity = max(reused) + max(len(x) for x in suffixes) + room
-        cache = self._new_cache(capacity, gather_prefixes(store, block_keys, hits, capacity, pinned) if store else None)
+        if region is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+        else:
+            filled = gather_prefixes(store, block_keys, hits, region, pinned) if store else 0
+            cache = buffer_cache(region.shape[0], region.shape[4], (region, filled))
         input_ids, attention, positions = left_pad(suffixes, self.pad_id)
         positions = positions + np.asarray(reused, dtype=np.int64)[:, None]
         width = max(reused)
@@ -240,7 +258,7 @@ class TorchPolicy(Policy):
         system instruction), compute those once, with a batch of one, and store them."""
         import torch
 
-        from atod_edge.engine.kv_cache import store_new_blocks
+        from atod_edge.engine.kv_cache import buffer_cache, store_new_blocks
 
         store = self._store
         if len(prompts) < 2:
@@ -253,21 +271,10 @@ class TorchPolicy(Policy):
         if common == 0 or store.match(block_keys[0][:common]) == common:
             return
         ids = torch.tensor([prompts[0][:common * store.block]], device=self.device)
-        out = self.model(input_ids=ids, use_cache=True, past_key_values=self._new_cache(ids.shape[1]),
-                         logits_to_keep=1)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                         past_key_values=buffer_cache(self.model.config.get_text_config(decoder=True).num_hidden_layers,
+                                                      ids.shape[1]))
         store_new_blocks(store, out.past_key_values, [block_keys[0][:common]], [0], [ids.shape[1]])
-
-    def _new_cache(self, capacity: int, prefix=None):
-        """A KV cache with room for `capacity` positions, starting from a gathered prefix
-        (transformers' DynamicCache where the model has sliding-window layers, which the buffer
-        cache does not model, and where prefixes are never reused)."""
-        from transformers import DynamicCache
-
-        from atod_edge.engine.kv_cache import buffer_cache
-
-        if self._full_attention:
-            return buffer_cache(self.model.config.get_text_config(decoder=True).num_hidden_layers, capacity, prefix)
-        return DynamicCache()
 
     def _attention(self):
         """The scope of the engine's forwards: SDPA with each KV group's query heads folded into
