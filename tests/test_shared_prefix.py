@@ -119,3 +119,29 @@ def test_the_direct_sdpa_mask_gives_what_the_models_own_mask_gives(tiny_teacher)
             model.set_attn_implementation("sdpa")
     for a, b in zip(own, direct):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_frozen_model_gathers_its_tree_cache_with_the_same_logprobs(tiny_teacher, monkeypatch, precision):
+    """A frozen model (a teacher) takes the parent rows' keys and values straight into buffers with
+    room for the new tokens (_gathered_cache); a trainable one keeps transformers' cache. Both give
+    the same log-probs, bit for bit, in fp32 and under bf16 autocast."""
+    import copy
+
+    import atod_edge.scoring.prefix_tree as prefix_tree_module
+
+    model, tokenizer = tiny_teacher
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    trainable = copy.deepcopy(model).requires_grad_(True)
+    prompts, responses = household_turns(tokenizer)
+    gathered = []
+    real = prefix_tree_module._gathered_cache
+    monkeypatch.setattr(prefix_tree_module, "_gathered_cache", lambda *a: gathered.append(1) or real(*a))
+    results = {}
+    for name, m in (("trainable", trainable), ("frozen", frozen)):
+        with torch.inference_mode():
+            results[name] = shared_response_logprobs(m, prompts, responses, pad_id=tokenizer.pad_token_id,
+                                                     micro_batch=16, precision=precision)
+        assert bool(gathered) == (name == "frozen")
+    for a, b in zip(results["trainable"], results["frozen"], strict=True):
+        assert torch.equal(a, b)

@@ -157,8 +157,11 @@ def shared_prefix_logprobs(model, sequences: Sequence[Sequence[int]], score_from
             if parent_batch >= 0:
                 parents = to_device(torch.tensor([row_of[nodes[m].parent] for m in members]), device)
                 keys, values, past_mask = full[parent_batch]
-                for layer, (k, v) in enumerate(zip(keys, values)):
-                    cache.update(k.index_select(0, parents), v.index_select(0, parents), layer)
+                if trainable:   # the recompute and the update: transformers' own cache, the same computation
+                    for layer, (k, v) in enumerate(zip(keys, values)):
+                        cache.update(k.index_select(0, parents), v.index_select(0, parents), layer)
+                else:
+                    cache = _gathered_cache(keys, values, parents, width)
                 past = past_mask.index_select(0, parents)
                 if last_child[parent_batch] == b:
                     del full[parent_batch]
@@ -261,6 +264,25 @@ def _new_cache():
     from transformers import DynamicCache
 
     return DynamicCache()
+
+
+def _gathered_cache(keys, values, parents, room: int):
+    """A frozen model's cache for a batch of tree nodes: per layer, a buffer holding the parent
+    rows' keys and values (gathered straight into place) with `room` positions after, which the
+    forward writes into (engine.kv_cache.BufferLayer). transformers' DynamicCache would gather
+    them and then concatenate the new keys, copying the parents' keys twice in every layer (a
+    tenth of the SmolLM2 teacher's scoring time); its values are the same. Trainable models keep
+    DynamicCache: their recomputed old log-probs and the update must be one computation."""
+    from atod_edge.engine.kv_cache import buffer_cache
+
+    past = keys[0].shape[2]
+    cache = buffer_cache(len(keys), past + room)
+    for layer, k, v in zip(cache.layers, keys, values):
+        gathered = [x.new_empty((len(parents), x.shape[1], past + room, x.shape[3])) for x in (k, v)]
+        for source, buffer in zip((k, v), gathered):
+            torch.index_select(source, 0, parents, out=buffer[:, :, :past])
+        layer.adopt(*gathered, past)
+    return cache
 
 
 def _attention_mask(model, past: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
