@@ -168,6 +168,37 @@ def step_floor(run: Path, student_src: Path, log) -> dict:
             "gflop": {k: v / 1e9 for k, v in flops.items()}, "phases": seconds, "step": sum(seconds.values())}
 
 
+def plot_step(result: dict, path: Path) -> None:
+    """step.png: each path's last step as a bar of its phases, and the floor, on one axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(f"before ({result['before_commit']}), fp32", result["paths"]["before"]["phases_last_step"]),
+            ("now, fp32", result["paths"]["fp32"]["phases_last_step"]),
+            ("now, bf16", result["paths"]["bf16"]["phases_last_step"]),
+            ("floor of the bf16 step", result["floor"]["phases"])]
+    colors = {"time_rollout": "#4c72b0", "time_teacher": "#dd8452", "time_recompute": "#937860",
+              "time_update": "#55a868"}
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    for y, (label, phases) in enumerate(reversed(bars)):
+        left = 0.0
+        for k in PHASES:
+            ax.barh(y, phases[k], left=left, color=colors[k], label=k.removeprefix("time_") if y == 0 else None)
+            left += phases[k]
+        ax.text(left + 0.5, y, f"{left:.1f} s", va="center", fontsize=9)
+    ax.set_yticks(range(len(bars)), [label for label, _ in reversed(bars)])
+    ax.set_xlabel("seconds (one ATOD step, SmolLM2 setting, 2 cores)")
+    ax.set_xlim(0, max(sum(p.values()) for _, p in bars) * 1.12)
+    ax.legend(ncol=4, fontsize=8, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, type=Path, help="where the runs go (not committed)")
@@ -240,7 +271,9 @@ def main() -> int:
                  f"**{bf16['step_seconds_last'] / floor['step']:.1f}x** |")
     lines += ["", f"The most this machine allows: before / floor = {before['step_seconds_last']:.1f} / "
               f"{floor['step']:.1f} s = **{result['floor_speedup_vs_before']:.2f}x**."]
+    lines += ["", "![one step per path and the floor](step.png)"]
     atomic_write_text(args.out / "step.md", "\n".join(lines) + "\n")
+    plot_step(result, args.out / "step.png")
     print("\n".join(lines))
     return 0
 
