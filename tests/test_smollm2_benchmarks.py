@@ -3,6 +3,7 @@ of benchmarks/episode_failures.py."""
 
 from __future__ import annotations
 
+import pytest
 from bench_loader import load_benchmark
 
 
@@ -82,3 +83,37 @@ def test_cpu_kernel_benchmark_runs_each_variant():
     assert [r["variant"] for r in rows] == ["IEEE fp32", "oneDNN bf16 mode", "transformers SDPA (repeat_kv), bf16",
                                            "folded SDPA, bf16", "folded SDPA in fp32"]
     assert all(r["ms"] > 0 for r in rows)
+
+
+def test_the_step_floor_counts_each_shared_token_once_and_each_decode_step(tiny_student):
+    """bench_smollm2_step's floor: a trie of the turns counts every shared prefix token once, and
+    the rollout's decode steps are one per token position after the first of every generate call
+    (turn index), over the rows still decoding, each at least its bytes over the bandwidth."""
+    from atod_edge.rollout.episode import Episode, Turn
+
+    bench = load_benchmark("bench_smollm2_step")
+    shared = list(range(10, 30))                                    # 20 tokens every sequence starts with
+    tokens, pairs = bench.trie_work([shared + [1, 2], shared + [1, 3], shared + [4], []])
+    assert tokens == 20 + 1 + 1 + 1 + 1                            # 1 after the fork, then 2 / 3, and 4
+    assert pairs == sum(range(1, 23)) + 22 + 21       # A's positions 0..21, then B's position 21 and C's 20
+
+    model, _ = tiny_student
+
+    def episode(lengths):
+        return Episode("household", "t", 0, "train", turns=[
+            Turn("o", prompt_ids=list(range(5)), response_ids=list(range(n))) for n in lengths])
+
+    # turn 0: rows decode 4 and 2 tokens -> 3 steps; turn 1: 3 tokens -> 2 steps (one row)
+    episodes = [episode([4, 3]), episode([2])]
+    slow, steps = bench.decode_floor_seconds(episodes, model, bandwidth_gb_s=1e-3, peak_gflop_s=1e9)
+    fast, _ = bench.decode_floor_seconds(episodes, model, bandwidth_gb_s=1e-2, peak_gflop_s=1e9)
+    assert steps == 5
+    assert slow == pytest.approx(10 * fast)                         # memory-bound here: bytes / bandwidth
+
+
+def test_the_kernel_floor_times_the_linear_layers_and_attention(tiny_student):
+    bench = load_benchmark("bench_rollout")
+    model, _ = tiny_student
+    floor = bench.kernel_floor_ms(model, batch=4, context=32, steps=2, repeats=1)
+    assert floor["linear"] > 0 and floor["attention"] > 0
+    assert floor["total"] == pytest.approx(floor["linear"] + floor["attention"])
