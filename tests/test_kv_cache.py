@@ -199,3 +199,22 @@ def test_a_buffer_refuses_keys_of_another_shape():
         cache.update(torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 4), 0)
     keys, _ = cache.update(torch.ones(2, 3, 1, 4), torch.ones(2, 3, 1, 4), 0)
     assert keys.data_ptr() == slab.data_ptr() and slab[0, 0, :, :, 0].eq(1).all()   # written in place
+
+
+def test_a_model_whose_config_misstates_its_kv_shape_decodes_without_the_slab(tiny_student, turn_prompts):
+    """kv_slab sizes the batch's KV buffer from the config; a model whose keys do not fit it (its
+    config does not give its KV heads the usual way) falls back to transformers' cache without
+    prefix reuse, with the same generations, instead of failing."""
+    import copy
+
+    model, tokenizer = tiny_student
+    odd = copy.deepcopy(model)
+    config = odd.config.get_text_config(decoder=True)
+    config.head_dim = 2 * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    policy = TorchPolicy(odd, tokenizer)
+    fresh = TorchPolicy(model, tokenizer, prefix_cache_mb=0)
+    with policy.reusing_prefixes():
+        first = policy.generate(turn_prompts[:1], GREEDY)
+        later = policy.generate(turn_prompts[1:], GREEDY)
+    assert not policy._full_attention and policy._store is None
+    _assert_same(first + later, fresh.generate(turn_prompts[:1], GREEDY) + fresh.generate(turn_prompts[1:], GREEDY))

@@ -32,6 +32,11 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 
+class KVShapeMismatch(ValueError):
+    """A layer's keys do not have the shape its buffer was made for (a model whose config does not
+    give its KV heads or head_dim the usual way); TorchPolicy then decodes it without the slab."""
+
+
 class BufferLayer(DynamicLayer):
     """One layer's keys and values [B, kv_heads, T, head_dim], written into a buffer with room
     for `capacity` positions; `keys`/`values` are views of the filled part."""
@@ -53,8 +58,8 @@ class BufferLayer(DynamicLayer):
             self.lazy_initialization(key_states)
         start, end = self.length, self.length + key_states.shape[-2]
         if key_states.shape[1] != self._k.shape[1] or key_states.shape[3] != self._k.shape[3]:
-            raise ValueError(f"keys of shape {tuple(key_states.shape)} do not fit a KV buffer of "
-                             f"{tuple(self._k.shape)} (kv_slab reads kv heads and head_dim from the model's config)")
+            raise KVShapeMismatch(f"keys of shape {tuple(key_states.shape)} do not fit a KV buffer of "
+                                  f"{tuple(self._k.shape)} (kv_slab reads kv heads and head_dim from the model's config)")
         if end > self._k.shape[2]:                  # out of room: double it
             room = max(end, 2 * self._k.shape[2]) - self._k.shape[2]
             self._k = torch.cat([self._k, self._k.new_empty((*self._k.shape[:2], room, self._k.shape[3]))], 2)

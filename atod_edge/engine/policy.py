@@ -129,7 +129,7 @@ class TorchPolicy(Policy):
         finish: list[str | None] = [None] * len(prompts)
         with torch.inference_mode(), compute_autocast(device, self.precision), self._attention():
             # live: the prompt index of each row still in the batch
-            logits, cache, attention, positions, live = self._prefill(prompts, sampling.max_new_tokens)
+            logits, cache, attention, positions, live = self._prefill_or_fall_back(prompts, sampling.max_new_tokens)
             padded = bool((attention == 0).any())   # no padded row: decode without a mask (SDPA's GQA, no repeat_kv)
             while True:
                 ids, lps = sample_next(logits, sampling.temperature, sampling.top_p, generator)
@@ -157,6 +157,20 @@ class TorchPolicy(Policy):
 
         return [Generation(outputs[i], logprobs[i], checker.text(outputs[i]), finish[i] or "length")
                 for i in range(len(prompts))]
+
+    def _prefill_or_fall_back(self, prompts, max_new_tokens: int):
+        """_prefill; a model whose keys do not fit the KV slab its config describes (its first
+        forward raises KVShapeMismatch, before anything is stored) is from then on decoded as a
+        sliding-window model is: transformers' DynamicCache, no prefix reuse."""
+        from atod_edge.engine.kv_cache import KVShapeMismatch
+
+        try:
+            return self._prefill(prompts, max_new_tokens)
+        except KVShapeMismatch:
+            if not self._full_attention:
+                raise
+            self._full_attention, self._store = False, None
+            return self._prefill(prompts, max_new_tokens)
 
     def _prefill(self, prompts, max_new_tokens: int):
         """The forward over the prompts. Identical prompts (a group's first turn) are computed
