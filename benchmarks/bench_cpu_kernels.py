@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=2 taskset -c 0,1 python benchmarks/bench_cpu_kernels.py [--samples STEP.jsonl]
 
 - the LM head's fp32 matmul [512 x 576] x [576 x 49,152]: IEEE fp32 vs oneDNN's bf16 mode
-  (scoring.tokens.head_matmuls: bf16 inputs, fp32 accumulation and output);
+  (scoring.tokens.head_matmuls: bf16 inputs, fp32 accumulation and output), and the log-sum-exp of
+  its logits: torch.logsumexp vs scoring.tokens.log_sum_exp_ (the same steps in place);
 - attention forward + backward at the prefix tree's shapes (query [16, 9, 47, 64] over 326 keys, 3
   KV heads, a padding mask), bf16 inputs: transformers' SDPA path (repeat_kv), the folded SDPA
   (engine.attention) in bf16, and folded in fp32 (atod_folded_sdpa_fp32);
@@ -43,7 +44,7 @@ def best_ms(fn, repeats: int) -> float:
 def head_rows(repeats: int) -> list[dict]:
     import torch
 
-    from atod_edge.scoring.tokens import head_matmuls
+    from atod_edge.scoring.tokens import head_matmuls, log_sum_exp_
 
     x, w = torch.randn(512, 576), torch.randn(49152, 576) * 0.05
     rows = []
@@ -52,6 +53,15 @@ def head_rows(repeats: int) -> list[dict]:
             ms = best_ms(lambda: torch.nn.functional.linear(x, w), repeats)
         rows.append({"kernel": "LM head [512 x 576] x [576 x 49152], fp32 out",
                      "variant": "oneDNN bf16 mode" if low else "IEEE fp32", "ms": ms})
+    logits = torch.nn.functional.linear(x, w)
+    for name, op in (("torch.logsumexp", lambda y: torch.logsumexp(y, -1)), ("in place (log_sum_exp_)", log_sum_exp_)):
+        times = []
+        for _ in range(repeats + 1):      # each on a fresh copy of the logits (the in-place one overwrites them)
+            y = logits.clone()
+            started = time.perf_counter()
+            op(y)
+            times.append(time.perf_counter() - started)
+        rows.append({"kernel": "log-sum-exp of [512 x 49152] fp32 logits", "variant": name, "ms": min(times[1:]) * 1e3})
     return rows
 
 

@@ -128,3 +128,17 @@ def test_a_bf16_teachers_linear_layers_change_no_score(small_teacher):
         want = shared_response_logprobs(fp32, prompts, responses, precision="bf16")
         got = shared_response_logprobs(cast, prompts, responses, precision="bf16")
     assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_the_in_place_log_sum_exp_is_torchs_bit_for_bit():
+    from atod_edge.scoring.tokens import log_sum_exp_
+
+    logits = torch.randn(9, 3000, generator=torch.Generator().manual_seed(0)) * 7
+    logits[1, :10] = float("-inf")
+    logits[2] = float("-inf")                                       # a row with nothing possible
+    logits[3, 5] = float("inf")
+    expected = torch.logsumexp(logits, -1)
+    work = logits.clone()
+    got = log_sum_exp_(work)
+    assert torch.equal(got, expected)
+    assert not torch.equal(work, logits)                            # it worked in place

@@ -136,6 +136,17 @@ def _chunk_logprobs(features, targets, head, entropy: bool, low: bool = False):
     return picked, ent
 
 
+def log_sum_exp_(logits: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(logits, -1), bit for bit (the same steps: the row maximum, 0 where it is
+    infinite, subtract, exp, sum, log, add it back), computed in place: `logits` is left holding
+    exp(logits - max). torch.logsumexp writes that [rows, vocab] difference to a new tensor,
+    which at a 49k vocabulary took as long as all the rest (a 512-row chunk: 40 -> 21 ms at two
+    threads, benchmarks/bench_cpu_kernels.py)."""
+    top = logits.amax(-1, keepdim=True)
+    top = top.masked_fill(top.abs() == float("inf"), 0)
+    return logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+
+
 class HeadLogprob(torch.autograd.Function):
     """log softmax(x W^T + b)[target] per row, with a hand-written backward: it keeps x and the
     log-sum-exp per row, recomputes the chunk's logits, and turns them in place into the gradient
@@ -152,15 +163,16 @@ class HeadLogprob(torch.autograd.Function):
         with head_matmuls(x.device, low):
             logits = torch.nn.functional.linear(x, weight, bias)
         keep = low and x.device.type == "cpu" and any(ctx.needs_input_grad[:3])
+        target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         if keep:   # one exp over the vocabulary gives the log-sum-exp and the softmax
             top = logits.amax(-1, keepdim=True)
-            e = (logits - top).exp_()
+            e = logits.sub_(top).exp_()
             total = e.sum(-1, keepdim=True)
             lse = (top + total.log()).squeeze(-1)
             probs = e.div_(total).to(torch.bfloat16)
         else:
-            lse, probs = torch.logsumexp(logits, dim=-1), None
-        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+            lse, probs = log_sum_exp_(logits), None
+        picked = target_logits - lse
         ctx.save_for_backward(x, weight, bias, targets, lse, probs)
         ctx.low = low
         return picked
