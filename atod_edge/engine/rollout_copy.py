@@ -17,8 +17,7 @@ own forward absorbs (the ratio of the first epoch stays exactly 1).
 On CPU the copy's linear layers are PackedLinear: the same nn.Linear, plus its weight reordered once
 (at every refresh) into oneDNN's blocked layout, which the decode's skinny matmuls read faster than
 the plain weight, with bit-identical results (tests/test_engine_speed.py): a SmolLM2-cut decode
-step at batch 16 and two threads 16.8 vs 17.7 ms (benchmarks/bench_cpu_kernels.py; no gain at one
-thread). Wider inputs (prefill) take the plain weight,
+step at batch 16 and two threads 18.8 vs 22.1 ms (benchmarks/bench_cpu_kernels.py). Wider inputs (prefill) take the plain weight,
 where the blocked one is not faster.
 """
 
