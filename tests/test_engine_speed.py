@@ -235,6 +235,46 @@ def test_packed_rollout_copy_decodes_bit_identically(tiny_student, monkeypatch):
         assert torch.equal(layer(x), torch.nn.functional.linear(x, source.model.layers[0].mlp.up_proj.weight.bfloat16()))
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_the_rollout_copys_lean_decode_gives_the_models_own_logits(tiny_student, kind):
+    """A Llama-family rollout copy decodes through LeanDecode (transformers' ops without its
+    per-module plumbing, q/k/v and gate/up each one matmul): the same tokens and log-probs, bit for
+    bit, as the model's own forward, with and without padding, and after a refresh its fused
+    weights follow the new masters."""
+    from atod_edge.engine.rollout_copy import refresh_rollout_copy, rollout_copy
+
+    _, tokenizer = tiny_student
+    source = tiny_gqa(kind, tokenizer, seed=4)
+    copy = rollout_copy(source)
+    lean = copy.atod_lean_decode
+    calls = []
+    real_call = type(lean).__call__
+
+    def counted(self, *args):
+        calls.append(1)
+        return real_call(self, *args)
+
+    padded, unpadded = prompts_of(tokenizer), [prompts_of(tokenizer)[0]] * 3
+    for step in range(2):
+        for prompts in (padded, unpadded):
+            type(lean).__call__ = counted
+            try:
+                with_lean = TorchPolicy(copy, tokenizer, precision="bf16").generate(prompts, SAMPLE, seed=5)
+            finally:
+                type(lean).__call__ = real_call
+            del copy.atod_lean_decode
+            try:
+                stock = TorchPolicy(copy, tokenizer, precision="bf16").generate(prompts, SAMPLE, seed=5)
+            finally:
+                copy.atod_lean_decode = lean
+            assert [(g.token_ids, g.logprobs) for g in with_lean] == [(g.token_ids, g.logprobs) for g in stock]
+        with torch.no_grad():
+            for p in source.parameters():
+                p.mul_(1.1)
+        refresh_rollout_copy(source, copy)
+    assert calls
+
+
 def test_rollout_precision_resolution():
     from atod_edge.config import load_config
     from atod_edge.errors import ConfigError

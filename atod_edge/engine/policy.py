@@ -131,6 +131,7 @@ class TorchPolicy(Policy):
             # live: the prompt index of each row still in the batch
             logits, cache, attention, positions, live = self._prefill_or_fall_back(prompts, sampling.max_new_tokens)
             padded = bool((attention == 0).any())   # no padded row: decode without a mask (SDPA's GQA, no repeat_kv)
+            lean = getattr(self.model, "atod_lean_decode", None) if self._full_attention else None
             while True:
                 ids, lps = sample_next(logits, sampling.temperature, sampling.top_p, generator)
                 ids_list, lps_list = ids.tolist(), lps.tolist()   # one host sync per decode step
@@ -151,7 +152,11 @@ class TorchPolicy(Policy):
                     padded = padded and bool((attention == 0).any())
                 attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
                 positions = positions + 1
-                out = self.model(input_ids=ids.unsqueeze(-1), attention_mask=self._mask(attention, 1) if padded else None,
+                mask = self._mask(attention, 1) if padded else None
+                if lean is not None:    # a rollout copy's own decode step (rollout_copy.LeanDecode): the same logits
+                    logits = lean(ids.unsqueeze(-1), positions, cache, mask).float()
+                    continue
+                out = self.model(input_ids=ids.unsqueeze(-1), attention_mask=mask,
                                  position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache, logits = out.past_key_values, out.logits[:, -1, :].float()
 
