@@ -92,29 +92,13 @@ def run_path(name: str, student: Path, work: Path, steps: int, code: Path | None
     return [r for r in rows if "time_rollout" in r][:steps]
 
 
-def trie_work(sequences) -> tuple[int, int]:
-    """(tokens, attended (query, key) pairs) of one forward over a trie of the sequences: every
-    shared prefix token once, a token at position p attending to the p + 1 keys up to it."""
-    from atod_edge.scoring.prefix_tree import prefix_tree
-
-    nodes, _ = prefix_tree([s for s in sequences if len(s)], min_shared=1)
-    tokens = sum(n.end - n.start for n in nodes)
-    pairs = sum((n.end * (n.end + 1) - n.start * (n.start + 1)) // 2 for n in nodes)
-    return tokens, pairs
-
-
 def decode_floor_seconds(episodes, student, bandwidth_gb_s: float, peak_gflop_s: float) -> tuple[float, int]:
     """(seconds, decode steps) of the rollout's decode steps at their bound: per generate call
     (turn index k over the episodes that reach it), one step per token position after the
     first (which the prefill gives) over the rows still decoding, each reading the bf16 weights
-    and the rows' bf16 KV."""
-    from machine_bounds import model_dims, parameter_counts
+    and the rows' bf16 KV (machine_bounds.decode_step_cost and bound)."""
+    from machine_bounds import bound, decode_step_cost
 
-    dims, counts = model_dims(student.config), parameter_counts(student)
-    weight_bytes = 2 * (counts["body"] + counts["head"])
-    kv_per_position = 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * 2
-    per_row_flops = 2 * (counts["body"] + counts["head"])
-    attention_flops = 4 * dims["layers"] * dims["heads"] * dims["head_dim"]
     calls: dict[int, list[tuple[int, int]]] = {}
     for ep in episodes:
         for k, t in enumerate(ep.turns):
@@ -124,17 +108,15 @@ def decode_floor_seconds(episodes, student, bandwidth_gb_s: float, peak_gflop_s:
     for rows in calls.values():
         for j in range(1, max(r for _, r in rows)):
             live = [n + j for n, r in rows if r > j]
-            context = sum(live)
-            memory = (weight_bytes + kv_per_position * context) / (bandwidth_gb_s * 1e9)
-            compute = (per_row_flops * len(live) + attention_flops * context) / (peak_gflop_s * 1e9)
-            seconds += max(memory, compute)
+            cost = decode_step_cost(student, len(live), sum(live) / len(live), weight_bytes=2, kv_bytes=2)
+            seconds += bound(cost, bandwidth_gb_s, peak_gflop_s)["step_ms"] / 1e3
             steps += 1
     return seconds, steps
 
 
 def step_floor(run: Path, student_src: Path, log) -> dict:
     """The floor of the run's last step (see the docstring), with the machine measured now."""
-    from machine_bounds import forward_flops, matmul_rates, memory_bandwidth, model_dims, model_shapes
+    from machine_bounds import forward_flops, matmul_rates, memory_bandwidth, model_dims, model_shapes, trie_work
 
     from atod_edge.models.loading import load_model
     from atod_edge.rollout.episode import read_episodes
@@ -151,8 +133,8 @@ def step_floor(run: Path, student_src: Path, log) -> dict:
     bandwidth = memory_bandwidth()
     turns = [t for ep in episodes for t in ep.turns if t.response_ids]
     response_tokens = sum(len(t.response_ids) for t in turns)
-    scored = trie_work([list(t.prompt_ids) + list(t.response_ids[:-1]) for t in turns])
-    prefill = trie_work([list(t.prompt_ids) for t in turns])
+    scored = trie_work([list(t.prompt_ids) + list(t.response_ids[:-1]) for t in turns], min_shared=1)
+    prefill = trie_work([list(t.prompt_ids) for t in turns], min_shared=1)
     flops = {"time_teacher": forward_flops(teacher, scored[0], response_tokens, scored[1]),
              "time_recompute": forward_flops(student, scored[0], response_tokens, scored[1]),
              "time_update": 3 * forward_flops(student, scored[0], response_tokens, scored[1]),

@@ -113,15 +113,14 @@ def tree_tokens(prompts, responses, micro_batch: int) -> int:
 def tree_work(prompts, responses, micro_batch: int) -> tuple[int, int]:
     """(tokens, attended (query, key) pairs) of the prefix-reuse path: a tree node's token at
     position p attends to the p + 1 keys up to it."""
-    from atod_edge.scoring.prefix_tree import prefix_tree
+    from machine_bounds import trie_work
 
     sequences = [list(p) + list(r) for p, r in zip(prompts, responses) if r]
     order = sorted(range(len(sequences)), key=lambda i: sequences[i])
     total = pairs = 0
     for start in range(0, len(order), micro_batch):
-        nodes, _ = prefix_tree([sequences[i][:-1] for i in order[start:start + micro_batch]])
-        total += sum(n.end - n.start for n in nodes)
-        pairs += sum((n.end * (n.end + 1) - n.start * (n.start + 1)) // 2 for n in nodes)
+        tokens, attended = trie_work([sequences[i][:-1] for i in order[start:start + micro_batch]])
+        total, pairs = total + tokens, pairs + attended
     return total, pairs
 
 

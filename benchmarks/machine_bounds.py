@@ -167,6 +167,18 @@ def bound(cost: dict, bandwidth_gb_s: float, peak_gflop_s: float) -> dict:
             "tokens_per_s": cost["batch"] / step}
 
 
+def trie_work(sequences, min_shared: int | None = None) -> tuple[int, int]:
+    """(tokens, attended (query, key) pairs) of one forward over the prefix tree of the sequences
+    (scoring.prefix_tree, with its `min_shared`; 1: every shared prefix token once): a node's token
+    at position p attends to the p + 1 keys up to it."""
+    from atod_edge.scoring.prefix_tree import MIN_SHARED_TOKENS, prefix_tree
+
+    nodes, _ = prefix_tree([s for s in sequences if len(s)], MIN_SHARED_TOKENS if min_shared is None else min_shared)
+    tokens = sum(n.end - n.start for n in nodes)
+    pairs = sum((n.end * (n.end + 1) - n.start * (n.start + 1)) // 2 for n in nodes)
+    return tokens, pairs
+
+
 def forward_flops(model, tokens: float, head_positions: float, attended: float = 0.0) -> float:
     """FLOPs of a forward over `tokens` positions, the LM head on `head_positions` of them, and
     `attended` (query, key) pairs in all (attention: 4 x layers x heads x head_dim per pair)."""

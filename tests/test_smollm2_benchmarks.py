@@ -94,7 +94,8 @@ def test_the_step_floor_counts_each_shared_token_once_and_each_decode_step(tiny_
 
     bench = load_benchmark("bench_smollm2_step")
     shared = list(range(10, 30))                                    # 20 tokens every sequence starts with
-    tokens, pairs = bench.trie_work([shared + [1, 2], shared + [1, 3], shared + [4], []])
+    tokens, pairs = load_benchmark("machine_bounds").trie_work([shared + [1, 2], shared + [1, 3], shared + [4], []],
+                                                                min_shared=1)
     assert tokens == 20 + 1 + 1 + 1 + 1                            # 1 after the fork, then 2 / 3, and 4
     assert pairs == sum(range(1, 23)) + 22 + 21       # A's positions 0..21, then B's position 21 and C's 20
 

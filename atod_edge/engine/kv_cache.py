@@ -224,7 +224,7 @@ def gather_prefixes(store: PrefixStore, block_keys: list[list[bytes]], hits: lis
     written)."""
     blocks = store.blocks if blocks is None else blocks
     width = max(hits) * store.block
-    for i, (keys, n) in enumerate(zip(block_keys, hits)) if width else ():
+    for i, (keys, n) in enumerate(zip(block_keys, hits)):
         start = width - n * store.block
         out[:, :, i, :, :start] = 0
         for b, key in enumerate(keys[:n]):           # each block straight into its place

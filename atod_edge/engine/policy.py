@@ -155,10 +155,10 @@ class TorchPolicy(Policy):
                 mask = self._mask(attention, 1) if padded else None
                 if lean is not None:    # a rollout copy's own decode step (rollout_copy.LeanDecode): the same logits
                     logits = lean(ids.unsqueeze(-1), positions, cache, mask).float()
-                    continue
-                out = self.model(input_ids=ids.unsqueeze(-1), attention_mask=mask,
-                                 position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+                else:
+                    out = self.model(input_ids=ids.unsqueeze(-1), attention_mask=mask,
+                                     position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    cache, logits = out.past_key_values, out.logits[:, -1, :].float()
 
         return [Generation(outputs[i], logprobs[i], checker.text(outputs[i]), finish[i] or "length")
                 for i in range(len(prompts))]

@@ -89,7 +89,7 @@ class LeanDecode:
 
     @staticmethod
     def supports(model) -> bool:
-        """Llama-family layers, every projection a plain linear layer of one dtype on the CPU."""
+        """Llama-family layers, every projection a plain linear layer on the CPU."""
         inner = getattr(model, "model", None)
         if getattr(model.config, "model_type", None) not in ("llama", "qwen2", "qwen3") or inner is None:
             return False
@@ -109,6 +109,7 @@ class LeanDecode:
                                 bias=first.bias is not None, dtype=first.weight.dtype)
         fused.requires_grad_(False)
         fused.parts = parts
+        fused.sizes = [p.out_features for p in parts]   # its output's split into the parts' outputs
         PackedLinear.convert(fused)
         return fused
 
@@ -135,7 +136,7 @@ class LeanDecode:
         for index, layer in enumerate(inner.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = layer.input_layernorm(hidden)
-            q, k, v = self.qkv[index](x).split([p.out_features for p in self.qkv[index].parts], dim=-1)
+            q, k, v = self.qkv[index](x).split(self.qkv[index].sizes, dim=-1)
             shape = (batch, 1, -1, attn.head_dim)
             q, k, v = q.view(shape), k.view(shape), v.view(shape)
             if hasattr(attn, "q_norm"):      # Qwen3
@@ -145,7 +146,7 @@ class LeanDecode:
             out, _ = attention(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling)
             hidden = hidden + attn.o_proj(out.reshape(batch, 1, -1).contiguous())
             x = layer.post_attention_layernorm(hidden)
-            gate, up = self.gate_up[index](x).split([p.out_features for p in self.gate_up[index].parts], dim=-1)
+            gate, up = self.gate_up[index](x).split(self.gate_up[index].sizes, dim=-1)
             hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
         return self.model.lm_head(inner.norm(hidden))[:, -1, :]
 
