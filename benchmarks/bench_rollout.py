@@ -240,6 +240,34 @@ def count(episodes) -> dict:
             "tokens": sum(len(t.response_ids) for ep in episodes for t in ep.turns)}
 
 
+class PositionCounter:
+    """Counts the token positions `model`'s forward computes (input_ids.numel() of every call:
+    padding included, prefill and decode alike) while it is installed on the model (a `with`
+    block). Between two rollouts of the same episodes on the same model, the ratio of their
+    counts is the ratio of their decoder work (attention aside): the speedup one of them would
+    have over the other if both computed a position at the same cost. For the engine against
+    batched generate, that ratio (what prefix reuse, length buckets and rows leaving the batch
+    save) is the most the engine's way of batching can give at equal precision on a machine
+    where the forward is compute-bound."""
+
+    def __init__(self, model):
+        self.model, self.positions = model, 0
+
+    def __enter__(self):
+        real = self.model.forward
+
+        def forward(*args, **kwargs):
+            ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            self.positions += ids.numel()
+            return real(*args, **kwargs)
+
+        self.model.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.forward
+
+
 def timed_rollout(policy, env_cls, tasks, sampling, max_turns, one_at_a_time=False):
     """((wall seconds, CPU seconds of this process), counts, episodes) of the tasks' episodes,
     batched or one episode at a time."""
@@ -406,8 +434,9 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
 
     for name, mb in (("engine (batched, KV cache, prefix reuse)", None), ("engine without prefix reuse", 0)):
         policy = TorchPolicy(model, tokenizer, prefix_cache_mb=mb)
-        seconds, counts, episodes = timed_rollout(policy, env_cls, tasks, sampling, turns)
-        row(name, "engine" if mb is None else "engine-no-reuse", seconds, counts)
+        with PositionCounter(model) as counter:
+            seconds, counts, episodes = timed_rollout(policy, env_cls, tasks, sampling, turns)
+        row(name, "engine" if mb is None else "engine-no-reuse", seconds, counts, positions=counter.positions)
         if mb is None:   # issue 27: the engine before (stock SDPA, sliced LM head) and with a bf16 copy
             before_policy, bf16_policy = engine_before(model, tokenizer), TorchPolicy(
                 rollout_copy(model), tokenizer, precision="bf16")
@@ -420,9 +449,10 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
             reuse = policy.last_store.hit_rate if getattr(policy, "last_store", None) is not None else 0.0
             engine_policy = policy
     hf = HFGeneratePolicy(model, tokenizer)
-    seconds, counts, _ = timed_rollout(hf, env_cls, tasks, sampling, turns)
+    with PositionCounter(model) as counter:
+        seconds, counts, _ = timed_rollout(hf, env_cls, tasks, sampling, turns)
     row("batched HF generate (one generate per turn over all live episodes, left padding)", "batched-generate",
-        seconds, counts)
+        seconds, counts, positions=counter.positions)
     # like for like with the engine's bf16 copy: generate on the model's weights cast to bf16 (what a
     # user would do for bf16 speed; plain nn.Linear layers, not the copy's blocked ones)
     import copy as copy_module
@@ -521,6 +551,11 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
                 seq.close()
 
     rate = {r["mode"]: r["episodes_per_s"] for r in rows if "episodes_per_s" in r}
+    # the same episodes' token positions: the ceiling of vs_batched_generate at equal cost per position
+    positions = {r["mode"]: r["positions"] for r in rows if "positions" in r}
+    work_ratio = positions["batched-generate"] / positions["engine"]
+    log(f"  positions computed: batched generate {positions['batched-generate']:,}, engine {positions['engine']:,} "
+        f"-> work ratio {work_ratio:.2f}x; the engine at {rate['engine'] / rate['batched-generate']:.2f}x")
     cpu_rate = {r["mode"]: r["episodes_per_cpu_s"] for r in rows if "episodes_per_s" in r}
     for r in rows:
         if "episodes_per_s" in r:
@@ -529,6 +564,7 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
             r["vs_batched_generate_cpu_time"] = r["episodes_per_cpu_s"] / cpu_rate["batched-generate"]
     return {"source": source, "settings": settings, "rows": rows, "prefix_reuse_share": reuse,
             "vs_batched_generate": rate["engine"] / rate["batched-generate"],
+            "work_ratio_vs_batched_generate": work_ratio,
             "vs_batched_generate_cpu_time": cpu_rate["engine"] / cpu_rate["batched-generate"],
             "vs_batched_generate_bf16": rate["engine-bf16"] / rate["batched-generate"],
             "vs_batched_generate_bf16_cpu_time": cpu_rate["engine-bf16"] / cpu_rate["batched-generate"],
@@ -653,6 +689,8 @@ def main() -> None:
                   f"{lc['fraction_of_bound_cpu_time']:.0%} by CPU time)")
     print("\nvs_batched_generate (engine / batched HF generate, episodes/s): "
           + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    print("its ceiling at equal cost per position (batched generate's token positions / the engine's): " + ", ".join(
+        f"{k} {v['work_ratio_vs_batched_generate']:.2f}x" for k, v in results.items() if "skipped" not in v))
     print("the same by CPU time of this process: " + ", ".join(
         f"{k} {v['vs_batched_generate_cpu_time']:.2f}x" for k, v in results.items() if "skipped" not in v))
     for key in ("bf16", "before"):

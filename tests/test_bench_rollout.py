@@ -44,3 +44,31 @@ def test_fixed_length_decode_timing_keeps_every_row(tiny_student):
     ids = tokenizer("go to the kitchen")["input_ids"]
     ms = bench.decode_step_ms(policy, [ids, ids[:3]], steps=3, repeats=1)   # asserts no row stops early
     assert ms == ms and policy.tokenizer is tokenizer
+
+
+def test_position_counter_counts_what_each_forward_computes(tiny_student):
+    """PositionCounter: batched generate computes every row at the batch's width and then one
+    position per row per step until the last row stops; the engine, with no prefix to reuse in
+    a fresh scope, computes the distinct prompts' own lengths padded within a length bucket and
+    then only the rows still decoding. The counter leaves the model as it found it."""
+    from atod_edge.engine.policy import TorchPolicy
+    from atod_edge.engine.sampling import SamplingParams
+
+    bench = load_benchmark("bench_rollout")
+    model, tokenizer = tiny_student
+    prompts = [tokenizer("go to the kitchen")["input_ids"], tokenizer("open the fridge and look")["input_ids"]]
+    sampling = SamplingParams(max_new_tokens=5, temperature=1.0, stop=())
+    hf = bench.HFGeneratePolicy(model, tokenizer)
+    with bench.PositionCounter(model) as counter:
+        out = hf.generate(prompts, sampling, seed=0)
+    steps = max(len(g.token_ids) for g in out)
+    width = max(map(len, prompts))
+    assert counter.positions == len(prompts) * width + len(prompts) * (steps - 1)
+    assert "forward" not in vars(model)
+
+    policy = TorchPolicy(model, tokenizer, prefix_cache_mb=0)
+    with bench.PositionCounter(model) as counter:
+        out = policy.generate(prompts, sampling, seed=0)
+    lengths = sorted(len(g.token_ids) for g in out)
+    decoded = sum(sum(1 for n in lengths if n > k) for k in range(1, lengths[-1]))   # rows live at each step
+    assert sum(map(len, prompts)) <= counter.positions - decoded <= len(prompts) * width
