@@ -29,7 +29,8 @@ timed on 16 of the run's own last-turn prompts, every row decoding a fixed numbe
 (end-of-turn tokens ignored), and reported as a fraction of that bound. Beside it, the kernel
 floor (kernel_floor_ms): the same step's linear layers and attention alone, torch's kernels with
 nothing around them, in fp32 and on the bf16 copy: the largest fraction of the bound an engine
-built on these kernels could reach at this thread count.
+built on these kernels could reach at this thread count; and the same kernels inside the engine's
+real steps (kernels_in_context_ms, profiled), where they run slower than alone.
 
     python benchmarks/bench_rollout.py [--models tiny-student,household-teacher,smollm2-cut]
 
@@ -347,6 +348,39 @@ def kernel_floor_ms(model, batch: int, context: int, steps: int = 10, repeats: i
     return {**best, "total": best["linear"] + best["attention"]}
 
 
+KERNEL_OPS = {"linear": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::bmm"),
+              "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                            "aten::_scaled_dot_product_attention_math")}
+
+
+def kernels_in_context_ms(policy, prompts, steps: int) -> dict:
+    """ms per decode step that a real step spends in the kernels kernel_floor_ms times alone: the
+    self time (torch.profiler) of the linear and attention ops of `policy`'s generate with 1 + steps
+    new tokens minus that with 1 (prefill and the first token cancel), per step; "other" is
+    every other op's self time. The profiler adds its own cost to every op, so the shares and the
+    kernel times, not the total, are what to read. The kernels take longer inside a step than
+    alone, where kernel_floor_ms repeats them on data the caches hold; inside a step, each layer's
+    keys and values are read after the weights of a layer have streamed through the caches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    real = policy.tokenizer
+    policy.tokenizer = NoEndTokenizer(real)
+    totals = {}
+    try:
+        for n in (1, 1 + steps):
+            sampling = SamplingParams(max_new_tokens=n, temperature=1.0, stop=())
+            policy.generate(prompts, sampling, seed=0)     # warm-up
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                policy.generate(prompts, sampling, seed=0)
+            totals[n] = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+    finally:
+        policy.tokenizer = real
+    per_step = {k: (totals[1 + steps].get(k, 0.0) - totals[1].get(k, 0.0)) / steps for k in totals[1 + steps]}
+    out = {group: sum(per_step.get(op, 0.0) for op in ops) for group, ops in KERNEL_OPS.items()}
+    out["other"] = sum(per_step.values()) - out["linear"] - out["attention"]
+    return out
+
+
 class _SlicedLastPosition:
     """A model whose forward gets logits_to_keep=1 where the engine passes the last position's
     index: the engine's prefill before issue 27 (the LM head on a strided slice)."""
@@ -502,6 +536,11 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
                        "fraction_of_bound": bound["step_ms"] / floor["total"]}
         log(f"  {key}: linear {floor['linear']:.2f} + attention {floor['attention']:.2f} ms = {floor['total']:.2f} ms "
             f"a step -> at most {decode[key]['fraction_of_bound']:.0%} of the bound")
+    # the same kernels inside the engine's own decode steps (profiled: the shares are what to read)
+    for key, policy_ in (("kernels_in_context_fp32", engine_policy), ("kernels_in_context_bf16", bf16_policy)):
+        decode[key] = {f"{k}_ms": v for k, v in kernels_in_context_ms(policy_, prompts, args.decode_steps).items()}
+        log(f"  {key} (profiled): linear {decode[key]['linear_ms']:.2f}, attention {decode[key]['attention_ms']:.2f}, "
+            f"every other op {decode[key]['other_ms']:.2f} ms a step")
     for key, times, bound in (("engine_before_fp32", before_times, bound32),
                               ("engine_bf16", bf16_times, decode["bf16_weights_bound"])):
         decode[key] = {"step_ms": times["wall"], "cpu_step_ms": times["cpu"], "bound": bound,
@@ -682,6 +721,11 @@ def main() -> None:
             x = d[key]
             print(f"  {key}: linear layers {x['linear_ms']:.2f} + attention {x['attention_ms']:.2f} = "
                   f"{x['total_ms']:.2f} ms/step = at most {x['fraction_of_bound']:.0%} of its bound")
+        for key in ("kernels_in_context_fp32", "kernels_in_context_bf16"):
+            x = d.get(key)
+            if x:
+                print(f"  {key} (profiled): linear layers {x['linear_ms']:.2f}, attention {x['attention_ms']:.2f}, "
+                      f"every other op {x['other_ms']:.2f} ms/step")
         if "llamacpp_f16" in d:
             lc = d["llamacpp_f16"]
             print(f"  llama.cpp f16: {lc['step_ms']:.2f} ms/step ({lc['cpu_step_ms']:.2f} ms of CPU time) = "

@@ -72,3 +72,15 @@ def test_position_counter_counts_what_each_forward_computes(tiny_student):
     lengths = sorted(len(g.token_ids) for g in out)
     decoded = sum(sum(1 for n in lengths if n > k) for k in range(1, lengths[-1]))   # rows live at each step
     assert sum(map(len, prompts)) <= counter.positions - decoded <= len(prompts) * width
+
+
+def test_kernels_in_context_finds_the_decode_steps_linear_and_attention_ops(tiny_student):
+    """kernels_in_context_ms attributes a real decode step's time to the op names kernel_floor_ms
+    times alone: a torch or kernel rename would leave them at zero and the breakdown meaningless."""
+    from atod_edge.engine.policy import TorchPolicy
+
+    bench = load_benchmark("bench_rollout")
+    model, tokenizer = tiny_student
+    ids = tokenizer("go to the kitchen and open the fridge")["input_ids"]
+    ms = bench.kernels_in_context_ms(TorchPolicy(model, tokenizer), [ids, ids[:4], ids[:6]], steps=4)
+    assert ms["linear"] > 0 and ms["attention"] > 0 and ms["other"] > 0
