@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=2 taskset -c 0,1 python benchmarks/bench_cpu_kernels.py [--samples STEP.jsonl]
 
 - the LM head's fp32 matmul [512 x 576] x [576 x 49,152]: IEEE fp32 vs oneDNN's bf16 mode
-  (scoring.tokens.head_matmuls: bf16 inputs, fp32 accumulation and output), and the log-sum-exp of
+  (scoring.tokens.head_matmuls: bf16 inputs, fp32 accumulation and output), for scale the same
+  matmul on bf16 copies of both operands (bf16 out: other values), and the log-sum-exp of
   its logits: torch.logsumexp vs scoring.tokens.log_sum_exp_ (the same steps in place);
 - attention forward + backward at the prefix tree's shapes (query [16, 9, 47, 64] over 326 keys, 3
   KV heads, a padding mask), bf16 inputs: transformers' SDPA path (repeat_kv), the folded SDPA
@@ -53,6 +54,13 @@ def head_rows(repeats: int) -> list[dict]:
             ms = best_ms(lambda: torch.nn.functional.linear(x, w), repeats)
         rows.append({"kernel": "LM head [512 x 576] x [576 x 49152], fp32 out",
                      "variant": "oneDNN bf16 mode" if low else "IEEE fp32", "ms": ms})
+    # what oneDNN's bf16 mode pays to read fp32 operands (the 113 MB master weight converted inside
+    # every call) and write fp32 logits: the same matmul on bf16 copies, bf16 out (other values)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    with torch.inference_mode():
+        ms = best_ms(lambda: torch.nn.functional.linear(xb, wb), repeats)
+    rows.append({"kernel": "LM head [512 x 576] x [576 x 49152], fp32 out",
+                 "variant": "for scale: bf16 weight and input, bf16 out", "ms": ms})
     logits = torch.nn.functional.linear(x, w)
     for name, op in (("torch.logsumexp", lambda y: torch.logsumexp(y, -1)), ("in place (log_sum_exp_)", log_sum_exp_)):
         times = []

@@ -618,6 +618,53 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
             "decode": decode}
 
 
+PLOTTED = (("per-episode", "per-episode generate loop", "#c7c7c7"),
+           ("batched-generate", "batched HF generate", "#8c8c8c"),
+           ("batched-generate-bf16", "batched generate, bf16 weights", "#595959"),
+           ("llama.cpp-batched", "llama.cpp f16, batched", "#937860"),
+           ("engine", "engine, fp32", "#4c72b0"),
+           ("engine-bf16", "engine, bf16 copy", "#55a868"))
+
+
+def plot_rollout(result: dict, path: Path) -> None:
+    """rollout.png: per model, each mode's episodes/s relative to batched HF generate (log scale),
+    and the work ratio (the engine's ceiling at equal cost a position) as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m, res in result["models"].items() if "skipped" not in res]
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    width = 0.8 / len(PLOTTED)
+    for i, model in enumerate(models):
+        res = result["models"][model]
+        rate = {r["mode"]: r["episodes_per_s"] for r in res["rows"] if "episodes_per_s" in r}
+        for j, (mode, label, color) in enumerate(PLOTTED):
+            if mode in rate:
+                x = i - 0.4 + (j + 0.5) * width
+                value = rate[mode] / rate["batched-generate"]
+                ax.bar(x, value, width, color=color, label=label if i == 0 else None)
+                ax.text(x, value * 1.04, f"{value:.1f}", ha="center", fontsize=7)
+        ceiling = res.get("work_ratio_vs_batched_generate")
+        if ceiling:
+            ax.hlines(ceiling, i - 0.42, i + 0.42, colors="#c44e52", linestyles="--",
+                      label="work ratio (ceiling at equal cost a position)" if i == 0 else None)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="black", linewidth=0.6)
+    ax.set_xticks(range(len(models)), models)
+    ax.set_ylabel("episodes/s / batched generate's")
+    ax.set_title(f"rollout speed, {result['machine']['torch_threads']} torch thread(s), same episodes per model",
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_ylim(0.1, 12)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def main() -> None:
     import torch
 
@@ -767,7 +814,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    plot_rollout(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

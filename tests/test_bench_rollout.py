@@ -84,3 +84,16 @@ def test_kernels_in_context_finds_the_decode_steps_linear_and_attention_ops(tiny
     ids = tokenizer("go to the kitchen and open the fridge")["input_ids"]
     ms = bench.kernels_in_context_ms(TorchPolicy(model, tokenizer), [ids, ids[:4], ids[:6]], steps=4)
     assert ms["linear"] > 0 and ms["attention"] > 0 and ms["other"] > 0
+
+
+def test_rollout_plot_draws_every_model_that_ran(tmp_path):
+    """plot_rollout writes rollout.png from a result's rows; a skipped model is left out."""
+    bench = load_benchmark("bench_rollout")
+    rows = [{"mode": mode, "episodes_per_s": rate} for mode, rate in
+            (("batched-generate", 2.0), ("engine", 5.0), ("engine-bf16", 9.0), ("per-episode", 0.5))]
+    result = {"machine": {"torch_threads": 1},
+              "models": {"a": {"rows": rows, "work_ratio_vs_batched_generate": 2.5},
+                         "b": {"skipped": "no download"}}}
+    bench.plot_rollout(result, tmp_path / "rollout.png")
+    assert (tmp_path / "rollout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["rollout.png"]      # no temporary file left

@@ -17,8 +17,8 @@ builder); the engine switches a model to it only for its own forwards (`folded_a
 prefix-tree scorer (scoring/prefix_tree.py) uses it too, for a trainable model on CPU as
 ATTENTION_FP32: the same attention computed in fp32 when the forward runs under bf16 autocast,
 because the CPU's bf16 SDPA backward is slow (benchmarks/bench_cpu_kernels.py at the SmolLM2 cut's
-tree shapes, query [16, 9, 47, 64] over 326 keys: forward + backward 26.9 ms stock bf16, 16.9 ms
-folded bf16, 13.9 ms folded fp32). A trainable model takes it with and without gradients, so the recomputed old
+tree shapes, query [16, 9, 47, 64] over 326 keys: forward + backward 33.6 ms stock bf16, 18.9 ms
+folded bf16, 15.1 ms folded fp32). A trainable model takes it with and without gradients, so the recomputed old
 log-probs and the update's forward stay the same computation (a first ratio of exactly 1).
 """
 

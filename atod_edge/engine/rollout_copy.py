@@ -20,7 +20,7 @@ take instead of the model's forward: the same logits without transformers' per-m
 On CPU the copy's linear layers are PackedLinear: the same nn.Linear, plus its weight reordered once
 (at every refresh) into oneDNN's blocked layout, which the decode's skinny matmuls read faster than
 the plain weight, with bit-identical results (tests/test_engine_speed.py): a SmolLM2-cut decode
-step at batch 16 and two threads 18.8 vs 22.1 ms (benchmarks/bench_cpu_kernels.py). Wider inputs (prefill) take the plain weight,
+step at batch 16 and two threads 18.9 vs 23.3 ms (benchmarks/bench_cpu_kernels.py). Wider inputs (prefill) take the plain weight,
 where the blocked one is not faster.
 """
 

@@ -54,7 +54,7 @@ def head_matmuls(device, low_precision: bool):
     """The LM head's fp32 matmuls at the speed the device allows, fp32 in and out: as TF32 on CUDA
     (tf32_matmuls, whatever the compute precision); on CPU, with low_precision (the forward runs
     under bf16 autocast), as oneDNN's bf16 mode: inputs rounded to bf16, fp32 accumulation and
-    fp32 logits, the CPU's counterpart of TF32 (2.2x the fp32 head on this project's AMX CPU for
+    fp32 logits, the CPU's counterpart of TF32 (2.1x the fp32 head on this project's AMX CPU for
     [512 x 576] x [576 x 49,152], benchmarks/bench_cpu_kernels.py; a log-prob moves by ~1e-2 at most, see tests/train/test_precision.py).
     Restored after; nothing else changes."""
     device = torch.device(device)
@@ -140,7 +140,7 @@ def log_sum_exp_(logits: torch.Tensor) -> torch.Tensor:
     """torch.logsumexp(logits, -1), bit for bit (the same steps: the row maximum, 0 where it is
     infinite, subtract, exp, sum, log, add it back), computed in place: `logits` is left holding
     exp(logits - max). torch.logsumexp writes that [rows, vocab] difference to a new tensor,
-    which at a 49k vocabulary took as long as all the rest (a 512-row chunk: 35 -> 15 ms at two
+    which at a 49k vocabulary took as long as all the rest (a 512-row chunk: 39 -> 18 ms at two
     threads, benchmarks/bench_cpu_kernels.py)."""
     top = logits.amax(-1, keepdim=True)
     top = top.masked_fill(top.abs() == float("inf"), 0)
