@@ -76,11 +76,12 @@ def test_the_table_pairs_models_by_task_and_leaves_missing_ones_blank(tmp_path):
 
 
 def test_cpu_kernel_benchmark_runs_each_variant():
-    """bench_cpu_kernels: the head in both matmul modes, both log-sum-exps and the three
+    """bench_cpu_kernels: the head in both matmul modes and on bf16 operands, both log-sum-exps and the three
     attentions run at the SmolLM2 cut's shapes (a wrong shape or a missing op would raise here)."""
     bench = load_benchmark("bench_cpu_kernels")
     rows = bench.head_rows(1) + bench.attention_rows(1)
-    assert [r["variant"] for r in rows] == ["IEEE fp32", "oneDNN bf16 mode", "torch.logsumexp",
+    assert [r["variant"] for r in rows] == ["IEEE fp32", "oneDNN bf16 mode",
+                                           "for scale: bf16 weight and input, bf16 out", "torch.logsumexp",
                                            "in place (log_sum_exp_)", "transformers SDPA (repeat_kv), bf16",
                                            "folded SDPA, bf16", "folded SDPA in fp32"]
     assert all(r["ms"] > 0 for r in rows)
