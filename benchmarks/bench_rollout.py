@@ -537,8 +537,8 @@ def bench_model(label: str, source: str, args, settings: dict, bounds: dict, log
         log(f"  {key}: linear {floor['linear']:.2f} + attention {floor['attention']:.2f} ms = {floor['total']:.2f} ms "
             f"a step -> at most {decode[key]['fraction_of_bound']:.0%} of the bound")
     # the same kernels inside the engine's own decode steps (profiled: the shares are what to read)
-    for key, policy_ in (("kernels_in_context_fp32", engine_policy), ("kernels_in_context_bf16", bf16_policy)):
-        decode[key] = {f"{k}_ms": v for k, v in kernels_in_context_ms(policy_, prompts, args.decode_steps).items()}
+    for key, decoding in (("kernels_in_context_fp32", engine_policy), ("kernels_in_context_bf16", bf16_policy)):
+        decode[key] = {f"{k}_ms": v for k, v in kernels_in_context_ms(decoding, prompts, args.decode_steps).items()}
         log(f"  {key} (profiled): linear {decode[key]['linear_ms']:.2f}, attention {decode[key]['attention_ms']:.2f}, "
             f"every other op {decode[key]['other_ms']:.2f} ms a step")
     for key, times, bound in (("engine_before_fp32", before_times, bound32),
