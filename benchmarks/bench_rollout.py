@@ -42,6 +42,7 @@ load average at the start and the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -56,6 +57,7 @@ import machine_bounds  # noqa: E402
 
 from atod_edge.engine.policy import Generation, Policy  # noqa: E402
 from atod_edge.engine.sampling import SamplingParams, StopChecker, left_pad, sample_next, stop_token_ids  # noqa: E402
+from atod_edge.io import atomic_path  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "rollout.json"
 SMOLLM2_CUT = "smollm2-cut"
@@ -236,6 +238,17 @@ class NoEndTokenizer:
         return {k: v for k, v in self._tokenizer.get_vocab().items() if k not in END_MARKERS}
 
 
+@contextlib.contextmanager
+def no_end_tokens(policy):
+    """`policy` with a NoEndTokenizer inside the block (its own tokenizer back after)."""
+    real = policy.tokenizer
+    policy.tokenizer = NoEndTokenizer(real)
+    try:
+        yield policy
+    finally:
+        policy.tokenizer = real
+
+
 def count(episodes) -> dict:
     return {"episodes": len(episodes), "turns": sum(len(ep.turns) for ep in episodes),
             "tokens": sum(len(t.response_ids) for ep in episodes for t in ep.turns)}
@@ -288,10 +301,8 @@ def decode_step_ms(policy, prompts, steps: int, repeats: int = 5) -> dict:
     1 + steps new tokens - time of 1) / steps, each the best of `repeats` (run alternately), with
     end-of-turn tokens ignored (the policy's tokenizer swapped) so that every row decodes every
     step."""
-    real = policy.tokenizer
-    policy.tokenizer = NoEndTokenizer(real)
     best = {(n, clock): float("inf") for n in (1, 1 + steps) for clock in ("wall", "cpu")}
-    try:
+    with no_end_tokens(policy):
         for r in range(repeats + 1):
             for n in (1, 1 + steps):
                 sampling = SamplingParams(max_new_tokens=n, temperature=1.0, stop=())
@@ -301,9 +312,7 @@ def decode_step_ms(policy, prompts, steps: int, repeats: int = 5) -> dict:
                     best[n, "wall"] = min(best[n, "wall"], time.perf_counter() - t0)
                     best[n, "cpu"] = min(best[n, "cpu"], time.process_time() - c0)
                 assert all(len(g.token_ids) == n for g in out), "a row stopped early"
-        return {clock: (best[1 + steps, clock] - best[1, clock]) / steps * 1e3 for clock in ("wall", "cpu")}
-    finally:
-        policy.tokenizer = real
+    return {clock: (best[1 + steps, clock] - best[1, clock]) / steps * 1e3 for clock in ("wall", "cpu")}
 
 
 def kernel_floor_ms(model, batch: int, context: int, steps: int = 10, repeats: int = 5) -> dict:
@@ -363,18 +372,14 @@ def kernels_in_context_ms(policy, prompts, steps: int) -> dict:
     keys and values are read after the weights of a layer have streamed through the caches."""
     from torch.profiler import ProfilerActivity, profile
 
-    real = policy.tokenizer
-    policy.tokenizer = NoEndTokenizer(real)
     totals = {}
-    try:
+    with no_end_tokens(policy):
         for n in (1, 1 + steps):
             sampling = SamplingParams(max_new_tokens=n, temperature=1.0, stop=())
             policy.generate(prompts, sampling, seed=0)     # warm-up
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 policy.generate(prompts, sampling, seed=0)
             totals[n] = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
-    finally:
-        policy.tokenizer = real
     per_step = {k: (totals[1 + steps].get(k, 0.0) - totals[1].get(k, 0.0)) / steps for k in totals[1 + steps]}
     out = {group: sum(per_step.get(op, 0.0) for op in ops) for group, ops in KERNEL_OPS.items()}
     out["other"] = sum(per_step.values()) - out["linear"] - out["attention"]
@@ -659,10 +664,9 @@ def plot_rollout(result: dict, path: Path) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_ylim(0.1, 12)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -769,10 +773,9 @@ def main() -> None:
             print(f"  {key}: linear layers {x['linear_ms']:.2f} + attention {x['attention_ms']:.2f} = "
                   f"{x['total_ms']:.2f} ms/step = at most {x['fraction_of_bound']:.0%} of its bound")
         for key in ("kernels_in_context_fp32", "kernels_in_context_bf16"):
-            x = d.get(key)
-            if x:
-                print(f"  {key} (profiled): linear layers {x['linear_ms']:.2f}, attention {x['attention_ms']:.2f}, "
-                      f"every other op {x['other_ms']:.2f} ms/step")
+            x = d[key]
+            print(f"  {key} (profiled): linear layers {x['linear_ms']:.2f}, attention {x['attention_ms']:.2f}, "
+                  f"every other op {x['other_ms']:.2f} ms/step")
         if "llamacpp_f16" in d:
             lc = d["llamacpp_f16"]
             print(f"  llama.cpp f16: {lc['step_ms']:.2f} ms/step ({lc['cpu_step_ms']:.2f} ms of CPU time) = "

@@ -45,7 +45,7 @@ from pathlib import Path
 import bench_cli
 from bench_rollout import ensure_smollm2_cut
 
-from atod_edge.io import atomic_write_json, atomic_write_text
+from atod_edge.io import atomic_path, atomic_write_json, atomic_write_text
 
 OUT = Path(__file__).parent / "results" / "smollm2-household"
 PATHS = {"before": ["precision=fp32", "rollout_precision=fp32"],
@@ -175,10 +175,9 @@ def plot_step(result: dict, path: Path) -> None:
     ax.set_xlim(0, max(sum(p.values()) for _, p in bars) * 1.12)
     ax.legend(ncol=4, fontsize=8, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main() -> int:

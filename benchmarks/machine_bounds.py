@@ -80,13 +80,11 @@ def memory_bandwidth(megabytes: int = 1024, repeats: int = 5) -> dict:
 
 
 def model_dims(config) -> dict:
-    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return {"hidden": config.hidden_size, "intermediate": config.intermediate_size,
-            "layers": config.num_hidden_layers, "heads": heads,
-            "kv_heads": getattr(config, "num_key_value_heads", None) or heads, "head_dim": head_dim,
-            "vocab": config.vocab_size, "tied": bool(getattr(config, "tie_word_embeddings", False))}
+    from atod_edge.models.loading import decoder_dims
+
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return {"hidden": text.hidden_size, "intermediate": text.intermediate_size, **decoder_dims(text),
+            "vocab": text.vocab_size, "tied": bool(getattr(text, "tie_word_embeddings", False))}
 
 
 def parameter_counts(model) -> dict:

@@ -283,3 +283,18 @@ def test_smollm2_builds_and_generates(monkeypatch, tmp_path):
     assert model_info(student)["layers"] == 11
     with pytest.raises(UserError, match="vocab size 49152 vs"):
         check_same_tokenizer(tokenizer, load_tokenizer("tiny-student"))
+
+
+def test_decoder_dims_reads_kv_heads_and_head_dim_or_their_defaults():
+    """decoder_dims: num_key_value_heads and head_dim where the config gives them, else one KV head
+    per query head and hidden_size / heads (what kv_slab, the GGUF writer and the benchmarks use)."""
+    from transformers import LlamaConfig
+
+    from atod_edge.models.loading import decoder_dims
+
+    given = LlamaConfig(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, head_dim=32, num_hidden_layers=3)
+    assert decoder_dims(given) == {"layers": 3, "heads": 6, "kv_heads": 2, "head_dim": 32}
+    defaults = LlamaConfig(hidden_size=96, num_attention_heads=6, num_hidden_layers=3)
+    defaults.num_key_value_heads = None
+    del defaults.head_dim
+    assert decoder_dims(defaults) == {"layers": 3, "heads": 6, "kv_heads": 6, "head_dim": 16}

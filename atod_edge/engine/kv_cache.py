@@ -238,11 +238,10 @@ def kv_slab(config, rows: int, capacity: int, dtype: torch.dtype, device) -> tor
     kv_heads, capacity, head_dim] of `config`'s decoder. The torch policy prefills each length
     bucket of a batch straight into its rows (right-aligned, room for the new tokens after) and
     decodes from it, so no bucket's cache is copied into a merged one."""
-    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return torch.empty((config.num_hidden_layers, 2, rows, kv_heads, capacity, head_dim), dtype=dtype, device=device)
+    from atod_edge.models.loading import decoder_dims
+
+    dims = decoder_dims(config)
+    return torch.empty((dims["layers"], 2, rows, dims["kv_heads"], capacity, dims["head_dim"]), dtype=dtype, device=device)
 
 
 def store_new_blocks(store: PrefixStore, cache, block_keys: list[list[bytes]], hits: list[int],

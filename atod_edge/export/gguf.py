@@ -21,6 +21,7 @@ import numpy as np
 
 from atod_edge.errors import UserError
 from atod_edge.io import atomic_path
+from atod_edge.models.loading import decoder_dims
 
 # model_type -> (gguf arch name, q/k rows need the rotate-half -> interleaved permutation)
 ARCHS = {
@@ -133,9 +134,8 @@ def write_gguf(model_dir: str | Path, path: str | Path, out_type: str = "f16", n
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
 
-    n_layers, n_heads = config.num_hidden_layers, config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    dims = decoder_dims(config)
+    n_layers, n_heads, n_kv, head_dim = dims["layers"], dims["heads"], dims["kv_heads"], dims["head_dim"]
     n_vocab = state["model.embed_tokens.weight"].shape[0]
     tie = bool(getattr(config, "tie_word_embeddings", False))
     names = gguf.get_tensor_name_map(arch, n_layers)

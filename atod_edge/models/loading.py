@@ -135,6 +135,17 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def decoder_dims(config) -> dict[str, int]:
+    """A transformers config's decoder shape as its attention lays it out: layers, heads, kv_heads
+    (num_key_value_heads, or heads where unset) and head_dim (config.head_dim, or hidden_size /
+    heads where unset); a multimodal config's text decoder."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    return {"layers": config.num_hidden_layers, "heads": heads,
+            "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads}
+
+
 def check_same_tokenizer(tok_a, tok_b, name_a: str = "teacher", name_b: str = "student") -> None:
     """Refuse two tokenizers that would not give the same ids for the same text (UserError naming
     the first difference). Distillation compares log-probs token by token, so they must match."""
