@@ -16,8 +16,8 @@ model's f16 GGUF export and on a bf16 one (llama_model_quantize from the f16 fil
 llama_decode a step over the 16 sequences (bench_rollout.LlamaCppBatchPolicy, f16 KV cache), and
 in the same process the engine on the model's bf16 rollout copy and in fp32, as the reference
 each build is compared with. A step's time is bench_rollout.decode_step_ms (every row decoding,
-the best of 3). The bound: bf16/f16 weights and KV read once a step at the measured memory
-bandwidth (machine_bounds). Each build's SIMD flags (llama_print_system_info) are recorded.
+the best of 3). The bound: bf16/f16 weights and KV (fp32 for the fp32 engine) read once a step
+at the measured memory bandwidth (machine_bounds). Each build's SIMD flags (llama_print_system_info) are recorded.
 
 Writes benchmarks/results/llamacpp_builds.json.
 """
@@ -39,16 +39,6 @@ import machine_bounds  # noqa: E402
 from atod_edge.io import atomic_write_json, cache_dir  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "llamacpp_builds.json"
-
-
-def simd_flags(system_info: str) -> list[str]:
-    """The features llama.cpp says it was built with ("AVX2 = 1 | AVX512 = 0 | ..." -> ["AVX2"])."""
-    flags = []
-    for part in system_info.replace("CPU :", "|").split("|"):
-        name, _, value = part.partition("=")
-        if value.strip() == "1":
-            flags.append(name.strip())
-    return flags
 
 
 def bf16_gguf(f16: Path, out: Path) -> Path:
@@ -76,7 +66,7 @@ def measure(model_src: str, prompts: list[list[int]], ggufs: dict[str, Path], st
     model, tokenizer = load_model(model_src)
     model.eval()
     info = llama_cpp.llama_print_system_info().decode()
-    result = {"llama_cpp": llama_cpp.__file__, "simd": simd_flags(info), "system_info": info.strip(),
+    result = {"llama_cpp": llama_cpp.__file__, "simd": bench_rollout.simd_flags(info), "system_info": info.strip(),
               "threads": torch.get_num_threads(), "step_ms": {}}
     for name, path in ggufs.items():
         policy = bench_rollout.LlamaCppBatchPolicy(str(path), tokenizer, n_threads=torch.get_num_threads())
@@ -88,6 +78,12 @@ def measure(model_src: str, prompts: list[list[int]], ggufs: dict[str, Path], st
                          ("engine fp32", TorchPolicy(model, tokenizer))):
         result["step_ms"][name] = bench_rollout.decode_step_ms(policy, prompts, steps, repeats)["wall"]
     return result
+
+
+def fractions(step_ms: dict[str, float], bound_ms: float, bound32_ms: float) -> dict[str, float]:
+    """Each row's bound / its step time: the fp32 engine against fp32 weights and KV, the rest
+    against 16-bit ones."""
+    return {k: (bound32_ms if k == "engine fp32" else bound_ms) / v for k, v in step_ms.items()}
 
 
 def engine_prompts(model_src: str, batch: int) -> list[list[int]]:
@@ -151,8 +147,11 @@ def main() -> int:
 
     from atod_edge.models.loading import load_model
 
-    cost = machine_bounds.decode_step_cost(load_model(model)[0], len(prompts), context, weight_bytes=2, kv_bytes=2)
+    loaded = load_model(model)[0]
+    cost = machine_bounds.decode_step_cost(loaded, len(prompts), context, weight_bytes=2, kv_bytes=2)
+    cost32 = machine_bounds.decode_step_cost(loaded, len(prompts), context)
     bound_ms = cost["bytes"] / (bandwidth["gb_s"] * 1e9) * 1e3
+    bound32_ms = cost32["bytes"] / (bandwidth["gb_s"] * 1e9) * 1e3
     spec = work / "llamacpp_builds_spec.json"
     spec.write_text(json.dumps({"model": model, "prompts": prompts, "f16": str(f16), "work": str(work),
                                 "steps": args.steps, "repeats": args.repeats}))
@@ -166,16 +165,16 @@ def main() -> int:
                              f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
         row = json.loads(done.stdout.strip().splitlines()[-1])
         row["build"] = build or "installed (README: -DGGML_NATIVE=OFF)"
-        row["fraction_of_bound"] = {k: bound_ms / v for k, v in row["step_ms"].items()}
+        row["fraction_of_bound"] = fractions(row["step_ms"], bound_ms, bound32_ms)
         builds.append(row)
         print(f"{row['build']}: SIMD {' '.join(row['simd'])}")
         for k, v in row["step_ms"].items():
-            print(f"  {k}: {v:.1f} ms a step ({bound_ms / v:.0%} of the {bound_ms:.1f} ms bound)")
+            print(f"  {k}: {v:.1f} ms a step ({row['fraction_of_bound'][k]:.0%} of its bound)")
     result = {"command": "OMP_NUM_THREADS=2 taskset -c 0,1 python benchmarks/bench_llamacpp_builds.py"
                          + "".join(" --build DIR" for _ in args.build),
               "model": model, "batch": len(prompts), "steps": args.steps, "mean_context": context,
               "load_average": machine_bounds.load_average(), "bandwidth": bandwidth, "cost_16bit": cost,
-              "bound_ms": bound_ms, "builds": builds}
+              "bound_ms": bound_ms, "cost_fp32": cost32, "bound_fp32_ms": bound32_ms, "builds": builds}
     atomic_write_json(args.out, result)
     return 0
 

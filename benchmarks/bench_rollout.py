@@ -105,6 +105,27 @@ class HFGeneratePolicy(Policy):
         return results
 
 
+def simd_flags(system_info: str) -> list[str]:
+    """The CPU features llama.cpp was built with, from llama_print_system_info
+    ("CPU : AVX2 = 1 | AVX512 = 0 | ..." -> ["AVX2"])."""
+    flags = []
+    for part in system_info.replace("CPU :", "|").split("|"):
+        name, _, value = part.partition("=")
+        if value.strip() == "1":
+            flags.append(name.strip())
+    return flags
+
+
+def llama_cpp_simd() -> list[str] | None:
+    """The installed llama-cpp-python's build features (the README builds it portable: AVX2, no
+    AVX-512; benchmarks/bench_llamacpp_builds.py compares a build for this CPU); None without it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return simd_flags(llama_cpp.llama_print_system_info().decode())
+
+
 class LlamaCppBatchPolicy(Policy):
     """llama.cpp with many sequences in one context (llama-cpp-python's C API): the prompts are
     prefilled in llama_batch chunks of n_batch tokens (each token tagged with its row's sequence),
@@ -809,7 +830,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version()},
+                    "python": platform.python_version(), "llama_cpp_simd": llama_cpp_simd()},
         "bandwidth": bandwidth,
         "bound_method": machine_bounds.__doc__.strip(),
         "models": results,
