@@ -12,7 +12,7 @@ made with -DGGML_NATIVE=ON for this CPU's AVX-512 BF16:
 
 Each build runs in its own process (a process can load one libllama), on the same 16 prompts
 (the last-turn prompts of household episodes the engine played, saved once): llama.cpp on the
-model's f16 GGUF export and on a bf16 one (llama_model_quantize from the f16 file), one
+model's f16 GGUF export and on a bf16 one (the installed build's llama_model_quantize, once), one
 llama_decode a step over the 16 sequences (bench_rollout.LlamaCppBatchPolicy, f16 KV cache), and
 in the same process the engine on the model's bf16 rollout copy and in fp32, as the reference
 each build is compared with. A step's time is bench_rollout.decode_step_ms (every row decoding,
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,20 +37,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import machine_bounds  # noqa: E402
 
-from atod_edge.io import atomic_write_json, cache_dir  # noqa: E402
+from atod_edge.io import atomic_path, atomic_write_json, cache_dir  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "llamacpp_builds.json"
 
 
 def bf16_gguf(f16: Path, out: Path) -> Path:
-    """`out`, the f16 GGUF's weights converted to bf16 by llama.cpp (made when missing)."""
+    """`out`, the f16 GGUF's weights converted to bf16 by llama.cpp (made when missing or older
+    than the f16 file). Not export.gguf.quantize_gguf: bf16 is not one of the export's types."""
     import llama_cpp
 
-    if not out.is_file():
+    if not out.is_file() or out.stat().st_mtime < f16.stat().st_mtime:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_BF16
-        if llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params) != 0:
-            raise RuntimeError(f"llama.cpp could not write {out}")
+        with atomic_path(out) as tmp:
+            if llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params) != 0:
+                raise RuntimeError(f"llama.cpp could not write {out}")
     return out
 
 
@@ -86,16 +89,13 @@ def fractions(step_ms: dict[str, float], bound_ms: float, bound32_ms: float) -> 
     return {k: (bound32_ms if k == "engine fp32" else bound_ms) / v for k, v in step_ms.items()}
 
 
-def engine_prompts(model_src: str, batch: int) -> list[list[int]]:
+def engine_prompts(model, tokenizer, batch: int) -> list[list[int]]:
     """The last-turn prompts of `batch` household eval episodes the engine plays (3 turns, 48 tokens)."""
     from atod_edge.engine.policy import TorchPolicy
     from atod_edge.engine.sampling import SamplingParams
     from atod_edge.envs import env_class
-    from atod_edge.models.loading import load_model
     from atod_edge.rollout.runner import run_episodes
 
-    model, tokenizer = load_model(model_src)
-    model.eval()
     env_cls = env_class("household")
     episodes = run_episodes(TorchPolicy(model, tokenizer), env_cls, env_cls().tasks("eval", batch),
                             sampling=SamplingParams(max_new_tokens=48, temperature=1.0), max_turns=3, seed=0)
@@ -105,12 +105,8 @@ def engine_prompts(model_src: str, batch: int) -> list[list[int]]:
 def child(args) -> int:
     """One build's measurements (run with that build first on sys.path), printed as JSON."""
     spec = json.loads(Path(args.child).read_text())
-    ggufs = {"f16 GGUF": Path(spec["f16"])}
-    ggufs["bf16 GGUF"] = bf16_gguf(ggufs["f16 GGUF"], Path(spec["work"]) / f"bf16-{os.getpid()}.gguf")
-    try:
-        print(json.dumps(measure(spec["model"], spec["prompts"], ggufs, spec["steps"], spec["repeats"])))
-    finally:
-        ggufs["bf16 GGUF"].unlink(missing_ok=True)
+    ggufs = {"f16 GGUF": Path(spec["f16"]), "bf16 GGUF": Path(spec["bf16"])}
+    print(json.dumps(measure(spec["model"], spec["prompts"], ggufs, spec["steps"], spec["repeats"])))
     return 0
 
 
@@ -141,19 +137,22 @@ def main() -> int:
     f16 = bench_rollout.export_gguf(model, work / f"gguf-{Path(model).name}", print)
     if f16 is None:
         raise SystemExit(f"bench_llamacpp_builds: {model} did not export to GGUF")
-    prompts = engine_prompts(model, args.batch)
-    context = sum(map(len, prompts)) / len(prompts) + (1 + args.steps) / 2
-    bandwidth = machine_bounds.memory_bandwidth(1024, repeats=3)
+    bf16 = bf16_gguf(f16, f16.with_name("agent.bf16.gguf"))   # by the installed build, once for every build
 
     from atod_edge.models.loading import load_model
 
-    loaded = load_model(model)[0]
+    loaded, tokenizer = load_model(model)
+    loaded.eval()
+    prompts = engine_prompts(loaded, tokenizer, args.batch)
+    context = sum(map(len, prompts)) / len(prompts) + (1 + args.steps) / 2
+    bandwidth = machine_bounds.memory_bandwidth(1024, repeats=3)
     cost = machine_bounds.decode_step_cost(loaded, len(prompts), context, weight_bytes=2, kv_bytes=2)
     cost32 = machine_bounds.decode_step_cost(loaded, len(prompts), context)
-    bound_ms = cost["bytes"] / (bandwidth["gb_s"] * 1e9) * 1e3
-    bound32_ms = cost32["bytes"] / (bandwidth["gb_s"] * 1e9) * 1e3
+    # the memory-bandwidth bound: the bytes a step reads at the measured bandwidth (no compute term)
+    bound_ms = machine_bounds.bound(cost, bandwidth["gb_s"], math.inf)["memory_ms"]
+    bound32_ms = machine_bounds.bound(cost32, bandwidth["gb_s"], math.inf)["memory_ms"]
     spec = work / "llamacpp_builds_spec.json"
-    spec.write_text(json.dumps({"model": model, "prompts": prompts, "f16": str(f16), "work": str(work),
+    spec.write_text(json.dumps({"model": model, "prompts": prompts, "f16": str(f16), "bf16": str(bf16),
                                 "steps": args.steps, "repeats": args.repeats}))
     builds = []
     for build in [""] + args.build:   # "": the llama-cpp-python the project installed
